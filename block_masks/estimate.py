@@ -1,0 +1,225 @@
+"""Online estimation: which columns, diagonals and blocks each head keeps for this prompt.
+
+Everything here is batched over batch and heads; the per-head budgets live in tensors, so the only
+Python integers are shapes and upper bounds derived from the patterns.
+Positions: the Nq queries are the last Nq of the Nk keys, query i sits at p_i = Nk - Nq + i.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from .pattern import (
+    A_SHAPE,
+    BLOCK_SPARSE,
+    DENSE,
+    FORCED_COLUMNS,
+    FORCED_OFFSETS,
+    LAST_Q,
+    VERTICAL_SLASH,
+    Pattern,
+)
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """Kept key blocks of the block-sparse heads that share one ``block_size``.
+
+    kept:  [B, Hq, n_query_blocks, K] int64 key-block numbers, best first.
+    valid: [B, Hq, n_query_blocks, K] bool, False for padding and for heads outside the group.
+    Query block r is the pattern block ``first_block + r`` (blocks counted from position 0).
+    """
+
+    block_size: int
+    first_block: int
+    kept: Tensor
+    valid: Tensor
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Token-level description of the kept cells of every head (the input of mask building).
+
+    A causal cell (p, j) of head h is kept iff j < sink[h], or offsets[b, h, p - j], or j is one of
+    columns[b, h], or (block-sparse heads) its key block is kept for its query block.
+    offsets: [B, Hq, Nk] bool; sink: [Hq] int32; block_sparse: [Hq] bool;
+    columns: [B, Hq, V] int64 sorted ascending, entries equal to Nk are padding (None if no head has
+    verticals).
+    """
+
+    nq: int
+    nk: int
+    offsets: Tensor
+    sink: Tensor
+    block_sparse: Tensor
+    columns: Tensor | None
+    blocks: tuple[BlockSelection, ...]
+    max_sink: int        # largest sink over heads (Python bound for mask widths)
+    max_offsets: int     # largest number of kept offsets over heads (Python bound)
+
+    @property
+    def q_offset(self) -> int:
+        return self.nk - self.nq
+
+
+@dataclass(frozen=True)
+class HeadTables:
+    """Per-head pattern parameters as device tensors [Hq] (built once per pattern list)."""
+
+    kind: Tensor  # index into KIND_CODES
+    a: Tensor
+    b: Tensor
+    block_size: Tensor
+
+
+KIND_CODES = {DENSE: 0, A_SHAPE: 1, VERTICAL_SLASH: 2, BLOCK_SPARSE: 3}
+
+
+@lru_cache(maxsize=256)
+def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTables:
+    """Cached so that the host-to-device copy happens once per (patterns, device), not per call."""
+    def t(values):
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return HeadTables(
+        kind=t([KIND_CODES[p.kind] for p in patterns]),
+        a=t([p.a for p in patterns]),
+        b=t([p.b for p in patterns]),
+        block_size=t([p.block_size for p in patterns]),
+    )
+
+
+def _top(scores: Tensor, k: int, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-``k`` indices along the last dim, best first, and which ranks are below ``counts``."""
+    idx = scores.topk(k, dim=-1, sorted=True).indices
+    rank = torch.arange(k, device=scores.device)
+    return idx, (rank < counts.unsqueeze(-1)).expand_as(idx)
+
+
+def vertical_slash_scores(query: Tensor, key: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Attention mass of the last ``min(64, Nq)`` queries per key column and per diagonal offset.
+
+    query [B, Hq, Nq, D], key [B, Hkv, Nk, D]. Returns (vertical, slash), both [B, Hq, Nk] float32:
+    vertical[j] = sum_r P[r, j], slash[o] = sum_r P[r, p_r - o], with P the causal softmax of the last
+    queries computed in float32.
+    """
+    B, Hq, Nq, D = query.shape
+    Hkv, Nk = key.shape[1], key.shape[2]
+    m = min(LAST_Q, Nq)
+    q_last = query[:, :, Nq - m:].float().reshape(B, Hkv, (Hq // Hkv) * m, D)
+    scores = (q_last @ key.float().transpose(-1, -2)).view(B, Hq, m, Nk) * scale
+    # Row r sits at position Nk - m + r: only the last m columns can be in its future.
+    future = torch.ones(m, m, dtype=torch.bool, device=query.device).triu(1)
+    scores[..., Nk - m:].masked_fill_(future, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    vertical = probs.sum(dim=-2)
+    # Diagonal sums by skewing: row r of the flipped, right-padded matrix read with a row stride one
+    # shorter than its width puts P[r, p_r - o] in column o (zero where p_r - o < 0).
+    width = Nk + m
+    flipped = torch.nn.functional.pad(probs.flip(-1), (0, m)).reshape(B * Hq, m, width)
+    skewed = flipped.as_strided((B * Hq, m, Nk), (m * width, width - 1, 1), flipped.storage_offset() + m - 1)
+    slash = skewed.sum(dim=-2).view(B, Hq, Nk)
+    return vertical, slash
+
+
+def block_means(x: Tensor, start: int, block: int) -> Tensor:
+    """Mean of x [B, H, N, D] over blocks of positions (x[:, :, i] sits at start + i), blocks counted
+    from position 0. Returns [B, H, n_blocks, D] float32 covering blocks start // block onwards."""
+    B, H, N, D = x.shape
+    front = start % block
+    n_blocks = -(-(front + N) // block)
+    padded = torch.nn.functional.pad(x, (0, 0, front, n_blocks * block - front - N))
+    sums = padded.view(B, H, n_blocks, block, D).sum(dim=-2, dtype=torch.float32)
+    lo = (torch.arange(n_blocks, device=x.device) * block - front).clamp(min=0)
+    hi = ((torch.arange(n_blocks, device=x.device) + 1) * block - front).clamp(max=N)
+    return sums / (hi - lo).unsqueeze(-1)
+
+
+def block_sparse_selection(
+    query: Tensor, key: Tensor, tables: HeadTables, block_size: int, in_group: Tensor, max_a: int
+) -> BlockSelection:
+    """Top key blocks per query block for the heads in ``in_group`` ([Hq] bool) by pooled scores."""
+    B, Hq, Nq, D = query.shape
+    Hkv, Nk = key.shape[1], key.shape[2]
+    q_offset = Nk - Nq
+    first = q_offset // block_size
+    pooled_q = block_means(query, q_offset, block_size)          # [B, Hq, nPq, D]
+    pooled_k = block_means(key, 0, block_size)                   # [B, Hkv, nPk, D]
+    n_pq, n_pk = pooled_q.shape[2], pooled_k.shape[2]
+    scores = (pooled_q.reshape(B, Hkv, -1, D) @ pooled_k.transpose(-1, -2)).view(B, Hq, n_pq, n_pk)
+    q_block = first + torch.arange(n_pq, device=query.device)
+    k_block = torch.arange(n_pk, device=query.device)
+    scores = scores.masked_fill(k_block > q_block[:, None], float("-inf"))
+    scores = scores.masked_fill(k_block == q_block[:, None], float("inf"))  # the diagonal block always
+    k = min(n_pk, max(max_a, 1))
+    counts = torch.minimum(tables.a.clamp(min=1)[:, None], q_block + 1)  # [Hq, nPq]
+    counts = torch.where(in_group[:, None], counts, 0)
+    kept, valid = _top(scores, k, counts)
+    return BlockSelection(block_size, first, kept, valid)
+
+
+def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: float) -> Selection:
+    """Estimate every head's kept cells for this call (no host synchronisation)."""
+    B, Hq, Nq, _ = query.shape
+    Nk = key.shape[2]
+    device = query.device
+    tables = head_tables(patterns, device)
+    kinds = {p.kind for p in patterns}
+    pos = torch.arange(Nk, device=device)
+
+    # Offsets that are kept by construction: all for dense heads, the local window for A-shape.
+    local = torch.where(tables.kind == KIND_CODES[DENSE], Nk, 0)
+    local = torch.where(tables.kind == KIND_CODES[A_SHAPE], tables.b.clamp(min=1), local)
+    offsets = (pos < local[:, None]).expand(B, Hq, Nk)
+    sink = torch.where(tables.kind == KIND_CODES[A_SHAPE], tables.a.clamp(max=Nk), 0).to(torch.int32)
+    max_sink = max([min(p.a, Nk) for p in patterns if p.kind == A_SHAPE], default=0)
+    max_offsets = max(
+        [Nk if p.kind == DENSE else min(Nk, max(p.b, 1)) for p in patterns if p.kind in (DENSE, A_SHAPE)],
+        default=0,
+    )
+
+    columns = None
+    if VERTICAL_SLASH in kinds:
+        vs = tables.kind == KIND_CODES[VERTICAL_SLASH]
+        vertical, slash = vertical_slash_scores(query, key, scale)
+        vertical[..., :FORCED_COLUMNS] = float("inf")
+        slash[..., :FORCED_OFFSETS] = float("inf")
+        vs_patterns = [p for p in patterns if p.kind == VERTICAL_SLASH]
+        n_cols = min(Nk, max(max(p.a, FORCED_COLUMNS) for p in vs_patterns))
+        n_offs = min(Nk, max(max(p.b, FORCED_OFFSETS) for p in vs_patterns))
+        col_counts = torch.where(vs, tables.a.clamp(min=FORCED_COLUMNS, max=Nk), 0)
+        off_counts = torch.where(vs, tables.b.clamp(min=FORCED_OFFSETS, max=Nk), 0)
+        col_idx, col_valid = _top(vertical, n_cols, col_counts)
+        columns = torch.where(col_valid, col_idx, Nk).sort(dim=-1).values
+        off_idx, off_valid = _top(slash, n_offs, off_counts)
+        offsets = offsets | torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device).scatter_(-1, off_idx, off_valid)
+        max_offsets = max(max_offsets, n_offs)
+
+    blocks = []
+    bs_heads = tables.kind == KIND_CODES[BLOCK_SPARSE]
+    for size in sorted({p.block_size for p in patterns if p.kind == BLOCK_SPARSE}):
+        in_group = bs_heads & (tables.block_size == size)
+        max_a = max(p.a for p in patterns if p.kind == BLOCK_SPARSE and p.block_size == size)
+        blocks.append(block_sparse_selection(query, key, tables, size, in_group, max_a))
+
+    return Selection(
+        nq=Nq,
+        nk=Nk,
+        offsets=offsets.contiguous(),
+        sink=sink,
+        block_sparse=bs_heads,
+        columns=columns,
+        blocks=tuple(blocks),
+        max_sink=max_sink,
+        max_offsets=max_offsets,
+    )
+
+
+def alignment(selection: Selection, tile: int) -> int:
+    """Query rows to pad in front so that query tiles start on a multiple of every block size."""
+    align = math.lcm(tile, *(g.block_size for g in selection.blocks))
+    return selection.q_offset % align

@@ -1,0 +1,87 @@
+"""The per-head sparse pattern vocabulary: what one attention head keeps."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+DENSE = "dense"
+A_SHAPE = "stream_llm"
+VERTICAL_SLASH = "vertical_and_slash"
+BLOCK_SPARSE = "block_sparse"
+KINDS = (DENSE, A_SHAPE, VERTICAL_SLASH, BLOCK_SPARSE)
+ALIASES = {"vertical_slash": VERTICAL_SLASH, "a_shape": A_SHAPE}
+
+#: Query and key tile size of every BlockMask built here; block-sparse blocks are multiples of it.
+TILE = 64
+
+#: Vertical-slash constants of MInference 1.0 (see docs/patterns.md).
+LAST_Q = 64
+FORCED_COLUMNS = 30
+FORCED_OFFSETS = 100
+
+
+def _budget(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"pattern budget {name} must be an integer, got a bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise TypeError(f"pattern budget {name} must be an integer, got {value!r}") from None
+    if value < 0:
+        raise ValueError(f"pattern budget {name} must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One head's sparse pattern. Every pattern is causal and always keeps the diagonal cell.
+
+    kind: one of ``KINDS`` (aliases ``vertical_slash`` and ``a_shape`` are accepted).
+    - ``vertical_and_slash``: ``a`` vertical key columns and ``b`` slash diagonals, estimated from the
+      last 64 queries (at least 30 columns and 100 diagonals, the first ones always included).
+    - ``stream_llm`` (A-shape): keep key j for the query at position p if ``j < a`` (sinks) or
+      ``p - j < max(b, 1)`` (local window).
+    - ``block_sparse``: ``a`` key blocks of ``block_size`` tokens per query block (the diagonal block
+      always kept and counted); ``b`` is ignored.
+    - ``dense``: causal attention; ``a`` and ``b`` are ignored.
+    """
+
+    kind: str
+    a: int = 0
+    b: int = 0
+    block_size: int = TILE
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str):
+            raise TypeError(f"pattern type must be a string, got {self.kind!r}")
+        kind = ALIASES.get(self.kind, self.kind)
+        if kind not in KINDS:
+            allowed = ", ".join(repr(k) for k in KINDS + tuple(ALIASES))
+            raise ValueError(f"unknown pattern type {self.kind!r}; allowed: {allowed}")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "a", _budget("a", self.a))
+        object.__setattr__(self, "b", _budget("b", self.b))
+        bs = _budget("block_size", self.block_size)
+        if bs == 0 or bs % TILE:
+            raise ValueError(f"block_size must be a positive multiple of {TILE}, got {bs}")
+        object.__setattr__(self, "block_size", bs)
+
+    @classmethod
+    def parse(cls, entry: "Pattern | list | tuple") -> "Pattern":
+        """Accept a Pattern or a MInference entry ``[type, a, b]`` / ``[type, a, b, score]``."""
+        if isinstance(entry, Pattern):
+            return entry
+        if isinstance(entry, (list, tuple)) and len(entry) in (1, 3, 4):
+            if len(entry) == 1:
+                return cls(entry[0])
+            return cls(entry[0], entry[1], entry[2])
+        raise ValueError(
+            f"a pattern must be an mf.Pattern or a list [type, a, b] or [type, a, b, score]; got {entry!r}"
+        )
+
+    def to_list(self, score: float = 0.0) -> list:
+        """The MInference JSON form ``[type, a, b, score]``."""
+        return [self.kind, self.a, self.b, score]

@@ -1,0 +1,129 @@
+"""The public attention op: plan (estimate + build BlockMasks), then run (sparse kernel + merge)."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
+
+from block_masks import (
+    Selection,
+    TileGeometry,
+    gather_columns,
+    main_block_mask,
+    select,
+    token_cells,
+    vertical_block_mask,
+)
+
+from .config import parse_patterns
+from .kernel import flex, merge
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence, scale: float | None):
+    names = ("query", "key", "value")
+    tensors = [t for t in (query, key, value) if t is not None]
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, length, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+        if t.dtype != query.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but query has {query.dtype}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+    B, Hq, Nq, D = query.shape
+    if key.shape[0] != B:
+        raise ValueError(f"key batch {key.shape[0]} differs from query batch {B}")
+    if key.shape[-1] != D:
+        raise ValueError(f"key head dim {key.shape[-1]} differs from query head dim {D}")
+    if value is not None and value.shape != key.shape:
+        raise ValueError(f"value shape {tuple(value.shape)} must equal key shape {tuple(key.shape)}")
+    Hkv, Nk = key.shape[1], key.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if Nq == 0 or Nq > Nk:
+        raise ValueError(f"need 1 <= query length <= key length, got {Nq} queries and {Nk} keys")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return parse_patterns(patterns, Hq)
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Everything one sparse attention call needs besides the tensors: the per-head selection,
+    the main BlockMask (over queries padded by ``pad`` rows in front) and, when some head has
+    vertical columns, the BlockMask over the gathered columns."""
+
+    selection: Selection
+    main: BlockMask
+    vertical: BlockMask | None
+    pad: int
+    scale: float
+
+
+def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
+                   full_width: bool = False) -> AttentionPlan:
+    """Estimate each head's pattern from the prompt and build the BlockMasks (no host sync).
+
+    ``full_width`` pads the tile lists to every key tile, as the compiled CPU kernel requires.
+    """
+    patterns = _check(query, key, None, patterns, scale)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    selection = select(query, key, patterns, scale)
+    vertical = vertical_block_mask(selection) if selection.columns is not None else None
+    return AttentionPlan(
+        selection=selection,
+        main=main_block_mask(selection, full_width=full_width),
+        vertical=vertical,
+        pad=TileGeometry.of(selection).pad,
+        scale=scale,
+    )
+
+
+def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True) -> Tensor:
+    """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key."""
+    q = torch.nn.functional.pad(query, (0, 0, plan.pad, 0)) if plan.pad else query
+    out, lse = flex(q, key, value, plan.main, plan.scale, compiled=compiled)
+    if plan.vertical is not None:
+        columns = plan.selection.columns
+        out_v, lse_v = flex(q, gather_columns(key, columns), gather_columns(value, columns),
+                            plan.vertical, plan.scale, compiled=compiled)
+        out = merge(out, lse, out_v, lse_v)
+    return out[:, :, plan.pad:].to(query.dtype)
+
+
+def sparse_attention(query: Tensor, key: Tensor, value: Tensor, patterns: Sequence, *,
+                     scale: float | None = None, compiled: bool = True) -> Tensor:
+    """Causal attention restricted, head by head, to MInference's sparse patterns.
+
+    query [B, Hq, Nq, D]; key, value [B, Hkv, Nk, D] with Hq % Hkv == 0 and Nq <= Nk. The queries
+    are the last Nq positions (query i at Nk - Nq + i). ``patterns``: one entry per query head, an
+    ``mf.Pattern`` or ``[type, a, b(, score)]``. Returns [B, Hq, Nq, D] in the query's dtype, equal
+    to softmax(q k^T * scale) v restricted to ``token_mask(query, key, patterns)``.
+
+    ``compiled=False`` runs an eager emulation of the kernel that materialises every score: for
+    tests and inspection at small sizes only. Inside an outer ``torch.compile`` the kernel is traced
+    into the caller's graph.
+    """
+    _check(query, key, value, patterns, scale)
+    full_width = compiled and query.device.type == "cpu" and not torch.compiler.is_compiling()
+    plan = plan_attention(query, key, patterns, scale=scale, full_width=full_width)
+    return run_plan(plan, query, key, value, compiled=compiled)
+
+
+def token_mask(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None) -> Tensor:
+    """The cells [B, Hq, Nq, Nk] bool that ``sparse_attention`` computes for these inputs.
+
+    Builds a dense mask: for tests and inspection at small sizes; the fast path never builds it.
+    """
+    patterns = _check(query, key, None, patterns, scale)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    return token_cells(select(query, key, patterns, scale))
