@@ -138,7 +138,7 @@ def main_block_mask(selection: Selection, *, full_width: bool = False) -> BlockM
     width = nkt if full_width else min(nkt, widths)
     n_partial, partial_idx = compact(cand, valid & ~is_full, width)
     n_full, full_idx = compact(cand, is_full, width)
-    base = torch.tensor(geo.base, dtype=torch.int32, device=device)
+    base = torch.full((), geo.base, dtype=torch.int32, device=device)  # a fill, not a host copy
     return BlockMask.from_kv_blocks(
         kv_num_blocks=n_partial,
         kv_indices=partial_idx,
@@ -166,7 +166,7 @@ def vertical_block_mask(selection: Selection) -> BlockMask:
     n_tiles = -(-V // TILE)
     num = ((n_causal + TILE - 1) // TILE).to(torch.int32)
     idx = torch.arange(n_tiles, dtype=torch.int32, device=device).expand(B, H, geo.n_q_tiles, n_tiles).contiguous()
-    base = torch.tensor(geo.base, dtype=torch.int32, device=device)
+    base = torch.full((), geo.base, dtype=torch.int32, device=device)  # a fill, not a host copy
     last_col, last_off = V - 1, offsets.shape[-1] - 1
 
     def mask_mod(b, h, q_idx, c):

@@ -8,12 +8,15 @@ from torch.nn.attention.flex_attention import BlockMask
 from .estimate import Selection
 
 
-def token_cells(selection: Selection) -> Tensor:
-    """The kept cells [B, Hq, Nq, Nk] bool described by a Selection (causal, diagonal included)."""
+def token_cells(selection: Selection, rows: Tensor | None = None) -> Tensor:
+    """The kept cells [B, Hq, R, Nk] bool described by a Selection (causal, diagonal included), for
+    the query rows ``rows`` (int64 [R], indices into the call's queries; default all Nq)."""
     offsets = selection.offsets
     B, H, Nk = offsets.shape
     device = offsets.device
-    p = selection.q_offset + torch.arange(selection.nq, device=device)[:, None]   # [Nq, 1]
+    if rows is None:
+        rows = torch.arange(selection.nq, device=device)
+    p = selection.q_offset + rows[:, None]                                          # [R, 1]
     j = torch.arange(Nk, device=device)                                           # [Nk]
     o = p - j
     kept = offsets[:, :, o.clamp(min=0)] | (j < selection.sink[:, None, None])

@@ -1,0 +1,150 @@
+"""Benchmark one attention layer: SDPA, FlexAttention dense causal and minference_flex, side by side.
+
+    python -m minference_flex.bench --lengths 32768 131072 --budgets 1000,6096 100,800 --out results
+
+Every number comes from one run on one card: CUDA events around each call, warm-up first, the
+median of repeated runs. Before timing, the sparse output is checked on sampled query rows against a
+float64 reference restricted to the same kept cells.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
+
+from block_masks import TileGeometry, main_block_mask, select, token_cells, vertical_block_mask
+
+from .attention import plan_attention, run_plan, sparse_attention
+from .bench_inputs import structured_qkv
+from .config import parse_patterns
+from .kernel import compiled_flex
+
+log = logging.getLogger(__name__)
+
+GEOMETRIES = {
+    "llama3-8b": dict(Hq=32, Hkv=8, D=128),
+    "smollm2-135m": dict(Hq=9, Hkv=3, D=64),
+}
+
+
+def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def sampled_rows(n: int, count: int, device) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(1)
+    rows = torch.cat([torch.randint(0, n, (count - 8,), generator=g), torch.arange(n - 8, n)])
+    return rows.unique().to(device)
+
+
+def row_check(q, k, v, patterns, out, rows):
+    """Max relative error of ``out`` on ``rows`` against a float64 reference over the kept cells,
+    the attention recall of the kept cells and the kept fraction of the causal cells there."""
+    selection = select(q, k, patterns, 1.0 / math.sqrt(q.shape[-1]))
+    kept = token_cells(selection, rows)                                 # [B, H, R, Nk]
+    G = q.shape[1] // k.shape[1]
+    qr = q[:, :, rows].double()
+    kk = k.double().repeat_interleave(G, 1)
+    scores = qr @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    causal = torch.arange(k.shape[2], device=q.device) <= (k.shape[2] - q.shape[2] + rows)[:, None]
+    full = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    recall = (full * kept).sum(-1).mean().item()
+    ref = scores.masked_fill(~kept, float("-inf")).softmax(-1) @ v.double().repeat_interleave(G, 1)
+    err = ((out[:, :, rows].double() - ref).norm() / ref.norm()).item()
+    return err, recall, (kept.sum() / causal.sum() / kept.shape[0] / kept.shape[1]).item()
+
+
+def tile_counts(plan) -> dict:
+    """Tiles the kernel visits (main: partial + full 64x64 tiles; vertical: 64x64 tiles of gathered
+    columns) and the causal 64x64 tiles of dense attention."""
+    main = plan.main
+    geo = TileGeometry.of(plan.selection)
+    partial = main.kv_num_blocks.sum().item()
+    full = main.full_kv_num_blocks.sum().item()
+    vertical = plan.vertical.kv_num_blocks.sum().item() if plan.vertical is not None else 0
+    H = main.kv_num_blocks.shape[0] * main.kv_num_blocks.shape[1]
+    q0 = geo.base // 64
+    causal = H * sum(min(q0 + t, geo.n_k_tiles - 1) + 1 for t in range(geo.n_q_tiles))
+    return dict(partial=partial, full=full, vertical=vertical, causal=causal,
+                fraction=(partial + full + vertical) / causal)
+
+
+def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], reps: int) -> dict:
+    q, k, v = structured_qkv(geometry["Hq"], geometry["Hkv"], n, geometry["D"], device="cuda")
+    scale = 1.0 / math.sqrt(geometry["D"])
+    rows = sampled_rows(n, 64, q.device)
+    res = {"length": n}
+    res["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps=reps)
+    causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, n, n, device="cuda", _compile=True)
+    flex = compiled_flex()
+    res["flex_dense_ms"] = time_ms(lambda: flex(q, k, v, block_mask=causal, enable_gqa=True), reps=reps)
+    dense_plan = plan_attention(q, k, [["dense", 0, 0]] * q.shape[1])
+    res["flex_dense64_ms"] = time_ms(lambda: run_plan(dense_plan, q, k, v), reps=reps)
+    res["runs"] = []
+    for a, b in budgets:
+        patterns = parse_patterns([["vertical_and_slash", a, b]] * q.shape[1], q.shape[1])
+        out = sparse_attention(q, k, v, patterns)
+        err, recall, cells = row_check(q, k, v, patterns, out, rows)
+        plan = plan_attention(q, k, patterns)
+        sel = plan.selection
+        run = dict(budgets=[a, b], rel_err=err, recall=recall, cell_fraction=cells, tiles=tile_counts(plan))
+        run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), reps=reps)
+        run["build_ms"] = time_ms(lambda: (main_block_mask(sel), vertical_block_mask(sel)), reps=reps)
+        run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v), reps=reps)
+        run["total_ms"] = time_ms(lambda: sparse_attention(q, k, v, patterns), reps=reps)
+        run["speedup_vs_sdpa"] = res["sdpa_ms"] / run["total_ms"]
+        res["runs"].append(run)
+        del plan, sel, out
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="llama3-8b")
+    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--budgets", nargs="+", default=["1000,6096", "100,800"],
+                   help="vertical,slash budgets of the vertical_and_slash heads")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path("results"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("minference-flex bench times CUDA kernels and needs a GPU")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    budgets = [tuple(int(x) for x in s.split(",")) for s in args.budgets]
+    report = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, geometry=args.geometry, results=[])
+    for n in args.lengths:
+        log.info("length %d", n)
+        report["results"].append(bench_length(n, GEOMETRIES[args.geometry], budgets, args.reps))
+        torch.cuda.empty_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(report, indent=1))
+    print(f"{report['card']}, torch {report['torch']}, {args.geometry}, bfloat16")
+    print(f"{'N':>8} {'budget':>11} {'SDPA':>8} {'flex':>8} {'est':>7} {'build':>7} {'kernel':>8} "
+          f"{'total':>8} {'speedup':>7} {'tiles':>6} {'recall':>6} {'err':>8}")
+    for r in report["results"]:
+        for run in r["runs"]:
+            print(f"{r['length']:>8} {str(tuple(run['budgets'])):>11} {r['sdpa_ms']:8.2f} {r['flex_dense_ms']:8.2f} "
+                  f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} {run['total_ms']:8.2f} "
+                  f"{run['speedup_vs_sdpa']:6.2f}x {run['tiles']['fraction']:6.3f} {run['recall']:6.3f} {run['rel_err']:8.1e}")
+
+
+if __name__ == "__main__":
+    main()
