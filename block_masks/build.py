@@ -2,13 +2,13 @@
 
 Two masks per call:
 - the *main* mask over the real keys: A-shape sinks, kept diagonals (slashes, local windows, dense)
-  and block-sparse blocks. A kept diagonal offset o touches, in query tile A, the key tiles A - d for
-  d in {floor(o/T), ceil(o/T)}, so the kept tiles of a head are the same block-diagonals in every
-  query tile: metadata grows with the kept tiles, never with Nk^2.
+  and block-sparse blocks. A kept diagonal offset o touches the same few tile diagonals in every query
+  tile, so the kept tiles of a head are one list of tile diagonals shared by all query tiles: metadata grows with the kept tiles, never with Nk^2.
 - the *vertical* mask over the gathered vertical columns (contiguous K/V, so a kept column costs one
   column of a tile, not a whole tile). Cells already covered by a kept diagonal are masked out there,
   so the two partial attentions are disjoint and merge exactly through their log-sum-exp.
 Query tiles are aligned to positions: the caller pads ``pad`` rows in front of the queries.
+Tiles are Tq query rows by Tk keys, Tq a multiple of Tk (``Tiles``).
 """
 from __future__ import annotations
 
@@ -23,23 +23,37 @@ from .pattern import TILE
 
 
 @dataclass(frozen=True)
-class TileGeometry:
-    """Query tile t covers positions base + t*T .. base + t*T + T - 1 (the first ``pad`` rows are
-    padding); key tile k covers positions k*T .. k*T + T - 1."""
+class Tiles:
+    """Tile sizes of the BlockMasks: ``q`` query rows by ``kv`` keys (``q`` a multiple of ``kv``)."""
 
+    q: int = TILE
+    kv: int = TILE
+
+    def __post_init__(self) -> None:
+        if self.kv <= 0 or self.q % self.kv:
+            raise ValueError(f"query tile {self.q} must be a positive multiple of the key tile {self.kv}")
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """Query tile t covers positions base + t*Tq .. base + t*Tq + Tq - 1 (the first ``pad`` rows are
+    padding); key tile k covers positions k*Tk .. k*Tk + Tk - 1."""
+
+    tiles: Tiles
     pad: int
     base: int
     n_q_tiles: int
     n_k_tiles: int
 
     @classmethod
-    def of(cls, selection: Selection) -> "TileGeometry":
-        pad = alignment(selection, TILE)
+    def of(cls, selection: Selection, tiles: Tiles) -> "TileGeometry":
+        pad = alignment(selection, tiles.q)
         return cls(
+            tiles=tiles,
             pad=pad,
             base=selection.q_offset - pad,
-            n_q_tiles=-(-(selection.nq + pad) // TILE),
-            n_k_tiles=-(-selection.nk // TILE),
+            n_q_tiles=-(-(selection.nq + pad) // tiles.q),
+            n_k_tiles=-(-selection.nk // tiles.kv),
         )
 
 
@@ -57,21 +71,31 @@ def compact(values: Tensor, valid: Tensor, width: int) -> tuple[Tensor, Tensor]:
     return count, packed[..., :width].contiguous()
 
 
-def kept_diagonals(offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """Block-diagonals d (key tile = query tile - d) that any / every kept offset covers.
+def kept_diagonals(offsets: Tensor, tiles: Tiles) -> tuple[Tensor, Tensor]:
+    """Tile diagonals that any / every kept offset covers.
 
-    offsets: [B, H, Nk] bool. Tile pairs at distance d hold offsets d*T - (T-1) .. d*T + (T-1).
-    Returns (touched, full), both [B, H, n_k_tiles] bool; d = 0 is never full (it is causal).
+    offsets: [B, H, Nk] bool. With r = Tq / Tk, query tile A and key tile r*A - d hold the offsets
+    d*Tk - (Tk-1) .. d*Tk + Tq - 1, for d = -(r-1) .. n_k_tiles - 1. Returns (touched, full), both
+    [B, H, n_k_tiles + r - 1] bool indexed by e = d + r - 1; a tile with a negative offset is never full.
     """
     B, H, Nk = offsets.shape
-    n = -(-Nk // TILE)
-    # Offsets >= Nk never occur in a real cell: padding counts as "not kept" for touched and
-    # "kept" for full.
-    any_pad = torch.nn.functional.pad(offsets, (0, n * TILE - Nk), value=False).view(B, H, n, TILE)
-    all_pad = torch.nn.functional.pad(offsets, (0, n * TILE - Nk), value=True).view(B, H, n, TILE)
-    no = torch.zeros(B, H, 1, dtype=torch.bool, device=offsets.device)
-    touched = any_pad.any(-1) | torch.cat([no, any_pad[..., 1:].any(-1)[..., :-1]], -1)
-    full = all_pad.all(-1) & torch.cat([no, all_pad[..., 1:].all(-1)[..., :-1]], -1)
+    T, r = tiles.kv, tiles.q // tiles.kv
+    n = -(-Nk // T)
+
+    def window(pad_value: bool) -> Tensor:
+        # Offsets >= Nk never occur in a real cell: "not kept" for touched, "kept" for full.
+        x = torch.nn.functional.pad(offsets, (0, n * T - Nk), value=pad_value).view(B, H, n, T)
+        chunk = x.sum(-1, dtype=torch.int32)
+        tail = chunk - x[..., 0].to(torch.int32)
+        padded = torch.nn.functional.pad(chunk, (r - 1, r - 1), value=0)
+        if pad_value:
+            padded[..., n + r - 1:] = T
+        sums = torch.nn.functional.pad(padded.cumsum(-1, dtype=torch.int32), (1, 0))
+        chunks = sums[..., r:] - sums[..., :-r]                      # chunks d .. d+r-1
+        return chunks + torch.nn.functional.pad(tail, (r, 0))[..., : n + r - 1]  # + tail of chunk d-1
+
+    touched = window(False) > 0
+    full = window(True) == tiles.q + T - 1
     return touched, full
 
 
@@ -87,37 +111,38 @@ def _main_mask_mod(selection: Selection, base: Tensor):
     return mask_mod
 
 
-def main_block_mask(selection: Selection, *, full_width: bool = False) -> BlockMask:
+def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width: bool = False) -> BlockMask:
     """The BlockMask of everything but the vertical columns, over queries padded by ``pad`` rows.
 
-    Block-sparse heads list their kept blocks (the diagonal one partial, for causality); the other
-    heads list their sink tiles and the tiles of their kept block-diagonals. ``full_width`` pads
+    Block-sparse heads list their kept blocks (the diagonal ones partial, for causality); the other
+    heads list their sink tiles and the tiles of their kept tile diagonals. ``full_width`` pads
     the index lists to every key tile (needed by the compiled CPU kernel).
     """
-    geo = TileGeometry.of(selection)
+    geo = TileGeometry.of(selection, tiles)
     device = selection.offsets.device
     B, H, _ = selection.offsets.shape
-    nkt = geo.n_k_tiles
-    tile_row = geo.base // TILE + torch.arange(geo.n_q_tiles, device=device)  # absolute query tiles
-    A = tile_row[:, None]                                                     # [nqt, 1]
+    T, r, nkt = tiles.kv, tiles.q // tiles.kv, geo.n_k_tiles
+    A = geo.base // tiles.q + torch.arange(geo.n_q_tiles, device=device)[:, None]  # absolute query tiles
+    first_kv, last_kv = r * A, (r * A + r - 1).clamp(max=nkt - 1)                 # diagonal key tiles
 
-    touched, full = kept_diagonals(selection.offsets)
-    diag_width = max(1, min(nkt, 2 * selection.max_offsets + 1))
-    n_diag, diag = compact(torch.arange(nkt, device=device).expand(B, H, nkt), touched, diag_width)
+    touched, full = kept_diagonals(selection.offsets, tiles)
+    n_e = nkt + r - 1
+    diag_width = max(1, min(n_e, (r + 1) * selection.max_offsets))
+    n_diag, diag = compact(torch.arange(n_e, device=device).expand(B, H, n_e), touched, diag_width)
     diag_full = full.gather(-1, diag.long())
 
     # Sink tiles 0 .. S-1 (deduplicated against the diagonals: a diagonal tile below S is listed here).
-    n_sink_tiles = -(-selection.max_sink // TILE)
-    sink_tiles = -(-selection.sink.long() // TILE)                      # [H]
+    n_sink_tiles = -(-selection.max_sink // T)
+    sink_tiles = -(-selection.sink.long() // T)                          # [H]
     kb = torch.arange(n_sink_tiles, device=device)
-    sink_valid = (kb < sink_tiles[:, None, None]) & (kb <= A)          # [H, nqt, S]
-    sink_full = ((kb + 1) * TILE <= selection.sink[:, None, None]) & (kb < A)
-    sink_full = sink_full | full[:, :, (A - kb).clamp(0, nkt - 1)]     # [B, H, nqt, S]
+    sink_valid = (kb < sink_tiles[:, None, None]) & (kb <= last_kv)     # [H, nqt, S]
+    sink_full = ((kb + 1) * T <= selection.sink[:, None, None]) & (kb < first_kv)
+    sink_full = sink_full | full[:, :, (first_kv + r - 1 - kb).clamp(0, n_e - 1)]  # [B, H, nqt, S]
     sink_full = sink_full & sink_valid
 
-    diag_kb = A - diag[:, :, None, :]                                   # [B, H, nqt, Wd]
+    diag_kb = first_kv + r - 1 - diag[:, :, None, :]                     # [B, H, nqt, Wd]
     in_count = torch.arange(diag_width, device=device) < n_diag[..., None, None]
-    diag_valid = in_count & (diag_kb >= sink_tiles[None, :, None, None])  # also >= 0
+    diag_valid = in_count & (diag_kb >= sink_tiles[None, :, None, None]) & (diag_kb < nkt)
     diag_full = diag_valid & diag_full[:, :, None, :]
 
     cand = [kb.expand(B, H, geo.n_q_tiles, n_sink_tiles), diag_kb]
@@ -125,14 +150,14 @@ def main_block_mask(selection: Selection, *, full_width: bool = False) -> BlockM
     is_full = [sink_full, diag_full]
     widths = n_sink_tiles + diag_width
     for g in selection.blocks:
-        r = g.block_size // TILE
-        row = (tile_row * TILE) // g.block_size - g.first_block
-        kept = g.kept[:, :, row, :, None] * r + torch.arange(r, device=device)  # [B, H, nqt, K, r]
-        g_valid = g.valid[:, :, row, :, None] & (kept <= A[..., None])
+        per = g.block_size // T
+        row = (A[:, 0] * tiles.q) // g.block_size - g.first_block
+        kept = g.kept[:, :, row, :, None] * per + torch.arange(per, device=device)  # [B, H, nqt, K, per]
+        g_valid = g.valid[:, :, row, :, None] & (kept <= last_kv[..., None])
         cand.append(kept.flatten(-2))
         valid.append(g_valid.flatten(-2))
-        is_full.append((g_valid & (kept < A[..., None])).flatten(-2))
-        widths = max(widths, kept.shape[-2] * r)
+        is_full.append((g_valid & (kept < first_kv[..., None])).flatten(-2))
+        widths = max(widths, kept.shape[-2] * per)
 
     cand, valid, is_full = torch.cat(cand, -1), torch.cat(valid, -1), torch.cat(is_full, -1)
     width = nkt if full_width else min(nkt, widths)
@@ -144,27 +169,28 @@ def main_block_mask(selection: Selection, *, full_width: bool = False) -> BlockM
         kv_indices=partial_idx,
         full_kv_num_blocks=n_full,
         full_kv_indices=full_idx,
-        BLOCK_SIZE=(TILE, TILE),
+        BLOCK_SIZE=(tiles.q, T),
         mask_mod=_main_mask_mod(selection, base),
         seq_lengths=(selection.nq + geo.pad, selection.nk),
         compute_q_blocks=False,
     )
 
 
-def vertical_block_mask(selection: Selection) -> BlockMask:
+def vertical_block_mask(selection: Selection, tiles: Tiles = Tiles()) -> BlockMask:
     """The BlockMask over the gathered vertical columns ([B, H, V] keys, V = columns.shape[-1]).
 
     Query tile t lists the column tiles holding columns at or before its last position (columns
     are sorted); a cell is kept if its column is causal and its offset is not already kept.
     """
-    geo = TileGeometry.of(selection)
+    geo = TileGeometry.of(selection, tiles)
     columns, offsets = selection.columns, selection.offsets
     device = columns.device
     B, H, V = columns.shape
-    last_pos = (geo.base + (torch.arange(geo.n_q_tiles, device=device) + 1) * TILE - 1).clamp(max=selection.nk - 1)
+    T = tiles.kv
+    last_pos = (geo.base + (torch.arange(geo.n_q_tiles, device=device) + 1) * tiles.q - 1).clamp(max=selection.nk - 1)
     n_causal = torch.searchsorted(columns, last_pos.expand(B, H, -1).contiguous(), right=True)
-    n_tiles = -(-V // TILE)
-    num = ((n_causal + TILE - 1) // TILE).to(torch.int32)
+    n_tiles = -(-V // T)
+    num = ((n_causal + T - 1) // T).to(torch.int32)
     idx = torch.arange(n_tiles, dtype=torch.int32, device=device).expand(B, H, geo.n_q_tiles, n_tiles).contiguous()
     base = torch.full((), geo.base, dtype=torch.int32, device=device)  # a fill, not a host copy
     last_col, last_off = V - 1, offsets.shape[-1] - 1
@@ -177,7 +203,7 @@ def vertical_block_mask(selection: Selection) -> BlockMask:
     return BlockMask.from_kv_blocks(
         kv_num_blocks=num,
         kv_indices=idx,
-        BLOCK_SIZE=(TILE, TILE),
+        BLOCK_SIZE=(tiles.q, T),
         mask_mod=mask_mod,
         seq_lengths=(selection.nq + geo.pad, V),
         compute_q_blocks=False,

@@ -12,6 +12,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from block_masks import (
     Selection,
     TileGeometry,
+    Tiles,
     gather_columns,
     main_block_mask,
     select,
@@ -67,35 +68,44 @@ class AttentionPlan:
     vertical: BlockMask | None
     pad: int
     scale: float
+    kernel_options: dict | None = None
 
 
 def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
-                   full_width: bool = False) -> AttentionPlan:
+                   full_width: bool = False, tiles: Tiles = Tiles(), kernel_options: dict | None = None
+                   ) -> AttentionPlan:
     """Estimate each head's pattern from the prompt and build the BlockMasks (no host sync).
 
     ``full_width`` pads the tile lists to every key tile, as the compiled CPU kernel requires.
+    ``tiles`` sets the BlockMask tile (block-sparse block sizes must be multiples of its query side);
+    ``kernel_options`` are passed to the CUDA kernel.
     """
     patterns = _check(query, key, None, patterns, scale)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     selection = select(query, key, patterns, scale)
-    vertical = vertical_block_mask(selection) if selection.columns is not None else None
+    bad = sorted({g.block_size for g in selection.blocks if g.block_size % tiles.q})
+    if bad:
+        raise ValueError(f"block_sparse block sizes {bad} are not multiples of the query tile {tiles.q}")
+    vertical = vertical_block_mask(selection, tiles) if selection.columns is not None else None
     return AttentionPlan(
         selection=selection,
-        main=main_block_mask(selection, full_width=full_width),
+        main=main_block_mask(selection, tiles, full_width=full_width),
         vertical=vertical,
-        pad=TileGeometry.of(selection).pad,
+        pad=TileGeometry.of(selection, tiles).pad,
         scale=scale,
+        kernel_options=kernel_options,
     )
 
 
 def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True) -> Tensor:
     """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key."""
     q = torch.nn.functional.pad(query, (0, 0, plan.pad, 0)) if plan.pad else query
-    out, lse = flex(q, key, value, plan.main, plan.scale, compiled=compiled)
+    options = plan.kernel_options
+    out, lse = flex(q, key, value, plan.main, plan.scale, compiled=compiled, kernel_options=options)
     if plan.vertical is not None:
         columns = plan.selection.columns
         out_v, lse_v = flex(q, gather_columns(key, columns), gather_columns(value, columns),
-                            plan.vertical, plan.scale, compiled=compiled)
+                            plan.vertical, plan.scale, compiled=compiled, kernel_options=options)
         out = merge(out, lse, out_v, lse_v)
     return out[:, :, plan.pad:].to(query.dtype)
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from block_masks import TILE, visited_cells
+from block_masks import visited_cells
 
 try:  # torch >= 2.9; older versions return the log-sum-exp through return_lse
     from torch.nn.attention.flex_attention import AuxRequest
@@ -43,16 +43,18 @@ def _emulate(block_mask: BlockMask) -> BlockMask:
 
 
 def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale: float, *,
-         compiled: bool) -> tuple[Tensor, Tensor]:
+         compiled: bool, kernel_options: dict | None = None) -> tuple[Tensor, Tensor]:
     """Attention of query [B, Hq, M, D] over key/value [B, Hkv, N, D] restricted to ``block_mask``.
 
     Returns (out [B, Hq, M, D] in the query dtype, lse [B, Hq, M] float32, -inf for empty rows).
     Inside an outer torch.compile the call is traced into that graph; otherwise ``compiled`` picks
-    the compiled kernel or the eager emulation.
+    the compiled kernel or the eager emulation. On CUDA the kernel's tile is the mask's tile unless
+    ``kernel_options`` says otherwise.
     """
     kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
     if query.is_cuda:
-        kwargs["kernel_options"] = {"BLOCK_M": TILE, "BLOCK_N": TILE}
+        q_tile, kv_tile = block_mask.BLOCK_SIZE
+        kwargs["kernel_options"] = {"BLOCK_M": q_tile, "BLOCK_N": kv_tile, **(kernel_options or {})}
     if AuxRequest is not None:
         kwargs["return_aux"] = AuxRequest(lse=True)
     else:  # pragma: no cover
