@@ -68,6 +68,7 @@ class AttentionPlan:
     vertical: BlockMask | None
     pad: int
     scale: float
+    tiles: Tiles
     kernel_options: dict | None = None
 
 
@@ -93,6 +94,7 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
         vertical=vertical,
         pad=TileGeometry.of(selection, tiles).pad,
         scale=scale,
+        tiles=tiles,
         kernel_options=kernel_options,
     )
 

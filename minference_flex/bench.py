@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
-from block_masks import TileGeometry, main_block_mask, select, token_cells, vertical_block_mask
+from block_masks import TileGeometry, Tiles, main_block_mask, select, token_cells, vertical_block_mask
 
-from .attention import plan_attention, run_plan, sparse_attention
+from .attention import plan_attention, run_plan
 from .bench_inputs import structured_qkv
 from .config import parse_patterns
 from .kernel import compiled_flex
@@ -73,47 +73,72 @@ def row_check(q, k, v, patterns, out, rows):
 
 
 def tile_counts(plan) -> dict:
-    """Tiles the kernel visits (main: partial + full 64x64 tiles; vertical: 64x64 tiles of gathered
-    columns) and the causal 64x64 tiles of dense attention."""
+    """Tiles the kernel visits (main: partial and full; vertical: tiles of gathered columns), and
+    their area as a fraction of the causal tiles of dense attention at the same tile size."""
     main = plan.main
-    geo = TileGeometry.of(plan.selection)
+    geo = TileGeometry.of(plan.selection, plan.tiles)
     partial = main.kv_num_blocks.sum().item()
     full = main.full_kv_num_blocks.sum().item()
     vertical = plan.vertical.kv_num_blocks.sum().item() if plan.vertical is not None else 0
     H = main.kv_num_blocks.shape[0] * main.kv_num_blocks.shape[1]
-    q0 = geo.base // 64
-    causal = H * sum(min(q0 + t, geo.n_k_tiles - 1) + 1 for t in range(geo.n_q_tiles))
+    r = plan.tiles.q // plan.tiles.kv
+    first = geo.base // plan.tiles.q
+    causal = H * sum(min(r * (first + t) + r, geo.n_k_tiles) for t in range(geo.n_q_tiles))
     return dict(partial=partial, full=full, vertical=vertical, causal=causal,
                 fraction=(partial + full + vertical) / causal)
 
 
-def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], reps: int) -> dict:
+def parse_config(text: str) -> tuple[Tiles, dict]:
+    """"128x64" or "64x64:num_warps=4,num_stages=3" -> (Tiles, kernel options)."""
+    tiles, _, opts = text.partition(":")
+    q_tile, kv_tile = (int(x) for x in tiles.split("x"))
+    options = {k: int(v) for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
+    return Tiles(q_tile, kv_tile), options
+
+
+def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs: list[str], reps: int) -> dict:
     q, k, v = structured_qkv(geometry["Hq"], geometry["Hkv"], n, geometry["D"], device="cuda")
-    scale = 1.0 / math.sqrt(geometry["D"])
     rows = sampled_rows(n, 64, q.device)
     res = {"length": n}
     res["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps=reps)
     causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, n, n, device="cuda", _compile=True)
     flex = compiled_flex()
-    res["flex_dense_ms"] = time_ms(lambda: flex(q, k, v, block_mask=causal, enable_gqa=True), reps=reps)
-    dense_plan = plan_attention(q, k, [["dense", 0, 0]] * q.shape[1])
-    res["flex_dense64_ms"] = time_ms(lambda: run_plan(dense_plan, q, k, v), reps=reps)
+    res["flex_dense_ms"] = time_ms(lambda: flex(q, k, v, causal, None, True), reps=reps)  # default tiles
     res["runs"] = []
-    for a, b in budgets:
-        patterns = parse_patterns([["vertical_and_slash", a, b]] * q.shape[1], q.shape[1])
-        out = sparse_attention(q, k, v, patterns)
-        err, recall, cells = row_check(q, k, v, patterns, out, rows)
-        plan = plan_attention(q, k, patterns)
-        sel = plan.selection
-        run = dict(budgets=[a, b], rel_err=err, recall=recall, cell_fraction=cells, tiles=tile_counts(plan))
-        run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), reps=reps)
-        run["build_ms"] = time_ms(lambda: (main_block_mask(sel), vertical_block_mask(sel)), reps=reps)
-        run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v), reps=reps)
-        run["total_ms"] = time_ms(lambda: sparse_attention(q, k, v, patterns), reps=reps)
-        run["speedup_vs_sdpa"] = res["sdpa_ms"] / run["total_ms"]
-        res["runs"].append(run)
-        del plan, sel, out
+    for config in configs:
+        try:
+            res["runs"].extend(bench_config(q, k, v, config, budgets, rows, reps, res["sdpa_ms"]))
+        except Exception as exc:  # one failing configuration must not hide the others' numbers
+            log.exception("configuration %s failed", config)
+            res["runs"].append(dict(config=config, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+        torch.cuda.empty_cache()
     return res
+
+
+def bench_config(q, k, v, config: str, budgets, rows, reps: int, sdpa_ms: float) -> list[dict]:
+    H = q.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    runs = []
+    tiles, options = parse_config(config)
+    dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, tiles=tiles, kernel_options=options)
+    dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v), reps=reps)
+    del dense_plan
+    for a, b in budgets:
+        patterns = parse_patterns([["vertical_and_slash", a, b]] * H, H)
+        plan = plan_attention(q, k, patterns, tiles=tiles, kernel_options=options)
+        out = run_plan(plan, q, k, v)
+        err, recall, cells = row_check(q, k, v, patterns, out, rows)
+        sel = plan.selection
+        run = dict(config=config, budgets=[a, b], dense_pattern_ms=dense_ms, rel_err=err, recall=recall,
+                   cell_fraction=cells, tiles=tile_counts(plan))
+        run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), reps=reps)
+        run["build_ms"] = time_ms(lambda: (main_block_mask(sel, tiles), vertical_block_mask(sel, tiles)), reps=reps)
+        run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v), reps=reps)
+        run["total_ms"] = time_ms(lambda: run_plan(plan_attention(q, k, patterns, tiles=tiles, kernel_options=options), q, k, v), reps=reps)
+        run["speedup_vs_sdpa"] = sdpa_ms / run["total_ms"]
+        runs.append(run)
+        del plan, sel, out
+    return runs
 
 
 def main(argv=None) -> None:
@@ -122,6 +147,8 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--budgets", nargs="+", default=["1000,6096", "100,800"],
                    help="vertical,slash budgets of the vertical_and_slash heads")
+    p.add_argument("--configs", nargs="+", default=["64x64"],
+                   help="BlockMask tiles QxK, optionally with kernel options: 64x64:num_warps=4,num_stages=3")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("results"))
     args = p.parse_args(argv)
@@ -132,16 +159,20 @@ def main(argv=None) -> None:
     report = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, geometry=args.geometry, results=[])
     for n in args.lengths:
         log.info("length %d", n)
-        report["results"].append(bench_length(n, GEOMETRIES[args.geometry], budgets, args.reps))
+        report["results"].append(bench_length(n, GEOMETRIES[args.geometry], budgets, args.configs, args.reps))
         torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
     print(f"{report['card']}, torch {report['torch']}, {args.geometry}, bfloat16")
-    print(f"{'N':>8} {'budget':>11} {'SDPA':>8} {'flex':>8} {'est':>7} {'build':>7} {'kernel':>8} "
-          f"{'total':>8} {'speedup':>7} {'tiles':>6} {'recall':>6} {'err':>8}")
+    print(f"{'N':>8} {'config':>24} {'budget':>11} {'SDPA':>8} {'flex':>8} {'dense':>8} {'est':>7} {'build':>7} "
+          f"{'kernel':>8} {'total':>8} {'speedup':>7} {'tiles':>6} {'recall':>6} {'err':>8}")
     for r in report["results"]:
         for run in r["runs"]:
-            print(f"{r['length']:>8} {str(tuple(run['budgets'])):>11} {r['sdpa_ms']:8.2f} {r['flex_dense_ms']:8.2f} "
+            if "error" in run:
+                print(f"{r['length']:>8} {run['config']:>24} failed: {run['error'][:120]}")
+                continue
+            print(f"{r['length']:>8} {run['config']:>24} {str(tuple(run['budgets'])):>11} {r['sdpa_ms']:8.2f} "
+                  f"{r['flex_dense_ms']:8.2f} {run['dense_pattern_ms']:8.2f} "
                   f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} {run['total_ms']:8.2f} "
                   f"{run['speedup_vs_sdpa']:6.2f}x {run['tiles']['fraction']:6.3f} {run['recall']:6.3f} {run['rel_err']:8.1e}")
 

@@ -2,6 +2,8 @@
 emulation of exactly what that kernel computes, for tests at small sizes."""
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 
 import torch
@@ -15,15 +17,42 @@ try:  # torch >= 2.9; older versions return the log-sum-exp through return_lse
 except ImportError:  # pragma: no cover - exercised on old torch only
     AuxRequest = None
 
-_compiled_flex = None
+#: Kernel options per BlockMask tile on CUDA, measured on the H100 (docs/performance.md): the
+#: default Triton configuration for 64x64 tiles runs dense attention 1.8x slower than this one.
+CUDA_KERNEL_OPTIONS = {(64, 64): {"num_warps": 4, "num_stages": 2}}
 
 
-def compiled_flex():
-    """The process-wide ``torch.compile(flex_attention, dynamic=True)``."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=True)
-    return _compiled_flex
+@functools.lru_cache(maxsize=None)
+def compiled_flex(options: tuple[tuple[str, int], ...] = ()):
+    """``torch.compile(flex_attention, dynamic=True)`` with these kernel options baked in.
+
+    The options are closed over, not passed: passed as arguments, a second set of options would
+    make dynamo trace them as symbolic integers, which the kernel cannot be built from.
+    """
+    kernel_options = dict(options)
+
+    def attend(query, key, value, block_mask, score_mod, enable_gqa, **aux):
+        return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
+                              enable_gqa=enable_gqa, kernel_options=kernel_options or None, **aux)
+
+    return torch.compile(attend, dynamic=True)
+
+
+def _scale_mod(scale: float, head_dim: int, device: torch.device):
+    """None for the default 1/sqrt(D), else a score_mod that rescales by a captured tensor.
+
+    The scale is never passed to the compiled kernel as a Python float: dynamo would specialise
+    it, and on the next distinct value recompile it as a symbolic float.
+    """
+    ratio = scale * math.sqrt(head_dim)
+    if math.isclose(ratio, 1.0, rel_tol=1e-12):
+        return None
+    ratio = torch.full((), ratio, dtype=torch.float32, device=device)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score * ratio
+
+    return score_mod
 
 
 def _emulate(block_mask: BlockMask) -> BlockMask:
@@ -51,24 +80,25 @@ def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale
     the compiled kernel or the eager emulation. On CUDA the kernel's tile is the mask's tile unless
     ``kernel_options`` says otherwise.
     """
-    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    enable_gqa = query.shape[1] != key.shape[1]
+    score_mod = _scale_mod(scale, query.shape[-1], query.device)
+    options = {}
     if query.is_cuda:
-        q_tile, kv_tile = block_mask.BLOCK_SIZE
-        kwargs["kernel_options"] = {"BLOCK_M": q_tile, "BLOCK_N": kv_tile, **(kernel_options or {})}
-    if AuxRequest is not None:
-        kwargs["return_aux"] = AuxRequest(lse=True)
-    else:  # pragma: no cover
-        kwargs["return_lse"] = True
+        tile = block_mask.BLOCK_SIZE
+        options = {"BLOCK_M": tile[0], "BLOCK_N": tile[1], **CUDA_KERNEL_OPTIONS.get(tuple(tile), {}),
+                   **(kernel_options or {})}
+    aux = {"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True}
     if torch.compiler.is_compiling():
-        out, aux = flex_attention(query, key, value, **kwargs)
+        out, aux = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
+                                  enable_gqa=enable_gqa, kernel_options=options or None, **aux)
     elif compiled:
-        out, aux = compiled_flex()(query, key, value, **kwargs)
+        attend = compiled_flex(tuple(sorted(options.items())))
+        out, aux = attend(query, key, value, block_mask, score_mod, enable_gqa, **aux)
     else:
-        kwargs["block_mask"] = _emulate(block_mask)
-        kwargs.pop("kernel_options", None)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*without torch.compile.*")
-            out, aux = flex_attention(query, key, value, **kwargs)
+            out, aux = flex_attention(query, key, value, score_mod=score_mod, block_mask=_emulate(block_mask),
+                                      enable_gqa=enable_gqa, **aux)
     lse = aux.lse if AuxRequest is not None else aux
     return out, lse
 

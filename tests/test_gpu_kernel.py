@@ -45,7 +45,7 @@ def test_one_compile_across_lengths_and_budgets():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    mf.kernel._compiled_flex = None
+    mf.kernel.compiled_flex.cache_clear()
     g = torch.Generator(device="cuda").manual_seed(0)
     before = counters["stats"]["unique_graphs"]
     for i, n in enumerate([1100, 1500, 2100, 2500, 3000, 3500, 4100, 4500, 5000, 6000]):
@@ -67,3 +67,15 @@ def test_device_mismatch_is_rejected():
     k = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="device|cuda|cpu"):
         mf.sparse_attention(q, k, k, [["dense", 0, 0]] * 2)
+
+
+def test_head_dim_and_scale_changes_keep_results_exact():
+    """A second head dim or scale in one process must not reuse a kernel built for the first."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    for D, scale in [(64, None), (128, None), (64, 0.05), (128, 0.3), (64, None)]:
+        q = torch.randn(1, 4, 900, D, device="cuda", generator=g, dtype=torch.bfloat16)
+        k = torch.randn(1, 2, 900, D, device="cuda", generator=g, dtype=torch.bfloat16)
+        patterns = [["stream_llm", 64, 128], ["vertical_and_slash", 40, 120], ["block_sparse", 2, 0], ["dense", 0, 0]]
+        out = mf.sparse_attention(q, k, k, patterns, scale=scale)
+        ref = reference(q, k, k, mf.token_mask(q, k, patterns, scale=scale), scale or 1 / math.sqrt(D))
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2, (D, scale)
