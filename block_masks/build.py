@@ -169,7 +169,7 @@ def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width:
         widths = max(widths, kept.shape[-2] * per)
 
     cand, valid, is_full = torch.cat(cand, -1), torch.cat(valid, -1), torch.cat(is_full, -1)
-    width = nkt if full_width else min(nkt, widths)
+    width = nkt if full_width else max(2, min(nkt, widths))  # >= 2: see vertical_block_mask
     n_partial, partial_idx = compact(cand, valid & ~is_full, width)
     n_full, full_idx = compact(cand, is_full, width)
     base = torch.full((), geo.base, dtype=torch.int32, device=device)  # a fill, not a host copy
@@ -200,7 +200,11 @@ def vertical_block_mask(selection: Selection, tiles: Tiles = Tiles()) -> BlockMa
     n_causal = torch.searchsorted(columns, last_pos.expand(B, H, -1).contiguous(), right=True)
     n_tiles = -(-V // T)
     num = ((n_causal + T - 1) // T).to(torch.int32)
-    idx = torch.arange(n_tiles, dtype=torch.int32, device=device).expand(B, H, geo.n_q_tiles, n_tiles).contiguous()
+    # At least two entries per row, so that a budget under one tile does not give the compiler a
+    # size-1 dimension to specialise on (and recompile for).
+    width = max(2, n_tiles)
+    idx = torch.arange(width, dtype=torch.int32, device=device).clamp(max=n_tiles - 1)
+    idx = idx.expand(B, H, geo.n_q_tiles, width).contiguous()
     base = torch.full((), geo.base, dtype=torch.int32, device=device)  # a fill, not a host copy
     last_col = V - 1
     kept_offset = offset_lookup(offsets)

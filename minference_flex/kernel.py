@@ -92,6 +92,11 @@ def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale
         out, aux = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
                                   enable_gqa=enable_gqa, kernel_options=options or None, **aux)
     elif compiled:
+        # Head counts and head dim stay static: a kernel traced with a symbolic head dim computed
+        # wrong results on the H100 (torch 2.11) once a second head dim had been seen.
+        for t in (query, key, value):
+            torch._dynamo.mark_static(t, 1)
+            torch._dynamo.mark_static(t, 3)
         attend = compiled_flex(tuple(sorted(options.items())))
         out, aux = attend(query, key, value, block_mask, score_mod, enable_gqa, **aux)
     else:
