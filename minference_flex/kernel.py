@@ -23,11 +23,15 @@ CUDA_KERNEL_OPTIONS = {(64, 64): {"num_warps": 4, "num_stages": 2}}
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_flex(options: tuple[tuple[str, int], ...] = ()):
-    """``torch.compile(flex_attention, dynamic=True)`` with these kernel options baked in.
+def compiled_flex(options: tuple[tuple[str, int], ...] = (), signature: tuple = ()):
+    """``torch.compile(flex_attention, dynamic=True)`` with these kernel options baked in, one per
+    kernel ``signature`` (dtype, head counts, head dim, ...).
 
     The options are closed over, not passed: passed as arguments, a second set of options would
-    make dynamo trace them as symbolic integers, which the kernel cannot be built from.
+    make dynamo trace them as symbolic integers, which the kernel cannot be built from. Each
+    signature gets a code object of its own because dynamo keeps one cache, and one recompile limit,
+    per code object: past that limit it would silently run flex_attention eagerly, which ignores
+    the tile lists (see ``call_compiled``).
     """
     kernel_options = dict(options)
 
@@ -35,7 +39,13 @@ def compiled_flex(options: tuple[tuple[str, int], ...] = ()):
         return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
                               enable_gqa=enable_gqa, kernel_options=kernel_options or None, **aux)
 
+    attend.__code__ = attend.__code__.replace(co_name=f"attend_{abs(hash((options, signature))):x}")
     return torch.compile(attend, dynamic=True)
+
+
+# Never let dynamo fall back to eager execution: eager flex_attention evaluates mask_mod on every
+# cell and ignores the BlockMask's tile lists, so a fallback would be slow *and* compute other cells.
+_NO_EAGER_FALLBACK = {"fail_on_recompile_limit_hit": True}
 
 
 def _scale_mod(scale: float, head_dim: int, device: torch.device):
@@ -97,8 +107,10 @@ def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale
         for t in (query, key, value):
             torch._dynamo.mark_static(t, 1)
             torch._dynamo.mark_static(t, 3)
-        attend = compiled_flex(tuple(sorted(options.items())))
-        out, aux = attend(query, key, value, block_mask, score_mod, enable_gqa, **aux)
+        signature = (query.dtype, query.shape[1], key.shape[1], query.shape[-1], score_mod is None)
+        attend = compiled_flex(tuple(sorted(options.items())), signature)
+        with torch._dynamo.config.patch(**_NO_EAGER_FALLBACK):
+            out, aux = attend(query, key, value, block_mask, score_mod, enable_gqa, **aux)
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*without torch.compile.*")
