@@ -1,0 +1,214 @@
+"""Bad inputs raise ValueError (TypeError for non-tensors and non-integer budgets), from every
+public entry point."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import minference_flex as mf
+
+DENSE = ["dense", 0, 0]
+
+
+def qkv(B=1, Hq=2, Hkv=1, Nq=8, Nk=16, D=16, dtype=torch.float32):
+    return (torch.randn(B, Hq, Nq, D, dtype=dtype), torch.randn(B, Hkv, Nk, D, dtype=dtype),
+            torch.randn(B, Hkv, Nk, D, dtype=dtype))
+
+
+def call_all(q, k, v, patterns, exc, match=None, **kw):
+    """sparse_attention, token_mask and plan_attention all reject the input."""
+    with pytest.raises(exc, match=match):
+        mf.sparse_attention(q, k, v, patterns, compiled=False, **kw)
+    with pytest.raises(exc, match=match):
+        mf.sparse_attention(q, k, v, patterns, compiled=True, **kw)  # validation precedes compiling
+    with pytest.raises(exc, match=match):
+        mf.token_mask(q, k, patterns, **kw)
+    with pytest.raises(exc, match=match):
+        mf.plan_attention(q, k, patterns, **kw)
+
+
+def test_valid_baseline_runs():
+    q, k, v = qkv()
+    out = mf.sparse_attention(q, k, v, [DENSE, DENSE], compiled=False)
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(3, 2), (2, 4), (5, 3), (2, 0)])
+def test_heads_not_multiple(Hq, Hkv):
+    q, k, v = qkv(Hq=Hq, Hkv=Hkv)
+    call_all(q, k, v, [DENSE] * Hq, ValueError, "multiple")
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_wrong_number_of_patterns(n):
+    q, k, v = qkv(Hq=2)
+    call_all(q, k, v, [DENSE] * n, ValueError, "entries")
+
+
+@pytest.mark.parametrize("patterns", ["dense", None, 3, ({"dense": 1}, DENSE), (p for p in [DENSE, DENSE])])
+def test_patterns_not_a_list(patterns):
+    q, k, v = qkv(Hq=2)
+    with pytest.raises((ValueError, TypeError)):
+        mf.sparse_attention(q, k, v, patterns, compiled=False)
+    with pytest.raises((ValueError, TypeError)):
+        mf.token_mask(q, k, patterns)
+
+
+@pytest.mark.parametrize("bad", [["sparse", 1, 1], ["Dense", 0, 0], ["", 0, 0], ["vertical", 1, 2],
+                                 ["dense", 0], ["dense", 0, 0, 0.5, 1], []])
+def test_bad_pattern_entry(bad):
+    q, k, v = qkv(Hq=2)
+    call_all(q, k, v, [DENSE, bad], ValueError)
+
+
+def test_unknown_pattern_type_object():
+    with pytest.raises(ValueError, match="unknown pattern type"):
+        mf.Pattern("sliding_window", 1, 2)
+    with pytest.raises(TypeError):
+        mf.Pattern(None, 1, 2)
+
+
+@pytest.mark.parametrize("a,b", [(-1, 0), (0, -1), (-100, 5), (5, -100)])
+@pytest.mark.parametrize("kind", ["vertical_and_slash", "stream_llm", "block_sparse", "dense"])
+def test_negative_budgets(kind, a, b):
+    with pytest.raises(ValueError):
+        mf.Pattern(kind, a, b)
+    q, k, v = qkv(Hq=2)
+    call_all(q, k, v, [DENSE, [kind, a, b]], ValueError, ">= 0")
+
+
+@pytest.mark.parametrize("value", [1.5, "3", None, True])
+def test_non_integer_budget(value):
+    with pytest.raises(TypeError):
+        mf.Pattern("stream_llm", value, 4)
+    with pytest.raises(TypeError):
+        mf.Pattern("stream_llm", 4, value)
+
+
+def test_integral_float_budget_accepted():
+    assert mf.Pattern("stream_llm", 4.0, 8.0) == mf.Pattern("stream_llm", 4, 8)
+
+
+@pytest.mark.parametrize("block_size", [0, 32, 65, 96, -64, 100])
+def test_bad_block_size(block_size):
+    with pytest.raises(ValueError):
+        mf.Pattern("block_sparse", 1, 0, block_size=block_size)
+
+
+@pytest.mark.parametrize("block_size", [64, 128, 192, 256])
+def test_good_block_size(block_size):
+    assert mf.Pattern("block_sparse", 1, 0, block_size=block_size).block_size == block_size
+
+
+@pytest.mark.parametrize("Nq,Nk", [(17, 16), (2, 1), (65, 64)])
+def test_more_queries_than_keys(Nq, Nk):
+    q, k, v = qkv(Nq=Nq, Nk=Nk)
+    call_all(q, k, v, [DENSE, DENSE], ValueError, "query length")
+
+
+def test_no_queries():
+    q, k, v = qkv(Nq=0)
+    call_all(q, k, v, [DENSE, DENSE], ValueError, "query length")
+
+
+def test_no_keys():
+    q, k, v = qkv(Nq=0, Nk=0)
+    call_all(q, k, v, [DENSE, DENSE], ValueError)
+
+
+def test_head_dim_mismatch():
+    q, k, v = qkv(D=16)
+    k2, v2 = torch.randn(1, 1, 16, 32), torch.randn(1, 1, 16, 32)
+    call_all(q, k2, v2, [DENSE, DENSE], ValueError, "head dim")
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16, 32), (1, 1, 15, 16), (1, 2, 16, 16), (2, 1, 16, 16)])
+def test_value_shape_differs_from_key(shape):
+    q, k, _ = qkv(D=16, Nk=16)
+    with pytest.raises(ValueError, match="value shape"):
+        mf.sparse_attention(q, k, torch.randn(shape), [DENSE, DENSE], compiled=False)
+
+
+@pytest.mark.parametrize("which", ["key", "value"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mismatched_dtypes(which, dtype):
+    q, k, v = qkv()
+    if which == "key":
+        k = k.to(dtype)
+    else:
+        v = v.to(dtype)
+    with pytest.raises(ValueError, match="dtype"):
+        mf.sparse_attention(q, k, v, [DENSE, DENSE], compiled=False)
+    if which == "key":
+        with pytest.raises(ValueError, match="dtype"):
+            mf.token_mask(q, k, [DENSE, DENSE])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.int64, torch.bool, torch.complex64])
+def test_unsupported_dtype(dtype):
+    q, k, v = (t.to(dtype) for t in qkv())
+    call_all(q, k, v, [DENSE, DENSE], ValueError, "dtype")
+
+
+@pytest.mark.parametrize("which", ["query", "key", "value"])
+@pytest.mark.parametrize("ndim", [2, 3, 5])
+def test_not_4d(which, ndim):
+    q, k, v = qkv()
+    tensors = {"query": q, "key": k, "value": v}
+    t = tensors[which]
+    tensors[which] = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]) if ndim == 3 else (
+        t[None] if ndim == 5 else t.reshape(-1, t.shape[-1]))
+    with pytest.raises(ValueError, match="4-D"):
+        mf.sparse_attention(tensors["query"], tensors["key"], tensors["value"], [DENSE, DENSE], compiled=False)
+
+
+@pytest.mark.parametrize("qb,kb", [(1, 2), (2, 1)])
+def test_batch_mismatch(qb, kb):
+    q, _, _ = qkv(B=qb)
+    _, k, v = qkv(B=kb)
+    call_all(q, k, v, [DENSE, DENSE], ValueError, "batch")
+
+
+# Library bug: _check drops None tensors before zipping them with their names, so a None query,
+# key or value is never type-checked and fails later with AttributeError instead of TypeError.
+NONE_BUG = pytest.mark.xfail(raises=AttributeError, strict=True,
+                             reason="bug: None tensors skip the TypeError check in attention._check")
+
+
+@pytest.mark.parametrize("which", ["query", "key", "value"])
+@pytest.mark.parametrize("bad", [[[1.0]], 3.0, "tensor", pytest.param(None, marks=NONE_BUG)])
+def test_non_tensor(which, bad):
+    q, k, v = qkv()
+    args = {"query": q, "key": k, "value": v}
+    args[which] = bad
+    with pytest.raises(TypeError):
+        mf.sparse_attention(args["query"], args["key"], args["value"], [DENSE, DENSE], compiled=False)
+    if which != "value":
+        with pytest.raises(TypeError):
+            mf.token_mask(args["query"], args["key"], [DENSE, DENSE])
+        with pytest.raises(TypeError):
+            mf.plan_attention(args["query"], args["key"], [DENSE, DENSE])
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, -0.5, math.nan, math.inf, -math.inf, "0.1", torch.tensor(0.1)])
+def test_bad_scale(scale):
+    q, k, v = qkv()
+    call_all(q, k, v, [DENSE, DENSE], ValueError, "scale", scale=scale)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1, 2.5])
+def test_good_scale(scale):
+    q, k, v = qkv()
+    out = mf.sparse_attention(q, k, v, [DENSE, DENSE], scale=scale, compiled=False)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+def test_device_mismatch():
+    q, k, v = qkv()
+    call_all(q, k.cuda(), v.cuda(), [DENSE, DENSE], ValueError, "device")
+    call_all(q.cuda(), k, v.cuda(), [DENSE, DENSE], ValueError, "device")
+    with pytest.raises(ValueError, match="device"):
+        mf.sparse_attention(q.cuda(), k.cuda(), v, [DENSE, DENSE], compiled=False)
