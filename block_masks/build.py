@@ -30,7 +30,7 @@ class Tiles:
     kv: int = TILE
 
     def __post_init__(self) -> None:
-        if self.kv <= 0 or self.q % self.kv:
+        if self.kv <= 0 or self.q <= 0 or self.q % self.kv:
             raise ValueError(f"query tile {self.q} must be a positive multiple of the key tile {self.kv}")
 
 
@@ -108,24 +108,37 @@ def offset_lookup(offsets: Tensor):
     return lambda b, h, o: offsets[b, h, o.clamp(0, last)]
 
 
-def _main_mask_mod(selection: Selection, base: Tensor):
+def column_flags(selection: Selection) -> Tensor:
+    """[B, H, Nk] bool: the kept vertical columns of each head."""
+    B, H, _ = selection.offsets.shape
+    flags = torch.zeros(B, H, selection.nk + 1, dtype=torch.bool, device=selection.offsets.device)
+    return flags.scatter_(-1, selection.columns, True)[..., : selection.nk]
+
+
+def _main_mask_mod(selection: Selection, base: Tensor, columns: Tensor | None):
     sink, block_sparse = selection.sink, selection.block_sparse
     kept_offset = offset_lookup(selection.offsets)
+    last = selection.nk - 1
 
     def mask_mod(b, h, q_idx, kv_idx):
         o = q_idx + base - kv_idx
         kept = (kv_idx < sink[h]) | kept_offset(b, h, o) | block_sparse[h]
+        if columns is not None:
+            kept = kept | columns[b, h, kv_idx.clamp(0, last)]
         return (o >= 0) & kept
 
     return mask_mod
 
 
-def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width: bool = False) -> BlockMask:
+def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width: bool = False,
+                    fold_columns: bool = False) -> BlockMask:
     """The BlockMask of everything but the vertical columns, over queries padded by ``pad`` rows.
 
     Block-sparse heads list their kept blocks (the diagonal ones partial, for causality); the other
     heads list their sink tiles and the tiles of their kept tile diagonals. ``full_width`` pads
-    the index lists to every key tile (needed by the compiled CPU kernel).
+    the index lists to every key tile (needed by the compiled CPU kernel). ``fold_columns`` also
+    lists the key tiles holding vertical columns, so that this one mask covers every kept cell
+    (for kernels that cannot return the log-sum-exp needed to merge a separate vertical part).
     """
     geo = TileGeometry.of(selection, tiles)
     device = selection.offsets.device
@@ -160,13 +173,33 @@ def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width:
     widths = n_sink_tiles + diag_width
     for g in selection.blocks:
         per = g.block_size // T
+        # Query tiles made only of padding rows may lie before the group's first query block.
         row = (A[:, 0] * tiles.q) // g.block_size - g.first_block
+        real = (row >= 0)[:, None, None]
+        row = row.clamp(min=0)
         kept = g.kept[:, :, row, :, None] * per + torch.arange(per, device=device)  # [B, H, nqt, K, per]
-        g_valid = g.valid[:, :, row, :, None] & (kept <= last_kv[..., None])
+        g_valid = g.valid[:, :, row, :, None] & (kept <= last_kv[..., None]) & real
         cand.append(kept.flatten(-2))
         valid.append(g_valid.flatten(-2))
         is_full.append((g_valid & (kept < first_kv[..., None])).flatten(-2))
         widths = max(widths, kept.shape[-2] * per)
+
+    columns = None
+    if fold_columns and selection.columns is not None:
+        # Key tiles holding a vertical column, unless already listed as a sink or diagonal tile
+        # (those become partial where needed: only full tiles skip mask_mod, and they keep all).
+        columns = column_flags(selection)
+        has_col = torch.nn.functional.pad(columns, (0, nkt * T - selection.nk)).view(B, H, nkt, T).any(-1)
+        n_col, col_tiles = compact(torch.arange(nkt, device=device).expand(B, H, nkt), has_col, nkt)
+        col_kb = col_tiles[:, :, None, :].long()                              # [B, H, 1, nkt]
+        e = (first_kv + r - 1 - col_kb).clamp(0, n_e - 1)                      # [B, H, nqt, nkt]
+        listed = touched[:, :, None, :].expand(-1, -1, geo.n_q_tiles, -1).gather(-1, e)
+        col_valid = (torch.arange(nkt, device=device) < n_col[..., None, None]) & (col_kb <= last_kv)
+        col_valid = col_valid & (col_kb >= sink_tiles[None, :, None, None]) & ~listed
+        cand.append(col_kb.expand(-1, -1, geo.n_q_tiles, -1))
+        valid.append(col_valid)
+        is_full.append(torch.zeros_like(col_valid))
+        widths = widths + nkt
 
     cand, valid, is_full = torch.cat(cand, -1), torch.cat(valid, -1), torch.cat(is_full, -1)
     width = nkt if full_width else max(2, min(nkt, widths))  # >= 2: see vertical_block_mask
@@ -179,7 +212,7 @@ def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width:
         full_kv_num_blocks=n_full,
         full_kv_indices=full_idx,
         BLOCK_SIZE=(tiles.q, T),
-        mask_mod=_main_mask_mod(selection, base),
+        mask_mod=_main_mask_mod(selection, base, columns),
         seq_lengths=(selection.nq + geo.pad, selection.nk),
         compute_q_blocks=False,
     )

@@ -26,12 +26,13 @@ from .kernel import flex, merge
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence, scale: float | None):
-    names = ("query", "key", "value")
-    tensors = [t for t in (query, key, value) if t is not None]
-    for name, t in zip(names, tensors):
+def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence, scale: float | None,
+           *, with_value: bool = True):
+    named = [("query", query), ("key", key)] + ([("value", value)] if with_value else [])
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in named:
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [batch, heads, length, head_dim], got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
@@ -45,7 +46,7 @@ def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence,
         raise ValueError(f"key batch {key.shape[0]} differs from query batch {B}")
     if key.shape[-1] != D:
         raise ValueError(f"key head dim {key.shape[-1]} differs from query head dim {D}")
-    if value is not None and value.shape != key.shape:
+    if with_value and value.shape != key.shape:
         raise ValueError(f"value shape {tuple(value.shape)} must equal key shape {tuple(key.shape)}")
     Hkv, Nk = key.shape[1], key.shape[2]
     if Hkv == 0 or Hq % Hkv:
@@ -73,24 +74,27 @@ class AttentionPlan:
 
 
 def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
-                   full_width: bool = False, tiles: Tiles = Tiles(), kernel_options: dict | None = None
-                   ) -> AttentionPlan:
+                   full_width: bool = False, fold_columns: bool = False, tiles: Tiles = Tiles(),
+                   kernel_options: dict | None = None) -> AttentionPlan:
     """Estimate each head's pattern from the prompt and build the BlockMasks (no host sync).
 
-    ``full_width`` pads the tile lists to every key tile, as the compiled CPU kernel requires.
+    ``full_width`` pads the tile lists to every key tile and ``fold_columns`` puts the vertical
+    columns into the main mask instead of a gathered second part, as the compiled CPU kernel
+    requires (it returns no log-sum-exp to merge two parts with).
     ``tiles`` sets the BlockMask tile (block-sparse block sizes must be multiples of its query side);
     ``kernel_options`` are passed to the CUDA kernel.
     """
-    patterns = _check(query, key, None, patterns, scale)
+    patterns = _check(query, key, None, patterns, scale, with_value=False)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     selection = select(query, key, patterns, scale)
     bad = sorted({g.block_size for g in selection.blocks if g.block_size % tiles.q})
     if bad:
         raise ValueError(f"block_sparse block sizes {bad} are not multiples of the query tile {tiles.q}")
-    vertical = vertical_block_mask(selection, tiles) if selection.columns is not None else None
+    split = selection.columns is not None and not fold_columns
+    vertical = vertical_block_mask(selection, tiles) if split else None
     return AttentionPlan(
         selection=selection,
-        main=main_block_mask(selection, tiles, full_width=full_width),
+        main=main_block_mask(selection, tiles, full_width=full_width, fold_columns=fold_columns),
         vertical=vertical,
         pad=TileGeometry.of(selection, tiles).pad,
         scale=scale,
@@ -103,11 +107,12 @@ def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, 
     """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key."""
     q = torch.nn.functional.pad(query, (0, 0, plan.pad, 0)) if plan.pad else query
     options = plan.kernel_options
-    out, lse = flex(q, key, value, plan.main, plan.scale, compiled=compiled, kernel_options=options)
-    if plan.vertical is not None:
+    split = plan.vertical is not None
+    out, lse = flex(q, key, value, plan.main, plan.scale, compiled=compiled, kernel_options=options, lse=split)
+    if split:
         columns = plan.selection.columns
         out_v, lse_v = flex(q, gather_columns(key, columns), gather_columns(value, columns),
-                            plan.vertical, plan.scale, compiled=compiled, kernel_options=options)
+                            plan.vertical, plan.scale, compiled=compiled, kernel_options=options, lse=True)
         out = merge(out, lse, out_v, lse_v)
     return out[:, :, plan.pad:].to(query.dtype)
 
@@ -123,11 +128,12 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, patterns: Sequen
 
     ``compiled=False`` runs an eager emulation of the kernel that materialises every score: for
     tests and inspection at small sizes only. Inside an outer ``torch.compile`` the kernel is traced
-    into the caller's graph.
+    into the caller's graph. On CPU the compiled kernel (inference only, one compile per prompt
+    length) gets one mask with the vertical columns folded in: it cannot return a log-sum-exp.
     """
     _check(query, key, value, patterns, scale)
-    full_width = compiled and query.device.type == "cpu" and not torch.compiler.is_compiling()
-    plan = plan_attention(query, key, patterns, scale=scale, full_width=full_width)
+    cpu_kernel = query.device.type == "cpu" and (compiled or torch.compiler.is_compiling())
+    plan = plan_attention(query, key, patterns, scale=scale, full_width=cpu_kernel, fold_columns=cpu_kernel)
     return run_plan(plan, query, key, value, compiled=compiled)
 
 
@@ -136,6 +142,6 @@ def token_mask(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float |
 
     Builds a dense mask: for tests and inspection at small sizes; the fast path never builds it.
     """
-    patterns = _check(query, key, None, patterns, scale)
+    patterns = _check(query, key, None, patterns, scale, with_value=False)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return token_cells(select(query, key, patterns, scale))

@@ -40,12 +40,14 @@ def compiled_flex(options: tuple[tuple[str, int], ...] = (), signature: tuple = 
                               enable_gqa=enable_gqa, kernel_options=kernel_options or None, **aux)
 
     attend.__code__ = attend.__code__.replace(co_name=f"attend_{abs(hash((options, signature))):x}")
-    return torch.compile(attend, dynamic=True)
+    # The CPU template fails to build with dynamic shapes (torch 2.13): one compile per length there.
+    return torch.compile(attend, dynamic=signature[:1] != ("cpu",))
 
 
 # Never let dynamo fall back to eager execution: eager flex_attention evaluates mask_mod on every
 # cell and ignores the BlockMask's tile lists, so a fallback would be slow *and* compute other cells.
-_NO_EAGER_FALLBACK = {"fail_on_recompile_limit_hit": True}
+# The limit is raised for the CPU kernel, which compiles once per prompt length.
+_NO_EAGER_FALLBACK = {"fail_on_recompile_limit_hit": True, "recompile_limit": 64}
 
 
 def _scale_mod(scale: float, head_dim: int, device: torch.device):
@@ -82,10 +84,11 @@ def _emulate(block_mask: BlockMask) -> BlockMask:
 
 
 def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale: float, *,
-         compiled: bool, kernel_options: dict | None = None) -> tuple[Tensor, Tensor]:
+         compiled: bool, kernel_options: dict | None = None, lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """Attention of query [B, Hq, M, D] over key/value [B, Hkv, N, D] restricted to ``block_mask``.
 
-    Returns (out [B, Hq, M, D] in the query dtype, lse [B, Hq, M] float32, -inf for empty rows).
+    Returns (out [B, Hq, M, D] in the query dtype, lse [B, Hq, M] float32 with -inf for empty rows,
+    or None when ``lse`` is False).
     Inside an outer torch.compile the call is traced into that graph; otherwise ``compiled`` picks
     the compiled kernel or the eager emulation. On CUDA the kernel's tile is the mask's tile unless
     ``kernel_options`` says otherwise.
@@ -97,27 +100,34 @@ def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale
         tile = block_mask.BLOCK_SIZE
         options = {"BLOCK_M": tile[0], "BLOCK_N": tile[1], **CUDA_KERNEL_OPTIONS.get(tuple(tile), {}),
                    **(kernel_options or {})}
-    aux = {"return_aux": AuxRequest(lse=True)} if AuxRequest is not None else {"return_lse": True}
+    if not lse:
+        aux = {}
+    elif AuxRequest is not None:
+        aux = {"return_aux": AuxRequest(lse=True)}
+    else:  # pragma: no cover - torch < 2.9
+        aux = {"return_lse": True}
     if torch.compiler.is_compiling():
-        out, aux = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
+        result = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
                                   enable_gqa=enable_gqa, kernel_options=options or None, **aux)
     elif compiled:
-        # Head counts and head dim stay static: a kernel traced with a symbolic head dim computed
-        # wrong results on the H100 (torch 2.11) once a second head dim had been seen.
+        # Head counts and head dim stay static (they are part of the kernel's signature below).
         for t in (query, key, value):
             torch._dynamo.mark_static(t, 1)
             torch._dynamo.mark_static(t, 3)
-        signature = (query.dtype, query.shape[1], key.shape[1], query.shape[-1], score_mod is None)
+        signature = (query.device.type, query.dtype, query.shape[1], key.shape[1], query.shape[-1],
+                     score_mod is None, lse)
         attend = compiled_flex(tuple(sorted(options.items())), signature)
         with torch._dynamo.config.patch(**_NO_EAGER_FALLBACK):
-            out, aux = attend(query, key, value, block_mask, score_mod, enable_gqa, **aux)
+            result = attend(query, key, value, block_mask, score_mod, enable_gqa, **aux)
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*without torch.compile.*")
-            out, aux = flex_attention(query, key, value, score_mod=score_mod, block_mask=_emulate(block_mask),
+            result = flex_attention(query, key, value, score_mod=score_mod, block_mask=_emulate(block_mask),
                                       enable_gqa=enable_gqa, **aux)
-    lse = aux.lse if AuxRequest is not None else aux
-    return out, lse
+    if not lse:
+        return result, None
+    out, aux = result
+    return out, (aux.lse if AuxRequest is not None else aux)
 
 
 def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:

@@ -171,14 +171,8 @@ def test_batch_mismatch(qb, kb):
     call_all(q, k, v, [DENSE, DENSE], ValueError, "batch")
 
 
-# Library bug: _check drops None tensors before zipping them with their names, so a None query,
-# key or value is never type-checked and fails later with AttributeError instead of TypeError.
-NONE_BUG = pytest.mark.xfail(raises=AttributeError, strict=True,
-                             reason="bug: None tensors skip the TypeError check in attention._check")
-
-
 @pytest.mark.parametrize("which", ["query", "key", "value"])
-@pytest.mark.parametrize("bad", [[[1.0]], 3.0, "tensor", pytest.param(None, marks=NONE_BUG)])
+@pytest.mark.parametrize("bad", [[[1.0]], 3.0, "tensor", None])
 def test_non_tensor(which, bad):
     q, k, v = qkv()
     args = {"query": q, "key": k, "value": v}

@@ -1,0 +1,44 @@
+"""The ``minference-flex`` command: ``demo`` (one layer, dense against sparse, on any device) and
+``bench`` (the GPU benchmark of docs/performance.md).
+
+    minference-flex demo [--length N] [--budgets V,S] [--eager] ...
+    minference-flex bench --lengths 32768 131072 --reps 7
+    python -m minference_flex demo --help
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = {
+    "demo": "one attention layer on synthetic long-prompt inputs: dense SDPA vs sparse attention",
+    "bench": "GPU benchmark: SDPA, FlexAttention dense and minference-flex per length and budget",
+}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="minference-flex", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        # The subcommand's own parser handles its options (and its --help).
+        sub.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    prog = f"minference-flex {args.command}"
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest, prog=prog)
+    from .bench import main as bench_main
+
+    sys.argv[0] = prog  # bench's parser names itself after argv[0]
+    bench_main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
