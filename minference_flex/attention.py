@@ -40,7 +40,7 @@ def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence,
         if t.dtype != query.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but query has {query.dtype}")
         if t.device != query.device:
-            raise ValueError(f"{name} is on {t.device} but query is on {query.device}")
+            raise ValueError(f"{name} is on device {t.device} but query is on device {query.device}")
     B, Hq, Nq, D = query.shape
     if key.shape[0] != B:
         raise ValueError(f"key batch {key.shape[0]} differs from query batch {B}")
