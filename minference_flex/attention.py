@@ -74,17 +74,21 @@ class AttentionPlan:
 
 
 def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
-                   full_width: bool = False, fold_columns: bool = False, tiles: Tiles = Tiles(),
+                   full_width: bool | None = None, fold_columns: bool | None = None, tiles: Tiles = Tiles(),
                    kernel_options: dict | None = None) -> AttentionPlan:
     """Estimate each head's pattern from the prompt and build the BlockMasks (no host sync).
 
     ``full_width`` pads the tile lists to every key tile and ``fold_columns`` puts the vertical
     columns into the main mask instead of a gathered second part, as the compiled CPU kernel
-    requires (it returns no log-sum-exp to merge two parts with).
+    requires (it returns no log-sum-exp to merge two parts with). Both default to what the
+    compiled kernel of the query's device needs.
     ``tiles`` sets the BlockMask tile (block-sparse block sizes must be multiples of its query side);
     ``kernel_options`` are passed to the CUDA kernel.
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
+    cpu = query.device.type == "cpu"
+    full_width = cpu if full_width is None else full_width
+    fold_columns = cpu if fold_columns is None else fold_columns
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     selection = select(query, key, patterns, scale)
     bad = sorted({g.block_size for g in selection.blocks if g.block_size % tiles.q})
@@ -105,6 +109,9 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
 
 def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True) -> Tensor:
     """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key."""
+    if plan.vertical is not None and compiled and query.device.type == "cpu":
+        raise ValueError("the compiled CPU kernel returns no log-sum-exp to merge a separate vertical part: "
+                         "plan with fold_columns=True (the CPU default), or run with compiled=False")
     q = torch.nn.functional.pad(query, (0, 0, plan.pad, 0)) if plan.pad else query
     options = plan.kernel_options
     split = plan.vertical is not None

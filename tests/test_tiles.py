@@ -46,15 +46,17 @@ def listed_cells(block_mask) -> torch.Tensor:
     return out
 
 
-def check_plan(case, dtype, full_width, tiles=Tiles()):
+def check_plan(case, dtype, full_width, tiles=Tiles(), fold_columns=False):
     q, k, v = case.tensors(dtype)
     block_sizes = {mf.Pattern.parse(p).block_size for p in case.patterns
                    if mf.Pattern.parse(p).kind == "block_sparse"}
     if any(bs % tiles.q for bs in block_sizes):
         with pytest.raises(ValueError, match="multiple"):
-            mf.plan_attention(q, k, case.patterns, scale=case.scale, full_width=full_width, tiles=tiles)
+            mf.plan_attention(q, k, case.patterns, scale=case.scale, full_width=full_width, tiles=tiles,
+                              fold_columns=fold_columns)
         return
-    plan = mf.plan_attention(q, k, case.patterns, scale=case.scale, full_width=full_width, tiles=tiles)
+    plan = mf.plan_attention(q, k, case.patterns, scale=case.scale, full_width=full_width, tiles=tiles,
+                             fold_columns=fold_columns)
     mask = mf.token_mask(q, k, case.patterns, scale=case.scale)
     B, Hq, Nq, Nk = mask.shape
     pad = plan.pad
@@ -79,7 +81,7 @@ def check_plan(case, dtype, full_width, tiles=Tiles()):
 
     vertical = torch.zeros_like(mask)
     has_vertical = any(mf.Pattern.parse(p).kind == "vertical_and_slash" for p in case.patterns)
-    assert (plan.vertical is not None) == has_vertical
+    assert (plan.vertical is not None) == (has_vertical and not fold_columns)
     n_vertical_cells = 0
     if plan.vertical is not None:
         columns = plan.selection.columns
@@ -109,16 +111,18 @@ def check_plan(case, dtype, full_width, tiles=Tiles()):
 
 
 @settings(max_examples=examples(40))
-@given(case=cases(), full_width=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_tiles_cover_token_mask(case, full_width, dtype):
-    check_plan(case, dtype, full_width)
+@given(case=cases(), full_width=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       fold_columns=st.booleans())
+def test_tiles_cover_token_mask(case, full_width, dtype, fold_columns):
+    """Split plans (GPU: main + gathered verticals) and folded plans (CPU kernel: one mask)."""
+    check_plan(case, dtype, full_width, fold_columns=fold_columns)
 
 
 @settings(max_examples=examples(40))
-@given(case=cases(), full_width=st.booleans(), tiles=st.sampled_from(TILES))
-def test_other_tile_sizes_cover_token_mask_and_run(case, full_width, tiles):
+@given(case=cases(), full_width=st.booleans(), tiles=st.sampled_from(TILES), fold_columns=st.booleans())
+def test_other_tile_sizes_cover_token_mask_and_run(case, full_width, tiles, fold_columns):
     """Non-default BlockMask tiles: exact coverage, and the eager run of the plan is still exact."""
-    result = check_plan(case, torch.float32, full_width, tiles)
+    result = check_plan(case, torch.float32, full_width, tiles, fold_columns)
     if result is None:
         return  # block size not a multiple of the query tile: rejected (checked above)
     plan, (q, k, v), mask = result
@@ -129,14 +133,15 @@ def test_other_tile_sizes_cover_token_mask_and_run(case, full_width, tiles):
 
 
 @pytest.mark.parametrize("tiles", TILES[:3], ids=str)
-@pytest.mark.parametrize("full_width", [False, True])
+@pytest.mark.parametrize("full_width,fold_columns", [(False, False), (True, True)])
 @pytest.mark.parametrize("Nq,Nk", [(1, 1), (1, 300), (65, 129), (100, 257), (256, 256), (37, 300)])
-def test_tiles_mixed_block_sizes(Nq, Nk, full_width, tiles):
+def test_tiles_mixed_block_sizes(Nq, Nk, full_width, fold_columns, tiles):
     """Block-sparse heads with 128 and 256 blocks next to every other kind (padding to their lcm)."""
     pats = [mf.Pattern("block_sparse", 2, 0, 256), mf.Pattern("block_sparse", 1, 0, 128),
             ["vertical_and_slash", 33, 101], ["stream_llm", 70, 65], ["dense", 0, 0],
             mf.Pattern("block_sparse", 0, 0, 128)]
-    check_plan(Case(2, 6, 2, Nq, Nk, 32, pats, None, Nq * 1000 + Nk), torch.float32, full_width, tiles)
+    check_plan(Case(2, 6, 2, Nq, Nk, 32, pats, None, Nq * 1000 + Nk), torch.float32, full_width, tiles,
+               fold_columns)
 
 
 @pytest.mark.parametrize("q,kv", [(64, 48), (32, 64), (64, 0), (64, -64), (0, 64), (-64, 64)])
