@@ -3,6 +3,7 @@
 
     minference-flex demo [--length N] [--budgets V,S] [--eager] ...
     minference-flex bench --lengths 32768 131072 --reps 7
+    minference-flex eval --lengths 4096 --samples 2 --out results.json
     python -m minference_flex demo --help
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 COMMANDS = {
     "demo": "one attention layer on synthetic long-prompt inputs: dense SDPA vs sparse attention",
     "bench": "GPU benchmark: SDPA, FlexAttention dense and minference-flex per length and budget",
+    "eval": "real model (SmolLM2-135M): needle retrieval, perplexity and tiles skipped, dense vs sparse",
 }
 
 
@@ -33,6 +35,10 @@ def main(argv=None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest, prog=prog)
+    if args.command == "eval":
+        from .eval import main as eval_main
+
+        return eval_main(rest, prog=prog)
     from .bench import main as bench_main
 
     sys.argv[0] = prog  # bench's parser names itself after argv[0]

@@ -1,0 +1,406 @@
+"""``minference-flex eval``: dense SDPA against minference_flex on a real model (SmolLM2-135M-Instruct).
+
+Same weights, same prompts; the model is loaded once (per RoPE setting) and switched with
+``model.set_attn_implementation``. Measures
+
+* needle in a haystack, RULER style: real prose from the standard library (``pydoc_data.topics``)
+  with "The special magic number is NNNNNNN." planted at several depths, the question at the end in
+  the chat template, greedy decoding; a prompt passes when the number appears in the answer. Reported
+  per length for dense and sparse, with the number of answers that are identical on both sides.
+* perplexity of both on real prose (``--ppl-length`` tokens, 8192 by default).
+* the fraction of causal 64x64 KV tiles minference_flex skips, from ``mf.plan_attention`` on the
+  query/key states every layer passes to attention on the sparse side (first prompt per length):
+  key tiles never read (folded layout), and the tiles the split GPU layout computes (main mask +
+  gathered vertical part) relative to the causal count.
+
+Lengths above 8192 load the model with YaRN (factor length/8192 rounded up, original 8192).
+
+    minference-flex eval                                   # 4K, 3 depths, 1 sample (CPU: minutes)
+    minference-flex eval --lengths 4096 8192 16384 --depths 0 25 50 75 100 --samples 4 --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .models import SMOLLM2_ORIGINAL_CONTEXT, smollm2
+
+NEEDLE = "The special magic number is {number}."
+QUESTION_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+                 "I will quiz you about the numbers afterwards.\n")
+QUESTION_TAIL = "\nWhat is the special magic number mentioned in the provided text?"
+ANSWER_PREFIX = "The special magic number mentioned in the provided text is"
+SENTINEL = "<<<CONTEXT>>>"
+DEFAULT_EVAL_PATTERN = ["vertical_and_slash", 100, 800]
+
+
+# --------------------------------------------------------------------------- data
+
+def haystack_text() -> str:
+    """~113K tokens of English prose shipped with Python (the pydoc topic help texts)."""
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics[k].strip() for k in sorted(pydoc_data.topics.topics))
+
+
+@dataclass
+class Haystack:
+    """The tokenised haystack and the chat template split around the context, as token ids."""
+
+    ids: list[int]
+    prefix: list[int]
+    suffix: list[int]
+    boundaries: list[int]  # indices i where ids[i-1] ends a sentence or line
+
+    @classmethod
+    def build(cls, tokenizer) -> "Haystack":
+        ids = tokenizer(haystack_text(), add_special_tokens=False)["input_ids"]
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTION_HEAD + SENTINEL + QUESTION_TAIL}],
+            tokenize=False, add_generation_prompt=True)
+        head, tail = chat.split(SENTINEL)
+        prefix = tokenizer(head, add_special_tokens=False)["input_ids"]
+        suffix = tokenizer(tail + ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        ends = [i + 1 for i, p in enumerate(pieces) if p.rstrip().endswith((".", "Ċ")) or "Ċ" in p]
+        return cls(ids=ids, prefix=prefix, suffix=suffix, boundaries=ends)
+
+    def text_ids(self, start: int, count: int) -> list[int]:
+        """``count`` haystack tokens from ``start``, wrapping around."""
+        n = len(self.ids)
+        start %= n
+        out = self.ids[start:start + count]
+        while len(out) < count:
+            out += self.ids[: count - len(out)]
+        return out
+
+
+def needle_prompt(hay: Haystack, tokenizer, length: int, depth: float, number: str, start: int):
+    """(input_ids [1, length], needle token position): the chat prompt with exactly ``length`` tokens,
+    the needle inserted at the sentence boundary nearest ``depth`` (0..1) of the haystack."""
+    needle = tokenizer(" " + NEEDLE.format(number=number) + " ", add_special_tokens=False)["input_ids"]
+    budget = length - len(hay.prefix) - len(hay.suffix) - len(needle)
+    if budget < 16:
+        raise ValueError(f"length {length} leaves no room for a haystack")
+    start = hay.boundaries[start % len(hay.boundaries)]  # begin on a sentence
+    context = hay.text_ids(start, budget)
+    target = int(round(depth * budget))
+    # nearest sentence boundary inside this slice (positions relative to the slice)
+    import bisect
+
+    bounds = [b - start for b in hay.boundaries if start < b <= start + budget]
+    if bounds and 0 < depth < 1:
+        i = bisect.bisect_left(bounds, target)
+        near = [bounds[j] for j in (i - 1, i) if 0 <= j < len(bounds)]
+        target = min(near, key=lambda b: abs(b - target))
+    ids = hay.prefix + context[:target] + needle + context[target:] + hay.suffix
+    assert len(ids) == length, (len(ids), length)
+    return torch.tensor([ids]), len(hay.prefix) + target
+
+
+# --------------------------------------------------------------------------- attention sides
+
+def sparse_available() -> bool:
+    import minference_flex as mf
+    from transformers import AttentionInterface
+
+    return hasattr(mf, "set_patterns") and "minference_flex" in AttentionInterface._global_mapping
+
+
+def load_patterns(spec):
+    """A JSON file path (MInference per-layer list) or one entry ``type,a,b`` for every head."""
+    if isinstance(spec, (list, tuple)):
+        return list(spec)
+    if os.path.exists(spec):
+        with open(spec) as f:
+            return json.load(f)
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"--patterns: expected a JSON file or 'type,a,b' (e.g. vertical_and_slash,100,800), got {spec!r}")
+    return [parts[0], int(parts[1]), int(parts[2])]
+
+
+def layer_patterns(patterns, num_layers: int, num_heads: int) -> list[list]:
+    """One list of per-head entries per layer, from a single entry or a MInference list."""
+    from .config import DEFAULT_PATTERN
+
+    if patterns and isinstance(patterns[0], str):
+        return [[list(patterns)] * num_heads for _ in range(num_layers)]
+    if len(patterns) != num_layers:
+        raise ValueError(f"patterns have {len(patterns)} layers, the model {num_layers}")
+    return [[layer.get(str(h), DEFAULT_PATTERN.to_list()) for h in range(num_heads)] for layer in patterns]
+
+
+def use_side(model, side: str, patterns, min_sparse_len: int) -> str:
+    """Switch the loaded model to dense SDPA or minference_flex; returns the implementation in use."""
+    if side == "dense" or not sparse_available():
+        model.set_attn_implementation("sdpa")
+        return "sdpa"
+    import minference_flex as mf
+
+    model.set_attn_implementation("minference_flex")
+    mf.set_patterns(model, patterns, min_sparse_len=min_sparse_len)
+    return "minference_flex"
+
+
+def _tiles(plan) -> int:
+    """Tiles a plan computes: partial + full tiles of the main mask and of the vertical part."""
+    total = 0
+    for mask in (plan.main, plan.vertical):
+        if mask is None:
+            continue
+        total += int(mask.kv_num_blocks.sum())
+        if mask.full_kv_num_blocks is not None:
+            total += int(mask.full_kv_num_blocks.sum())
+    return total
+
+
+@contextlib.contextmanager
+def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict):
+    """While active, every prefill attention call (of ``min_sparse_len`` keys or more) adds the tiles
+    of ``mf.plan_attention`` for its query/key to ``stats``: ``touched`` (key tiles of the folded layout,
+    vertical columns inside the main mask: the causal tiles that are read at all), ``computed`` (tiles
+    of the split GPU layout: main mask + gathered vertical part, which can exceed the causal count at
+    short lengths), ``causal`` (the dense causal 64x64 tile count) and per-layer skipped fractions."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from .attention import plan_attention
+
+    impl = model.config._attn_implementation
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    had, before = impl in local, local.get(impl)
+    inner = ALL_ATTENTION_FUNCTIONS[impl]
+
+    def counting(module, query, key, value, attention_mask, **kwargs):
+        nq, nk = query.shape[2], key.shape[2]
+        if nq > 1 and nq == nk and nk >= min_sparse_len:
+            layer = getattr(module, "layer_idx", 0)
+            q, k = query.float(), key.float()
+            folded = plan_attention(q, k, per_layer[layer], full_width=False, fold_columns=True)
+            split = plan_attention(q, k, per_layer[layer], full_width=False, fold_columns=False)
+            nb = -(-nk // folded.tiles.kv)
+            causal = query.shape[0] * query.shape[1] * nb * (nb + 1) // 2
+            touched, computed = _tiles(folded), _tiles(split)
+            stats["touched"] = stats.get("touched", 0) + touched
+            stats["computed"] = stats.get("computed", 0) + computed
+            stats["causal"] = stats.get("causal", 0) + causal
+            stats.setdefault("per_layer", {})[layer] = round(1 - touched / causal, 4)
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS[impl] = counting
+    try:
+        yield stats
+    finally:
+        if had:
+            local[impl] = before
+        else:
+            local.pop(impl, None)
+
+
+# --------------------------------------------------------------------------- measurements
+
+@torch.inference_mode()
+def greedy(model, tokenizer, input_ids, max_new_tokens: int) -> str:
+    input_ids = input_ids.to(model.device)
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, temperature=None, top_p=None, top_k=None,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def perplexity(model, input_ids, chunk: int = 1024) -> float:
+    """exp(mean next-token NLL), the vocabulary projection done in chunks to bound memory."""
+    input_ids = input_ids.to(model.device)
+    hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+    head = model.get_output_embeddings()
+    nll, count = 0.0, 0
+    for i in range(0, input_ids.shape[1] - 1, chunk):
+        j = min(i + chunk, input_ids.shape[1] - 1)
+        logits = head(hidden[:, i:j]).float()
+        nll += torch.nn.functional.cross_entropy(logits[0], input_ids[0, i + 1:j + 1], reduction="sum").item()
+        count += j - i
+    return math.exp(nll / count)
+
+
+@dataclass
+class EvalConfig:
+    lengths: list[int] = field(default_factory=lambda: [4096])
+    depths: list[float] = field(default_factory=lambda: [0, 50, 100])  # percent
+    samples: int = 1
+    patterns: object = field(default_factory=lambda: list(DEFAULT_EVAL_PATTERN))
+    min_sparse_len: int = 1024
+    ppl_length: int = 8192
+    max_new_tokens: int = 10
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    eager: bool = False
+
+
+def context_for(length: int) -> int | None:
+    """None (native 8K RoPE) or the YaRN context, a multiple of 8192, that covers ``length``."""
+    if length <= SMOLLM2_ORIGINAL_CONTEXT:
+        return None
+    return -(-length // SMOLLM2_ORIGINAL_CONTEXT) * SMOLLM2_ORIGINAL_CONTEXT
+
+
+def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
+    from tqdm.auto import tqdm
+
+    if cfg.eager:
+        try:
+            from . import hf
+
+            hf.COMPILED = False
+        except ImportError:
+            pass
+    dtype = getattr(torch, cfg.dtype)
+    rng = random.Random(cfg.seed)
+    lengths = sorted(set(cfg.lengths))
+    groups: dict = {}
+    for n in lengths:
+        groups.setdefault(context_for(n), []).append(n)
+    if cfg.ppl_length:
+        groups.setdefault(context_for(cfg.ppl_length), [])
+    results = {"config": asdict(cfg), "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
+               "sparse_backend": None, "load_seconds": {}, "niah": {}, "perplexity": {}, "tiles": {},
+               "records": []}
+    total = sum(len(v) for v in groups.values()) * len(cfg.depths) * cfg.samples * 2
+    total += 2 if cfg.ppl_length else 0
+    bar = tqdm(total=total, desc="eval", disable=not progress, file=sys.stderr)
+    hay = None
+    for context, group in sorted(groups.items(), key=lambda kv: kv[0] or 0):
+        model, tokenizer = smollm2(dtype=dtype, device=cfg.device, context=context)
+        label = "native" if context is None else f"yarn{context}"
+        results["load_seconds"][label] = round(model.load_seconds, 1)
+        log(f"loaded SmolLM2 ({label}) in {model.load_seconds:.1f} s")
+        if hay is None:
+            hay = Haystack.build(tokenizer)
+        tc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        per_layer = layer_patterns(cfg.patterns, tc.num_hidden_layers, tc.num_attention_heads)
+        for n in group:
+            row = {side: {"passed": 0, "total": 0, "seconds": 0.0} for side in ("dense", "sparse")}
+            row["identical"] = 0
+            stats: dict = {}
+            for s in range(cfg.samples):
+                start = rng.randrange(len(hay.boundaries))
+                for depth in cfg.depths:
+                    number = str(rng.randrange(10 ** 5, 10 ** 7))  # 6 or 7 digits
+                    ids, pos = needle_prompt(hay, tokenizer, n, depth / 100, number, start)
+                    answers = {}
+                    for side in ("dense", "sparse"):
+                        impl = use_side(model, side, cfg.patterns, cfg.min_sparse_len)
+                        results["sparse_backend"] = results["sparse_backend"] or (impl if side == "sparse" else None)
+                        count = side == "sparse" and s == 0 and depth == cfg.depths[0]
+                        t0 = time.perf_counter()
+                        with (tile_counter(model, per_layer, cfg.min_sparse_len, stats) if count
+                              else contextlib.nullcontext()):
+                            answer = greedy(model, tokenizer, ids, cfg.max_new_tokens)
+                        dt = time.perf_counter() - t0
+                        ok = number in answer.replace(",", "")
+                        answers[side] = answer
+                        row[side]["passed"] += ok
+                        row[side]["total"] += 1
+                        row[side]["seconds"] += dt
+                        results["records"].append({"length": n, "depth": depth, "sample": s, "side": side,
+                                                   "backend": impl, "number": number, "needle_pos": pos,
+                                                   "answer": answer, "pass": ok, "seconds": round(dt, 2)})
+                        bar.update(1)
+                    row["identical"] += answers["dense"] == answers["sparse"]
+            for side in ("dense", "sparse"):
+                row[side]["seconds"] = round(row[side]["seconds"], 1)
+            results["niah"][str(n)] = row
+            if stats.get("causal"):
+                results["tiles"][str(n)] = {"skipped_fraction": round(1 - stats["touched"] / stats["causal"], 4),
+                                            "split_computed_ratio": round(stats["computed"] / stats["causal"], 4),
+                                            "touched": stats["touched"], "computed": stats["computed"],
+                                            "causal": stats["causal"],
+                                            "per_layer_skipped": stats["per_layer"]}
+            else:
+                results["tiles"][str(n)] = {"skipped_fraction": 0.0, "note": "below min_sparse_len: dense"}
+        if cfg.ppl_length and context_for(cfg.ppl_length) == context:
+            ids = torch.tensor([hay.text_ids(hay.boundaries[0], cfg.ppl_length)])
+            ppl = {}
+            for side in ("dense", "sparse"):
+                use_side(model, side, cfg.patterns, cfg.min_sparse_len)
+                t0 = time.perf_counter()
+                ppl[side] = round(perplexity(model, ids), 3)
+                ppl[f"{side}_seconds"] = round(time.perf_counter() - t0, 1)
+                bar.update(1)
+            results["perplexity"][str(cfg.ppl_length)] = ppl
+        del model
+        gc.collect()
+    bar.close()
+    return results
+
+
+def format_table(results: dict) -> str:
+    sb = results.get("sparse_backend") or "sdpa"
+    lines = [f"sparse side: {sb}" + ("" if sb == "minference_flex" else
+                                     "  (minference_flex backend not available: both sides dense)"),
+             f"{'length':>7} {'dense pass':>11} {'sparse pass':>12} {'identical':>10} {'tiles skipped':>14} "
+             f"{'GPU work':>9} {'dense s':>8} {'sparse s':>9}"]
+    for n, row in results["niah"].items():
+        d, s = row["dense"], row["sparse"]
+        tiles = results["tiles"].get(n, {})
+        skipped, work = tiles.get("skipped_fraction", 0.0), tiles.get("split_computed_ratio", 1.0)
+        lines.append(f"{n:>7} {d['passed']:>5}/{d['total']:<5} {s['passed']:>6}/{s['total']:<5} "
+                     f"{row['identical']:>4}/{d['total']:<5} {skipped:>13.1%} {work:>9.1%} {d['seconds']:>8.1f} "
+                     f"{s['seconds']:>9.1f}")
+    lines.append("tiles skipped: causal 64x64 KV tiles never read; GPU work: tiles of the split layout "
+                 "(main + gathered columns) / causal tiles")
+    for n, p in results["perplexity"].items():
+        lines.append(f"perplexity at {n}: dense {p['dense']:.3f} ({p['dense_seconds']} s), "
+                     f"sparse {p['sparse']:.3f} ({p['sparse_seconds']} s)")
+    for label, sec in results["load_seconds"].items():
+        lines.append(f"load ({label}): {sec} s")
+    return "\n".join(lines)
+
+
+def main(argv=None, prog: str = "minference-flex eval") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens (default 4096)")
+    p.add_argument("--depths", type=float, nargs="+", default=[0, 50, 100], help="needle depths in percent")
+    p.add_argument("--samples", type=int, default=1, help="haystacks per length and depth (default 1)")
+    p.add_argument("--patterns", default=",".join(map(str, DEFAULT_EVAL_PATTERN)),
+                   help="MInference JSON file or one entry for every head, e.g. vertical_and_slash,100,800")
+    p.add_argument("--min-sparse-len", type=int, default=1024,
+                   help="prefills shorter than this run dense on the sparse side (default 1024)")
+    p.add_argument("--ppl-length", type=int, default=8192, help="perplexity length in tokens; 0 skips it")
+    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eager", action="store_true", help="sparse side on the eager kernel emulation (no compile)")
+    p.add_argument("--out", default="results.json", help="JSON results file (default results.json)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    cfg = EvalConfig(lengths=args.lengths, depths=args.depths, samples=args.samples,
+                     patterns=load_patterns(args.patterns), min_sparse_len=args.min_sparse_len,
+                     ppl_length=args.ppl_length, max_new_tokens=args.max_new_tokens, device=args.device,
+                     dtype=args.dtype, seed=args.seed, eager=args.eager)
+    t0 = time.perf_counter()
+    results = run_eval(cfg, progress=not args.no_progress)
+    results["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print(format_table(results))
+    print(f"total {results['total_seconds']} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
