@@ -1,0 +1,258 @@
+"""The transformers backend: ``attn_implementation="minference_flex"``.
+
+Importing ``minference_flex`` registers the name with transformers' ``AttentionInterface`` and
+``AttentionMaskInterface``, so any model whose attention goes through the attention interface (Llama,
+Qwen2, Qwen3, Mistral, Phi-3, ...) can be loaded with
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="minference_flex")
+    mf.set_patterns(model, "patterns.json")      # optional: MInference per-head configuration
+
+Prefill of ``min_sparse_len`` tokens or more runs ``mf.sparse_attention`` with each layer's per-head
+patterns; shorter prefills and decoding (one query) run ``scaled_dot_product_attention``. Padded
+batches are run sequence by sequence on their real tokens, so each sequence gets exactly the result
+it gets alone. Inference only.
+
+The configuration lives on the (text) config as ``config.minference_flex`` (a JSON-serialisable
+dict, so ``save_pretrained`` keeps it); a model without it uses ``DEFAULT_PATTERN`` for every head
+and ``DEFAULT_MIN_SPARSE_LEN``.
+
+``COMPILED`` (module-level switch, default True) selects the compiled FlexAttention kernel; set
+``minference_flex.hf.COMPILED = False`` to run the eager emulation instead (tests do, to avoid one
+CPU compile per prompt length).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from block_masks import Pattern
+
+from .attention import sparse_attention
+from .config import DEFAULT_PATTERN
+
+NAME = "minference_flex"
+
+#: Below ~10K tokens sparsity gives no gain (MInference paper, REFERENCE.md §1); to be re-measured on
+#: the GPU (issue 4).
+DEFAULT_MIN_SPARSE_LEN = 8192
+
+#: Use the compiled FlexAttention kernel (True) or the eager emulation (False, for tests).
+COMPILED = True
+
+_CONFIG_ATTR = "minference_flex"
+
+
+# --------------------------------------------------------------------------- configuration
+
+def _text_config(model):
+    config = model.config if hasattr(model, "config") else model
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _entry(entry) -> list:
+    """A normalised MInference entry [type, a, b, score] (score kept when given, else 0.0)."""
+    pattern = Pattern.parse(entry)
+    score = entry[3] if isinstance(entry, (list, tuple)) and len(entry) == 4 else 0.0
+    return pattern.to_list(score)
+
+
+def _is_single_entry(source) -> bool:
+    return isinstance(source, Pattern) or (
+        isinstance(source, (list, tuple)) and len(source) in (1, 3, 4) and isinstance(source[0], str)
+    )
+
+
+def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN) -> None:
+    """Configure a model loaded with ``attn_implementation="minference_flex"``.
+
+    ``source``: a path to a MInference JSON file (a list with one dict per layer, head number as a
+    string -> ``[type, a, b, score]``), that list already loaded, or one pattern entry
+    (``[type, a, b]``, ``[type, a, b, score]`` or ``mf.Pattern``) used for every head of every layer.
+    Heads a file leaves out get ``DEFAULT_PATTERN``. Prefills shorter than ``min_sparse_len`` keys
+    run dense.
+    """
+    config = _text_config(model)
+    num_layers = int(config.num_hidden_layers)
+    num_heads = int(config.num_attention_heads)
+    if isinstance(min_sparse_len, bool) or not isinstance(min_sparse_len, int) or min_sparse_len < 1:
+        raise ValueError(f"min_sparse_len must be a positive integer, got {min_sparse_len!r}")
+    if isinstance(source, (str, os.PathLike)):
+        with open(source) as f:
+            source = json.load(f)
+    if _is_single_entry(source):
+        entry = _entry(source)
+        layers = [{str(h): list(entry) for h in range(num_heads)} for _ in range(num_layers)]
+    else:
+        if isinstance(source, (str, bytes, Mapping)) or not isinstance(source, Sequence):
+            raise ValueError("patterns must be a path, a MInference list (one dict per layer) or one pattern "
+                             f"entry, got {type(source).__name__}")
+        if len(source) != num_layers:
+            raise ValueError(f"the pattern configuration has {len(source)} layers but the model has "
+                             f"{num_layers} layers")
+        layers = []
+        for i, layer in enumerate(source):
+            if not isinstance(layer, Mapping):
+                raise ValueError(f"layer {i} of the pattern configuration must be a dict from head number to "
+                                 f"[type, a, b, score], got {type(layer).__name__}")
+            heads = {str(h): DEFAULT_PATTERN.to_list() for h in range(num_heads)}
+            for key, entry in layer.items():
+                try:
+                    head = int(key)
+                except (TypeError, ValueError):
+                    raise ValueError(f"layer {i}: head key {key!r} is not a head number") from None
+                if not 0 <= head < num_heads:
+                    raise ValueError(f"layer {i} names head {head} but the model has {num_heads} attention heads")
+                heads[str(head)] = _entry(entry)
+            layers.append(heads)
+    setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": int(min_sparse_len)})
+
+
+def get_patterns(model) -> list[dict[str, list]]:
+    """The model's configuration as a MInference list: one dict per layer, head string -> [type, a, b, score]."""
+    config = _text_config(model)
+    stored = getattr(config, _CONFIG_ATTR, None)
+    if stored:
+        return json.loads(json.dumps(stored["patterns"]))
+    num_heads = int(config.num_attention_heads)
+    return [{str(h): DEFAULT_PATTERN.to_list() for h in range(num_heads)}
+            for _ in range(int(config.num_hidden_layers))]
+
+
+def save_patterns(model, path) -> None:
+    """Write ``get_patterns(model)`` as a MInference JSON file."""
+    Path(path).write_text(json.dumps(get_patterns(model), indent=1) + "\n")
+
+
+_parsed_cache: dict = {}
+
+
+def _layer_config(module) -> tuple[tuple[Pattern, ...], int]:
+    """(one Pattern per query head, min_sparse_len) for the attention module's layer."""
+    config = getattr(module, "config", None)
+    stored = getattr(config, _CONFIG_ATTR, None) if config is not None else None
+    num_heads = getattr(config, "num_attention_heads", None)
+    if not stored:
+        return None, DEFAULT_MIN_SPARSE_LEN
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise ValueError("minference_flex needs module.layer_idx to find the layer's patterns")
+    heads = stored["patterns"][layer]
+    cached = _parsed_cache.get(id(heads))
+    if cached is None or cached[0] is not heads:
+        count = num_heads if num_heads is not None else len(heads)
+        parsed = tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
+        cached = (heads, parsed)
+        _parsed_cache[id(heads)] = cached
+    return cached[1], int(stored.get("min_sparse_len", DEFAULT_MIN_SPARSE_LEN))
+
+
+# --------------------------------------------------------------------------- attention
+
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None, scale: float | None) -> Tensor:
+    """Causal SDPA with the queries at the last positions; key_mask [B, Nk] bool or None. Rows that
+    see no key (padded queries) get zeros."""
+    B, Hq, Nq, _ = query.shape
+    Nk = key.shape[2]
+    gqa = key.shape[1] != Hq
+    if key_mask is None and Nq == Nk:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa)
+    if Nq == 1:
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+    else:
+        causal = torch.ones(Nq, Nk, dtype=torch.bool, device=query.device).tril(Nk - Nq)
+        mask = causal[None, None] if key_mask is None else causal[None, None] & key_mask[:, None, None, :]
+    if mask is None:
+        return F.scaled_dot_product_attention(query, key, value, scale=scale, enable_gqa=gqa)
+    seen = mask.any(-1, keepdim=True)  # [B or 1, 1, Nq, 1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask | ~seen, scale=scale, enable_gqa=gqa)
+    return out.masked_fill(~seen, 0)
+
+
+def _prefill(query, key, value, patterns, min_sparse_len, scale):
+    """Attention of one batch without padding: sparse from min_sparse_len keys on, else dense."""
+    if key.shape[2] < min_sparse_len:
+        return _sdpa(query, key, value, None, scale)
+    if patterns is None:
+        patterns = (DEFAULT_PATTERN,) * query.shape[1]
+    return sparse_attention(query, key, value, patterns, scale=scale, compiled=COMPILED)
+
+
+def _padded_prefill(query, key, value, key_mask, patterns, min_sparse_len, scale):
+    """Each sequence on its real tokens only; padded query rows get zeros."""
+    B, Hq, Nq, D = query.shape
+    Nk = key.shape[2]
+    out = query.new_zeros(B, Hq, Nq, D)
+    counts = key_mask.sum(-1).tolist()
+    firsts = key_mask.to(torch.int8).argmax(-1).tolist()
+    for b in range(B):
+        n, s = int(counts[b]), int(firsts[b])
+        e = s + n
+        if n == 0:
+            continue
+        if not bool(key_mask[b, s:e].all()):
+            raise ValueError("minference_flex needs each sequence's real tokens to be one contiguous run "
+                             "(left or right padding)")
+        qs = max(s, Nk - Nq)
+        if qs >= e:
+            continue
+        rows = slice(qs - (Nk - Nq), e - (Nk - Nq))
+        q, k, v = query[b:b + 1, :, rows], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]
+        out[b:b + 1, :, rows] = _prefill(q, k, v, patterns, min_sparse_len, scale)
+    return out
+
+
+def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                              scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """transformers attention function: returns (out [B, q_len, Hq, D] contiguous, None)."""
+    if getattr(module, "training", False) and dropout and dropout > 0:
+        raise ValueError("attn_implementation='minference_flex' is inference only (attention dropout "
+                         f"{dropout} requested in training mode): call model.eval()")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError("minference_flex expects a 2-D padding mask [batch, kv_len] from its mask function, got "
+                         f"shape {tuple(attention_mask.shape)}; pass a 2-D attention_mask")
+    Nq, Nk = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.shape[1] != Nk:
+        raise NotImplementedError(f"minference_flex needs the padding mask to cover every key ({attention_mask.shape[1]} "
+                                  f"mask columns for {Nk} keys): static caches are not supported")
+    sliding_window = kwargs.get("sliding_window")
+    if sliding_window is not None and Nk > sliding_window:
+        raise NotImplementedError(f"minference_flex does not support sliding-window attention beyond the window "
+                                  f"({Nk} keys > sliding_window {sliding_window})")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask.bool()
+    if Nq == 1:
+        out = _sdpa(query, key, value, attention_mask, scaling)
+    else:
+        patterns, min_sparse_len = _layer_config(module)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        if attention_mask is None:
+            out = _prefill(query, key, value, patterns, min_sparse_len, scaling)
+        else:
+            out = _padded_prefill(query, key, value, attention_mask, patterns, min_sparse_len, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def minference_flex_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                         mask_function=None, attention_mask: Tensor | None = None, **kwargs):
+    """transformers mask function: the 2-D boolean padding mask over the last ``kv_length`` keys
+    (True = real token), or None without one. No host sync: the attention function decides."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:].to(torch.bool)
+
+
+def register() -> None:
+    """Register ``"minference_flex"`` with transformers (done on ``import minference_flex``)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, minference_flex_attention)
+    AttentionMaskInterface.register(NAME, minference_flex_mask)
