@@ -235,3 +235,16 @@ def test_set_patterns_errors():
         mf.set_patterns(model, [{"0": ["nope", 0, 0]}, {}])
     with pytest.raises(ValueError, match="min_sparse_len"):
         mf.set_patterns(model, ["dense", 0, 0], min_sparse_len=0)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                    reason="the compiled CPU FlexAttention kernel needs AVX2")
+@torch.no_grad()
+def test_compiled_kernel_matches_eager(monkeypatch):
+    model = make()
+    heads = [["stream_llm", 4, 16], ["vertical_and_slash", 8, 16], ["block_sparse", 1, 0], ["dense", 0, 0]]
+    mf.set_patterns(model, [{str(h): p for h, p in enumerate(heads)}] * 2, min_sparse_len=16)
+    x = ids(100)  # one prompt length: one compile
+    eager = model(x).logits
+    monkeypatch.setattr(mf_hf, "COMPILED", True)
+    torch.testing.assert_close(model(x).logits, eager, atol=1e-5, rtol=0)
