@@ -317,7 +317,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
                                                    "backend": impl, "number": number, "needle_pos": pos,
                                                    "answer": answer, "pass": ok, "seconds": round(dt, 2)})
                         bar.update(1)
-                    row["identical"] += answers["dense"] == answers["sparse"]
+                    row["identical"] += answers["dense"].strip() == answers["sparse"].strip()
             for side in ("dense", "sparse"):
                 row[side]["seconds"] = round(row[side]["seconds"], 1)
             results["niah"][str(n)] = row
