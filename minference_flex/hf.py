@@ -231,8 +231,6 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
         out = _sdpa(query, key, value, attention_mask, scaling)
     else:
         patterns, min_sparse_len = _layer_config(module)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
         if attention_mask is None:
             out = _prefill(query, key, value, patterns, min_sparse_len, scaling)
         else:
@@ -243,10 +241,16 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
 def minference_flex_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                          mask_function=None, attention_mask: Tensor | None = None, **kwargs):
     """transformers mask function: the 2-D boolean padding mask over the last ``kv_length`` keys
-    (True = real token), or None without one. No host sync: the attention function decides."""
+    (True = real token), or None when there is no padding.
+
+    For a prefill, a mask without padding is dropped here, once per forward (one host sync, as in
+    transformers' FlashAttention path), so that no layer has to look at it."""
     if attention_mask is None:
         return None
-    return attention_mask[:, -kv_length:].to(torch.bool)
+    mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if q_length > 1 and bool(mask.all()):
+        return None
+    return mask
 
 
 def register() -> None:
