@@ -121,7 +121,7 @@ def vertical_slash_scores(query: Tensor, key: Tensor, scale: float) -> tuple[Ten
     # shorter than its width puts P[r, p_r - o] in column o (zero where p_r - o < 0).
     width = Nk + m
     flipped = torch.nn.functional.pad(probs.flip(-1), (0, m)).reshape(B * Hq, m, width)
-    skewed = flipped.as_strided((B * Hq, m, Nk), (m * width, width - 1, 1), flipped.storage_offset() + m - 1)
+    skewed = flipped.as_strided((B * Hq, m, Nk), (m * width, width - 1, 1), m - 1)  # a fresh tensor: offset 0
     slash = skewed.sum(dim=-2).view(B, Hq, Nk)
     return vertical, slash
 
