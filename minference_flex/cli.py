@@ -1,7 +1,9 @@
-"""The ``minference-flex`` command: ``demo`` (one layer, dense against sparse, on any device) and
-``bench`` (the GPU benchmark of docs/performance.md).
+"""The ``minference-flex`` command: ``demo`` (needle in a haystack on SmolLM2, dense against sparse),
+``layer`` (= ``demo --synthetic``: one synthetic attention layer), ``eval`` (the real-model evaluation
+of docs/real_model.md) and ``bench`` (the GPU benchmark of docs/performance.md).
 
-    minference-flex demo [--length N] [--budgets V,S] [--eager] ...
+    minference-flex demo [--length 4096] [--depths 50 100] [--patterns vertical_and_slash,100,800] [--device cpu]
+    minference-flex demo --synthetic [--length N] [--budgets V,S] [--eager] ...
     minference-flex bench --lengths 32768 131072 --reps 7
     minference-flex eval --lengths 4096 --samples 2 --out results.json
     python -m minference_flex demo --help
@@ -12,7 +14,9 @@ import argparse
 import sys
 
 COMMANDS = {
-    "demo": "one attention layer on synthetic long-prompt inputs: dense SDPA vs sparse attention",
+    "demo": "needle in a haystack on SmolLM2-135M: dense vs sparse answers, prefill time, tiles skipped "
+            "(--synthetic: the one-layer demo)",
+    "layer": "one attention layer on synthetic long-prompt inputs: dense SDPA vs sparse attention",
     "bench": "GPU benchmark: SDPA, FlexAttention dense and minference-flex per length and budget",
     "eval": "real model (SmolLM2-135M): needle retrieval, perplexity and tiles skipped, dense vs sparse",
 }
@@ -35,6 +39,10 @@ def main(argv=None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest, prog=prog)
+    if args.command == "layer":
+        from .layer_demo import main as layer_main
+
+        return layer_main(rest, prog=prog)
     if args.command == "eval":
         from .eval import main as eval_main
 

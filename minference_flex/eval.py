@@ -108,6 +108,11 @@ def needle_prompt(hay: Haystack, tokenizer, length: int, depth: float, number: s
     return torch.tensor([ids]), len(hay.prefix) + target
 
 
+def passes(number: str, answer: str) -> bool:
+    """A needle answer passes when the planted number appears in it (thousands separators ignored)."""
+    return number in answer.replace(",", "")
+
+
 # --------------------------------------------------------------------------- attention sides
 
 def sparse_available() -> bool:
@@ -171,7 +176,8 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
     of ``mf.plan_attention`` for its query/key to ``stats``: ``touched`` (key tiles of the folded layout,
     vertical columns inside the main mask: the causal tiles that are read at all), ``computed`` (tiles
     of the split GPU layout: main mask + gathered vertical part, which can exceed the causal count at
-    short lengths), ``causal`` (the dense causal 64x64 tile count) and per-layer skipped fractions."""
+    short lengths), ``causal`` (the dense causal 64x64 tile count), per-layer skipped fractions and
+    ``count_seconds`` (time spent counting, to subtract from a timed forward)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from .attention import plan_attention
@@ -184,6 +190,7 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
     def counting(module, query, key, value, attention_mask, **kwargs):
         nq, nk = query.shape[2], key.shape[2]
         if nq > 1 and nq == nk and nk >= min_sparse_len:
+            t0 = time.perf_counter()
             layer = getattr(module, "layer_idx", 0)
             q, k = query.float(), key.float()
             folded = plan_attention(q, k, per_layer[layer], full_width=False, fold_columns=True)
@@ -195,6 +202,7 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
             stats["computed"] = stats.get("computed", 0) + computed
             stats["causal"] = stats.get("causal", 0) + causal
             stats.setdefault("per_layer", {})[layer] = round(1 - touched / causal, 4)
+            stats["count_seconds"] = stats.get("count_seconds", 0.0) + time.perf_counter() - t0
         return inner(module, query, key, value, attention_mask, **kwargs)
 
     ALL_ATTENTION_FUNCTIONS[impl] = counting
@@ -308,7 +316,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
                               else contextlib.nullcontext()):
                             answer = greedy(model, tokenizer, ids, cfg.max_new_tokens)
                         dt = time.perf_counter() - t0
-                        ok = number in answer.replace(",", "")
+                        ok = passes(number, answer)
                         answers[side] = answer
                         row[side]["passed"] += ok
                         row[side]["total"] += 1
