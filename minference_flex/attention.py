@@ -72,6 +72,24 @@ class AttentionPlan:
     tiles: Tiles
     kernel_options: dict | None = None
 
+    def tile_counts(self) -> dict:
+        """Tiles the kernel visits (``partial`` and ``full`` tiles of the main mask, ``vertical``
+        tiles of gathered columns, ``visited`` in all), the ``causal`` tiles of dense attention at
+        the same tile size, and the visited ``fraction`` of them. Reads counts back from the device
+        (a host sync): for reports, not for the hot path."""
+        main = self.main
+        geo = TileGeometry.of(self.selection, self.tiles)
+        partial = int(main.kv_num_blocks.sum())
+        full = int(main.full_kv_num_blocks.sum())
+        vertical = int(self.vertical.kv_num_blocks.sum()) if self.vertical is not None else 0
+        heads = main.kv_num_blocks.shape[0] * main.kv_num_blocks.shape[1]
+        r = self.tiles.q // self.tiles.kv
+        first = geo.base // self.tiles.q
+        causal = heads * sum(min(r * (first + t) + r, geo.n_k_tiles) for t in range(geo.n_q_tiles))
+        visited = partial + full + vertical
+        return dict(partial=partial, full=full, vertical=vertical, visited=visited, causal=causal,
+                    fraction=visited / causal)
+
 
 def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
                    full_width: bool | None = None, fold_columns: bool | None = None, tiles: Tiles = Tiles(),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 
-from block_masks import TileGeometry, Tiles, main_block_mask, select, token_cells, vertical_block_mask
+from block_masks import Tiles, main_block_mask, select, token_cells, vertical_block_mask
 
 from .attention import plan_attention, run_plan
 from .bench_inputs import structured_qkv
@@ -72,22 +72,6 @@ def row_check(q, k, v, patterns, out, rows):
     return err, recall, (kept.sum() / causal.sum() / kept.shape[0] / kept.shape[1]).item()
 
 
-def tile_counts(plan) -> dict:
-    """Tiles the kernel visits (main: partial and full; vertical: tiles of gathered columns), and
-    their area as a fraction of the causal tiles of dense attention at the same tile size."""
-    main = plan.main
-    geo = TileGeometry.of(plan.selection, plan.tiles)
-    partial = main.kv_num_blocks.sum().item()
-    full = main.full_kv_num_blocks.sum().item()
-    vertical = plan.vertical.kv_num_blocks.sum().item() if plan.vertical is not None else 0
-    H = main.kv_num_blocks.shape[0] * main.kv_num_blocks.shape[1]
-    r = plan.tiles.q // plan.tiles.kv
-    first = geo.base // plan.tiles.q
-    causal = H * sum(min(r * (first + t) + r, geo.n_k_tiles) for t in range(geo.n_q_tiles))
-    return dict(partial=partial, full=full, vertical=vertical, causal=causal,
-                fraction=(partial + full + vertical) / causal)
-
-
 def parse_config(text: str) -> tuple[Tiles, dict]:
     """"128x64" or "64x64:num_warps=4,num_stages=3" -> (Tiles, kernel options)."""
     tiles, _, opts = text.partition(":")
@@ -130,7 +114,7 @@ def bench_config(q, k, v, config: str, budgets, rows, reps: int, sdpa_ms: float)
         err, recall, cells = row_check(q, k, v, patterns, out, rows)
         sel = plan.selection
         run = dict(config=config, budgets=[a, b], dense_pattern_ms=dense_ms, rel_err=err, recall=recall,
-                   cell_fraction=cells, tiles=tile_counts(plan))
+                   cell_fraction=cells, tiles=plan.tile_counts())
         run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), reps=reps)
         run["build_ms"] = time_ms(lambda: (main_block_mask(sel, tiles), vertical_block_mask(sel, tiles)), reps=reps)
         run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v), reps=reps)

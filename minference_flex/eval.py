@@ -158,18 +158,6 @@ def use_side(model, side: str, patterns, min_sparse_len: int) -> str:
     return "minference_flex"
 
 
-def _tiles(plan) -> int:
-    """Tiles a plan computes: partial + full tiles of the main mask and of the vertical part."""
-    total = 0
-    for mask in (plan.main, plan.vertical):
-        if mask is None:
-            continue
-        total += int(mask.kv_num_blocks.sum())
-        if mask.full_kv_num_blocks is not None:
-            total += int(mask.full_kv_num_blocks.sum())
-    return total
-
-
 @contextlib.contextmanager
 def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict):
     """While active, every prefill attention call (of ``min_sparse_len`` keys or more) adds the tiles
@@ -195,9 +183,8 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
             q, k = query.float(), key.float()
             folded = plan_attention(q, k, per_layer[layer], full_width=False, fold_columns=True)
             split = plan_attention(q, k, per_layer[layer], full_width=False, fold_columns=False)
-            nb = -(-nk // folded.tiles.kv)
-            causal = query.shape[0] * query.shape[1] * nb * (nb + 1) // 2
-            touched, computed = _tiles(folded), _tiles(split)
+            touched, computed = folded.tile_counts(), split.tile_counts()
+            causal, touched, computed = touched["causal"], touched["visited"], computed["visited"]
             stats["touched"] = stats.get("touched", 0) + touched
             stats["computed"] = stats.get("computed", 0) + computed
             stats["causal"] = stats.get("causal", 0) + causal

@@ -148,3 +148,18 @@ def test_tiles_mixed_block_sizes(Nq, Nk, full_width, fold_columns, tiles):
 def test_bad_tiles(q, kv):
     with pytest.raises(ValueError):
         Tiles(q, kv)
+
+
+@pytest.mark.parametrize("Nq,Nk", [(300, 300), (77, 200), (1, 129)])
+def test_tile_counts_match_the_listed_tiles(Nq, Nk):
+    g = torch.Generator().manual_seed(Nq + Nk)
+    q, k = torch.randn(1, 4, Nq, 16, generator=g), torch.randn(1, 2, Nk, 16, generator=g)
+    pats = [["vertical_and_slash", 40, 110], ["stream_llm", 70, 20], ["block_sparse", 2, 0], ["dense", 0, 0]]
+    plan = mf.plan_attention(q, k, pats, fold_columns=False, full_width=False)
+    counts = plan.tile_counts()
+    listed = sum(int((tile_states(m) > 0).sum()) for m in (plan.main, plan.vertical))
+    assert counts["visited"] == listed == counts["partial"] + counts["full"] + counts["vertical"]
+    # Causal 64x64 tiles per head: query tile t (absolute tile a) sees key tiles 0..a.
+    first = (Nk - Nq - plan.pad) // 64
+    n_q_tiles, n_k_tiles = -(-(Nq + plan.pad) // 64), -(-Nk // 64)
+    assert counts["causal"] == 4 * sum(min(first + t + 1, n_k_tiles) for t in range(n_q_tiles))
