@@ -24,6 +24,7 @@ from block_masks import Tiles, main_block_mask, select, token_cells, vertical_bl
 from .attention import plan_attention, run_plan
 from .bench_inputs import structured_qkv
 from .config import parse_patterns
+from .layer_demo import row_stats, sample_rows
 from .kernel import compiled_flex
 
 log = logging.getLogger(__name__)
@@ -49,27 +50,13 @@ def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
     return statistics.median(times)
 
 
-def sampled_rows(n: int, count: int, device) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(1)
-    rows = torch.cat([torch.randint(0, n, (count - 8,), generator=g), torch.arange(n - 8, n)])
-    return rows.unique().to(device)
-
-
-def row_check(q, k, v, patterns, out, rows):
-    """Max relative error of ``out`` on ``rows`` against a float64 reference over the kept cells,
-    the attention recall of the kept cells and the kept fraction of the causal cells there."""
-    selection = select(q, k, patterns, 1.0 / math.sqrt(q.shape[-1]))
-    kept = token_cells(selection, rows)                                 # [B, H, R, Nk]
-    G = q.shape[1] // k.shape[1]
-    qr = q[:, :, rows].double()
-    kk = k.double().repeat_interleave(G, 1)
-    scores = qr @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    causal = torch.arange(k.shape[2], device=q.device) <= (k.shape[2] - q.shape[2] + rows)[:, None]
-    full = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-    recall = (full * kept).sum(-1).mean().item()
-    ref = scores.masked_fill(~kept, float("-inf")).softmax(-1) @ v.double().repeat_interleave(G, 1)
-    err = ((out[:, :, rows].double() - ref).norm() / ref.norm()).item()
-    return err, recall, (kept.sum() / causal.sum() / kept.shape[0] / kept.shape[1]).item()
+def row_check(q, k, v, plan, out, rows):
+    """On sampled query ``rows``: the largest relative error of ``out`` against a float64 reference
+    over the plan's kept cells, the attention recall of those cells and their share of the causal cells."""
+    kept = token_cells(plan.selection, rows)                                  # [B, H, R, Nk]
+    recall, err = row_stats(q, k, v, out, kept, rows, plan.scale)
+    causal = (k.shape[2] - q.shape[2] + rows + 1).sum() * kept.shape[0] * kept.shape[1]
+    return err, recall, (kept.sum() / causal).item()
 
 
 def parse_config(text: str) -> tuple[Tiles, dict]:
@@ -82,7 +69,7 @@ def parse_config(text: str) -> tuple[Tiles, dict]:
 
 def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs: list[str], reps: int) -> dict:
     q, k, v = structured_qkv(geometry["Hq"], geometry["Hkv"], n, geometry["D"], device="cuda")
-    rows = sampled_rows(n, 64, q.device)
+    rows = sample_rows(n, 64, q.device)
     res = {"length": n}
     res["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps=reps)
     causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, n, n, device="cuda", _compile=True)
@@ -111,7 +98,7 @@ def bench_config(q, k, v, config: str, budgets, rows, reps: int, sdpa_ms: float)
         patterns = parse_patterns([["vertical_and_slash", a, b]] * H, H)
         plan = plan_attention(q, k, patterns, tiles=tiles, kernel_options=options)
         out = run_plan(plan, q, k, v)
-        err, recall, cells = row_check(q, k, v, patterns, out, rows)
+        err, recall, cells = row_check(q, k, v, plan, out, rows)
         sel = plan.selection
         run = dict(config=config, budgets=[a, b], dense_pattern_ms=dense_ms, rel_err=err, recall=recall,
                    cell_fraction=cells, tiles=plan.tile_counts())

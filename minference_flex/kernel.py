@@ -31,7 +31,7 @@ def compiled_flex(options: tuple[tuple[str, int], ...] = (), signature: tuple = 
     make dynamo trace them as symbolic integers, which the kernel cannot be built from. Each
     signature gets a code object of its own because dynamo keeps one cache, and one recompile limit,
     per code object: past that limit it would silently run flex_attention eagerly, which ignores
-    the tile lists (see ``call_compiled``).
+    the tile lists (see ``_NO_EAGER_FALLBACK``).
     """
     kernel_options = dict(options)
 
