@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .pattern import (
@@ -100,6 +101,22 @@ def _top(scores: Tensor, k: int, counts: Tensor) -> tuple[Tensor, Tensor]:
     return idx, (rank < counts.unsqueeze(-1)).expand_as(idx)
 
 
+def diagonal_sums(probs: Tensor, first: int) -> Tensor:
+    """Sums of ``probs`` [..., R, N] along query-key offsets, rows at positions first .. first+R-1
+    (first + R <= N): out[..., o] = sum_r probs[..., r, first + r - o], 0 where that key is < 0.
+
+    Skew without an index tensor: row r of the key-flipped, right-padded matrix, read with a row
+    stride one shorter than its width, puts probs[r, first + r - o] in column o."""
+    *lead, R, N = probs.shape
+    if first + R > N:
+        raise ValueError(f"rows at positions {first}..{first + R - 1} need at least {first + R} keys, got {N}")
+    e = N - 1 - first
+    width = N + e + 1
+    flipped = F.pad(probs.reshape(-1, R, N).flip(-1), (0, e + 1))  # a fresh tensor: storage offset 0
+    skewed = flipped.as_strided((flipped.shape[0], R, N), (R * width, width - 1, 1), e)
+    return skewed.sum(dim=-2).view(*lead, N)
+
+
 def vertical_slash_scores(query: Tensor, key: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """Attention mass of the last ``min(64, Nq)`` queries per key column and per diagonal offset.
 
@@ -117,12 +134,7 @@ def vertical_slash_scores(query: Tensor, key: Tensor, scale: float) -> tuple[Ten
     scores[..., Nk - m:].masked_fill_(future, float("-inf"))
     probs = scores.softmax(dim=-1)
     vertical = probs.sum(dim=-2)
-    # Diagonal sums by skewing: row r of the flipped, right-padded matrix read with a row stride one
-    # shorter than its width puts P[r, p_r - o] in column o (zero where p_r - o < 0).
-    width = Nk + m
-    flipped = torch.nn.functional.pad(probs.flip(-1), (0, m)).reshape(B * Hq, m, width)
-    skewed = flipped.as_strided((B * Hq, m, Nk), (m * width, width - 1, 1), m - 1)  # a fresh tensor: offset 0
-    slash = skewed.sum(dim=-2).view(B, Hq, Nk)
+    slash = diagonal_sums(probs, Nk - m)
     return vertical, slash
 
 

@@ -72,20 +72,33 @@ class AttentionPlan:
     tiles: Tiles
     kernel_options: dict | None = None
 
+    def visited_tiles(self) -> Tensor:
+        """[B, Hq] int64: tiles the kernel visits per head (partial and full tiles of the main mask
+        plus the tiles of the gathered vertical columns)."""
+        main = self.main
+        visited = main.kv_num_blocks.sum(-1, dtype=torch.int64) + main.full_kv_num_blocks.sum(-1, dtype=torch.int64)
+        if self.vertical is not None:
+            visited = visited + self.vertical.kv_num_blocks.sum(-1, dtype=torch.int64)
+        return visited
+
+    def causal_tiles(self) -> int:
+        """Tiles one head of dense causal attention visits at the same tile size and alignment."""
+        geo = TileGeometry.of(self.selection, self.tiles)
+        r = self.tiles.q // self.tiles.kv
+        first = geo.base // self.tiles.q
+        return sum(min(r * (first + t) + r, geo.n_k_tiles) for t in range(geo.n_q_tiles))
+
     def tile_counts(self) -> dict:
         """Tiles the kernel visits (``partial`` and ``full`` tiles of the main mask, ``vertical``
         tiles of gathered columns, ``visited`` in all), the ``causal`` tiles of dense attention at
         the same tile size, and the visited ``fraction`` of them. Reads counts back from the device
         (a host sync): for reports, not for the hot path."""
         main = self.main
-        geo = TileGeometry.of(self.selection, self.tiles)
         partial = int(main.kv_num_blocks.sum())
         full = int(main.full_kv_num_blocks.sum())
         vertical = int(self.vertical.kv_num_blocks.sum()) if self.vertical is not None else 0
         heads = main.kv_num_blocks.shape[0] * main.kv_num_blocks.shape[1]
-        r = self.tiles.q // self.tiles.kv
-        first = geo.base // self.tiles.q
-        causal = heads * sum(min(r * (first + t) + r, geo.n_k_tiles) for t in range(geo.n_q_tiles))
+        causal = heads * self.causal_tiles()
         visited = partial + full + vertical
         return dict(partial=partial, full=full, vertical=vertical, visited=visited, causal=causal,
                     fraction=visited / causal)
@@ -104,11 +117,17 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
     ``kernel_options`` are passed to the CUDA kernel.
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
-    cpu = query.device.type == "cpu"
-    full_width = cpu if full_width is None else full_width
-    fold_columns = cpu if fold_columns is None else fold_columns
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    selection = select(query, key, patterns, scale)
+    cpu = query.device.type == "cpu"
+    return plan_selection(select(query, key, patterns, scale), scale=scale,
+                          full_width=cpu if full_width is None else full_width,
+                          fold_columns=cpu if fold_columns is None else fold_columns,
+                          tiles=tiles, kernel_options=kernel_options)
+
+
+def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold_columns: bool,
+                   tiles: Tiles = Tiles(), kernel_options: dict | None = None) -> AttentionPlan:
+    """The BlockMasks of an already estimated Selection (see ``plan_attention``)."""
     bad = sorted({g.block_size for g in selection.blocks if g.block_size % tiles.q})
     if bad:
         raise ValueError(f"block_sparse block sizes {bad} are not multiples of the query tile {tiles.q}")
