@@ -1,11 +1,12 @@
 """The ``minference-flex`` command: ``demo`` (needle in a haystack on SmolLM2, dense against sparse),
 ``layer`` (= ``demo --synthetic``: one synthetic attention layer), ``eval`` (the real-model evaluation
-of docs/real_model.md) and ``bench`` (the GPU benchmark of docs/performance.md).
+of docs/real_model.md), ``search`` (the per-head pattern search of docs/search.md) and ``bench`` (the GPU benchmark of docs/performance.md).
 
     minference-flex demo [--length 4096] [--depths 50 100] [--patterns vertical_and_slash,100,800] [--device cpu]
     minference-flex demo --synthetic [--length N] [--budgets V,S] [--eager] ...
     minference-flex bench --lengths 32768 131072 --reps 7
     minference-flex eval --lengths 4096 --samples 2 --out results.json
+    minference-flex search --length 16384 --out patterns.json
     python -m minference_flex demo --help
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ COMMANDS = {
     "layer": "one attention layer on synthetic long-prompt inputs: dense SDPA vs sparse attention",
     "bench": "GPU benchmark: SDPA, FlexAttention dense and minference-flex per length and budget",
     "eval": "real model (SmolLM2-135M): needle retrieval, perplexity and tiles skipped, dense vs sparse",
+    "search": "offline per-head pattern search: a MInference pattern file for a model",
 }
 
 
@@ -47,6 +49,10 @@ def main(argv=None) -> int:
         from .eval import main as eval_main
 
         return eval_main(rest, prog=prog)
+    if args.command == "search":
+        from .search_cli import main as search_main
+
+        return search_main(rest, prog=prog)
     from .bench import main as bench_main
 
     sys.argv[0] = prog  # bench's parser names itself after argv[0]

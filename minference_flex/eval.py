@@ -166,16 +166,10 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
     of the split GPU layout: main mask + gathered vertical part, which can exceed the causal count at
     short lengths), ``causal`` (the dense causal 64x64 tile count), per-layer skipped fractions and
     ``count_seconds`` (time spent counting, to subtract from a timed forward)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     from .attention import plan_attention
+    from .hooks import wrap_attention
 
-    impl = model.config._attn_implementation
-    local = ALL_ATTENTION_FUNCTIONS._local_mapping
-    had, before = impl in local, local.get(impl)
-    inner = ALL_ATTENTION_FUNCTIONS[impl]
-
-    def counting(module, query, key, value, attention_mask, **kwargs):
+    def counting(inner, module, query, key, value, attention_mask, **kwargs):
         nq, nk = query.shape[2], key.shape[2]
         if nq > 1 and nq == nk and nk >= min_sparse_len:
             t0 = time.perf_counter()
@@ -192,14 +186,8 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
             stats["count_seconds"] = stats.get("count_seconds", 0.0) + time.perf_counter() - t0
         return inner(module, query, key, value, attention_mask, **kwargs)
 
-    ALL_ATTENTION_FUNCTIONS[impl] = counting
-    try:
+    with wrap_attention(model, counting):
         yield stats
-    finally:
-        if had:
-            local[impl] = before
-        else:
-            local.pop(impl, None)
 
 
 # --------------------------------------------------------------------------- measurements

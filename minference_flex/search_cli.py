@@ -1,0 +1,117 @@
+"""``minference-flex search``: the pattern search of ``minference_flex.search`` from the command line.
+
+    minference-flex search --length 16384 --out patterns.json                # SmolLM2, CPU
+    minference-flex search --model /path/to/hf-model --length 32768 --device cuda --dtype bfloat16 \\
+        --cost-budget 0.2 --allocate model --texts book.txt --checkpoint search.ckpt --plot search.png
+
+Without ``--texts`` the calibration prompt is a needle-in-a-haystack prompt on the standard library's
+prose (the same construction as ``minference-flex eval``, other haystack position and number).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from block_masks import Pattern
+
+from .search import ALLOCATIONS, DEFAULT_CANDIDATES, plot, search_patterns
+
+CALIBRATION_SEED = 1234
+
+
+def calibration_prompt(tokenizer, length: int) -> list[int]:
+    """A needle prompt of ``length`` tokens (needle at 50% depth) on pydoc prose."""
+    import random
+
+    from .eval import Haystack, needle_prompt
+
+    rng = random.Random(CALIBRATION_SEED)
+    hay = Haystack.build(tokenizer)
+    ids, _ = needle_prompt(hay, tokenizer, length, 0.5, str(rng.randrange(10 ** 6, 10 ** 7)),
+                           rng.randrange(len(hay.boundaries)))
+    return ids[0].tolist()
+
+
+def parse_candidates(spec: str) -> list[Pattern]:
+    """``type,a,b;type,a,b;...`` -> patterns."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        parts = [p.strip() for p in item.split(",")]
+        if len(parts) != 3:
+            raise ValueError(f"--candidates: each entry is type,a,b; got {item!r}")
+        out.append(Pattern(parts[0], int(parts[1]), int(parts[2])))
+    return out
+
+
+def load_model(name: str, length: int, device: str, dtype: torch.dtype):
+    if name == "smollm2":
+        from .eval import context_for
+        from .models import smollm2
+
+        return smollm2(dtype=dtype, device=device, context=context_for(length))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(name, local_files_only=True)
+
+
+def main(argv=None, prog: str = "minference-flex search") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="'smollm2' (the bundled SmolLM2-135M-Instruct) or a local "
+                   "transformers model folder")
+    p.add_argument("--length", type=int, default=16384, help="calibration prompt length in tokens (default 16384)")
+    p.add_argument("--cost-budget", type=float, default=0.3, help="fraction of the dense causal KV tiles (default 0.3)")
+    p.add_argument("--allocate", choices=ALLOCATIONS, default="model",
+                   help="budget per head or mean over the model's heads (default model)")
+    p.add_argument("--candidates", default=None, help="'type,a,b;type,a,b;...' (default: DEFAULT_CANDIDATES, 14 "
+                   "patterns of the three types)")
+    p.add_argument("--texts", nargs="*", default=None, help="calibration text files (default: a needle prompt on "
+                   "pydoc prose)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--chunk", type=int, default=256, help="query rows per dense scoring step")
+    p.add_argument("--checkpoint", default=None, help="JSON file of finished layers; resumes when it exists")
+    p.add_argument("--out", default="patterns.json", help="MInference JSON output (default patterns.json)")
+    p.add_argument("--details", default=None, help="JSON with every candidate's recall and cost per head")
+    p.add_argument("--plot", default=None, help="PNG figure of the choice and the recall per head")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    candidates = parse_candidates(args.candidates) if args.candidates else list(DEFAULT_CANDIDATES)
+    model, tokenizer = load_model(args.model, args.length, args.device, getattr(torch, args.dtype))
+    if args.texts:
+        texts = []
+        for path in args.texts:
+            with open(path) as f:
+                texts.append(f.read())
+    else:
+        texts = [calibration_prompt(tokenizer, args.length)]
+    result = search_patterns(model, tokenizer, texts, length=args.length, cost_budget=args.cost_budget,
+                             candidates=candidates, allocate=args.allocate, chunk=args.chunk,
+                             checkpoint=args.checkpoint, progress=not args.no_progress)
+    result.save(args.out)
+    if args.details:
+        with open(args.details, "w") as f:
+            json.dump(result.to_dict(), f)
+    if args.plot:
+        plot(result, args.plot)
+    counts: dict = {}
+    for row in result.choice.tolist():
+        for c in row:
+            counts[result.candidates[c]] = counts.get(result.candidates[c], 0) + 1
+    print(f"{'candidate':<34} {'heads':>5} {'uniform recall':>15} {'uniform cost':>13}")
+    for c in result.candidates:
+        r, cost = result.uniform(c)
+        print(f"{str(c.to_list()[:3]):<34} {counts.get(c, 0):>5} {r:>15.4f} {cost:>13.3f}")
+    print(f"searched: mean recall {result.mean_recall:.4f}, mean cost {result.mean_cost:.3f} of the causal tiles, "
+          f"{result.seconds} s; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
