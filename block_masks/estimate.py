@@ -103,18 +103,24 @@ def _top(scores: Tensor, k: int, counts: Tensor) -> tuple[Tensor, Tensor]:
 
 def diagonal_sums(probs: Tensor, first: int) -> Tensor:
     """Sums of ``probs`` [..., R, N] along query-key offsets, rows at positions first .. first+R-1
-    (first + R <= N): out[..., o] = sum_r probs[..., r, first + r - o], 0 where that key is < 0.
+    (first + R <= N): out[..., o] = sum_r probs[..., r, first + r - o], 0 where that key is < 0."""
+    return padded_diagonal_sums(F.pad(probs, (probs.shape[-2], 0)), first)
 
-    Skew without an index tensor: row r of the key-flipped, right-padded matrix, read with a row
-    stride one shorter than its width, puts probs[r, first + r - o] in column o."""
-    *lead, R, N = probs.shape
+
+def padded_diagonal_sums(padded: Tensor, first: int) -> Tensor:
+    """``diagonal_sums`` of probs given as ``padded`` = probs with R zero columns in front.
+
+    Skew without an index tensor: reading the padded rows with a row stride one longer than their
+    width shifts row r right by r, which lines up each diagonal in one column."""
+    *lead, R, W = padded.shape
+    N = W - R
     if first + R > N:
         raise ValueError(f"rows at positions {first}..{first + R - 1} need at least {first + R} keys, got {N}")
-    e = N - 1 - first
-    width = N + e + 1
-    flipped = F.pad(probs.reshape(-1, R, N).flip(-1), (0, e + 1))  # a fresh tensor: storage offset 0
-    skewed = flipped.as_strided((flipped.shape[0], R, N), (R * width, width - 1, 1), e)
-    return skewed.sum(dim=-2).view(*lead, N)
+    flat = padded.reshape(-1, R, W)
+    # view[r, c] = padded[r, r + c] = probs[r, r + c - R]: offset first + R - c, the same for every r.
+    view = flat.as_strided((flat.shape[0], R, first + R + 1), (R * W, W + 1, 1), flat.storage_offset())
+    out = view.sum(dim=-2).flip(-1)[:, : first + R]
+    return F.pad(out, (0, N - first - R)).view(*lead, N)
 
 
 def vertical_slash_scores(query: Tensor, key: Tensor, scale: float) -> tuple[Tensor, Tensor]:

@@ -16,22 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .estimate import Selection, diagonal_sums
+from .estimate import Selection, padded_diagonal_sums
 from .pattern import TILE
 
 
-def _column_ids(selection: Selection) -> Tensor | None:
-    """Every head's kept columns outside the offsets' reach, [B, Hq, V] int64 padded with Nk:
-    the A-shape sinks followed by the vertical columns (None if no head has either)."""
+def _column_flags(selection: Selection) -> Tensor:
+    """[B, Hq, Nk] bool: the kept columns of every head, A-shape sinks and vertical columns."""
     B, Hq, Nk = selection.offsets.shape
-    parts = []
-    if selection.max_sink:
-        sink = torch.arange(selection.max_sink, device=selection.offsets.device)
-        sink = torch.where(sink < selection.sink[:, None], sink, Nk)
-        parts.append(sink.expand(B, Hq, -1))
+    flags = (torch.arange(Nk, device=selection.offsets.device) < selection.sink[:, None]).expand(B, Hq, Nk)
     if selection.columns is not None:
-        parts.append(selection.columns)
-    return torch.cat(parts, dim=-1) if parts else None
+        verticals = torch.zeros(B, Hq, Nk + 1, dtype=torch.bool, device=flags.device)
+        flags = flags | verticals.scatter_(-1, selection.columns, True)[..., :Nk]
+    return flags
 
 
 def _block_mass(tile_mass: Tensor, selection: Selection) -> Tensor:
@@ -51,28 +47,49 @@ def _block_mass(tile_mass: Tensor, selection: Selection) -> Tensor:
     return total
 
 
+MAX_COLUMN_SETS = 62
+
+
 def attention_recall(query: Tensor, key: Tensor, selections: Sequence[Selection], scale: float, *,
                      chunk: int = 256) -> Tensor:
     """Exact attention recall of each selection: [S, B, Hq] float64.
 
     recall[s, b, h] = mean over the Nq query rows of the causal softmax mass (float32 softmax of
     q k^T * scale) that selection s keeps for head h, i.e. (P * token_cells(selections[s])).sum() / Nq.
-    query [B, Hq, Nq, D], key [B, Hkv, Nk, D]; every selection made by ``select`` for these inputs.
-    ``chunk`` query rows are scored at a time: memory is O(chunk * Nk) per head.
+    query [B, Hq, Nq, D], key [B, Hkv, Nk, D]; every selection made by ``select`` for these inputs
+    (at most 62 of them). ``chunk`` query rows are scored at a time: memory is O(chunk * Nk) per head.
+
+    The kept columns' cells that a kept offset also covers are counted once: columns are grouped
+    by which selections keep them, and per group the mass along each offset is accumulated, so one
+    pass over the union of kept columns serves every selection.
     """
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
     for s in selections:
         if (s.nq, s.nk) != (Nq, Nk):
             raise ValueError(f"a selection made for {s.nq} queries and {s.nk} keys does not fit {Nq} and {Nk}")
+    if not 1 <= len(selections) <= MAX_COLUMN_SETS:
+        raise ValueError(f"attention_recall scores 1 to {MAX_COLUMN_SETS} selections at once, got {len(selections)}")
     dev = query.device
     q_offset = Nk - Nq
-    column_ids = [_column_ids(s) for s in selections]
+
+    # Group the kept columns by the set of selections that keep them (a bit mask per column).
+    flags = torch.stack([_column_flags(s) for s in selections], dim=-1)               # [B, Hq, Nk, S]
+    code = (flags.long() << torch.arange(len(selections), device=dev)).sum(-1)         # [B, Hq, Nk]
+    codes, group = torch.unique(code, return_inverse=True)
+    member = ((codes[:, None] >> torch.arange(len(selections), device=dev)) & 1).bool()  # [M, S]
+    n_groups = codes.numel()
+    width = int((code != 0).sum(-1).max())                                            # union size
+    union = torch.where(code != 0, torch.arange(Nk, device=dev), Nk).sort(-1).values[..., :width]
+    union_group = group.gather(-1, union.clamp(max=Nk - 1))  # padding (Nk) reads a zero below
+
     n_tiles = -(-Nk // TILE)
     with_blocks = any(s.blocks for s in selections)
-    diag = torch.zeros(B, Hq, Nk, dtype=torch.float64, device=dev)
-    tiles = torch.zeros(B, Hq, n_tiles, n_tiles, dtype=torch.float64, device=dev) if with_blocks else None
-    column_mass = torch.zeros(len(selections), B, Hq, dtype=torch.float64, device=dev)
+    f64 = dict(dtype=torch.float64, device=dev)
+    diag = torch.zeros(B, Hq, Nk, **f64)            # mass along each offset
+    columns = torch.zeros(B, Hq, Nk, **f64)         # mass of each column
+    group_diag = torch.zeros(B, Hq, n_groups * Nk, **f64)  # mass along each offset, per column group
+    tiles = torch.zeros(B, Hq, n_tiles, n_tiles, **f64) if with_blocks else None
     k = key.float()
     for r0 in range(0, Nq, chunk):
         r1 = min(r0 + chunk, Nq)
@@ -82,23 +99,26 @@ def attention_recall(query: Tensor, key: Tensor, selections: Sequence[Selection]
         scores = (q @ k[:, :, :end].transpose(-1, -2)).view(B, Hq, R, end) * scale
         scores.masked_fill_(torch.arange(end, device=dev) > pos[:, None], float("-inf"))
         probs = scores.softmax(dim=-1)
-        diag[..., :end] += diagonal_sums(probs, first)
+        columns[..., :end] += probs.sum(dim=-2)
         if tiles is not None:
             n_end = -(-end // TILE)
             per_tile = F.pad(probs, (0, n_end * TILE - end)).view(B, Hq, R, n_end, TILE).sum(-1)
             tiles[..., :n_end].index_add_(2, pos // TILE, per_tile.double())
-        probs = F.pad(probs, (0, 1))  # column `end` is 0: padding and future column ids read it
-        for i, ids in enumerate(column_ids):
-            if ids is None:
-                continue
-            V = ids.shape[-1]
-            vals = probs.gather(-1, ids.clamp(max=end)[:, :, None, :].expand(B, Hq, R, V))
-            offset = pos[:, None] - ids[:, :, None, :]                                  # [B, Hq, R, V]
-            in_offsets = selections[i].offsets.gather(-1, offset.clamp(0, Nk - 1).flatten(2)).view_as(offset)
-            column_mass[i] += vals.masked_fill(in_offsets & (offset >= 0), 0).sum(dim=(-1, -2))
+        probs = F.pad(probs, (R, 0))  # R zero columns in front: the diagonal skew, and a zero to gather
+        diag[..., :end] += padded_diagonal_sums(probs, first)
+        if width:
+            ids = torch.where(union < end, union + R, 0)[:, :, None, :].expand(B, Hq, R, width)
+            vals = probs.gather(-1, ids)                                            # [B, Hq, R, width]
+            offset = pos[:, None] - union[:, :, None, :]
+            dest = torch.where(offset >= 0, union_group[:, :, None, :] * Nk + offset, n_groups * Nk)
+            part = torch.zeros(B, Hq, n_groups * Nk + 1, dtype=torch.float32, device=dev)
+            group_diag += part.scatter_add_(-1, dest.flatten(2), vals.flatten(2))[..., :-1]
+    group_diag = group_diag.view(B, Hq, n_groups, Nk)
     recall = []
     for i, s in enumerate(selections):
-        mass = (diag * s.offsets).sum(-1) + column_mass[i]
+        kept_offsets = s.offsets.double()
+        overlap = (group_diag * member[:, i, None]).sum(2)  # along offsets, within this selection's columns
+        mass = (diag * kept_offsets).sum(-1) + (columns * flags[..., i]).sum(-1) - (overlap * kept_offsets).sum(-1)
         if s.blocks:
             mass = mass + _block_mass(tiles, s)
         recall.append(mass / Nq)

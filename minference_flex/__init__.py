@@ -8,11 +8,13 @@ from block_masks import Pattern
 from .attention import AttentionPlan, plan_attention, run_plan, sparse_attention, token_mask
 from .config import DEFAULT_PATTERN, parse_patterns
 from .hf import DEFAULT_MIN_SPARSE_LEN, get_patterns, register, save_patterns, set_patterns
+from .search import SearchResult, search_patterns
 
 register()  # attn_implementation="minference_flex" in transformers
 
 __all__ = [
     "AttentionPlan", "DEFAULT_MIN_SPARSE_LEN", "DEFAULT_PATTERN", "Pattern", "get_patterns", "parse_patterns",
-    "plan_attention", "run_plan", "save_patterns", "set_patterns", "sparse_attention", "token_mask",
+    "SearchResult", "plan_attention", "run_plan", "save_patterns", "search_patterns", "set_patterns",
+    "sparse_attention", "token_mask",
 ]
 __version__ = "0.1.0"

@@ -127,8 +127,9 @@ class SearchResult:
 def choose(recall: Tensor, cost: Tensor, cost_budget: float, allocate: str = "head") -> Tensor:
     """[layers, heads] index of the chosen candidate (see the module docstring).
 
-    recall, cost: [layers, heads, candidates]. A head whose every candidate costs more than the
-    budget (``"head"``) gets its cheapest one, with a warning."""
+    recall, cost: [layers, heads, candidates]. Where the budget cannot be met (a head's every
+    candidate, or for ``"model"`` the cheapest ones together, cost more) heads get their cheapest
+    candidate, with a warning."""
     if allocate not in ALLOCATIONS:
         raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
     if allocate == "head":
@@ -150,6 +151,9 @@ def _allocate_model(recall: Tensor, cost: Tensor, cost_budget: float) -> Tensor:
     choice = cost.argmin(-1)
     spent = float(cost.gather(-1, choice[..., None]).sum())
     allowed = cost_budget * L * H
+    if spent > allowed:
+        log.warning("the cheapest candidates already cost %.3f of the causal tiles on average, more than the "
+                    "budget %.3f: every head gets its cheapest candidate", spent / (L * H), cost_budget)
     steps = []  # (gain per cost, head, from-candidate, to-candidate, extra cost)
     for flat in range(L * H):
         l, h = divmod(flat, H)
