@@ -221,7 +221,8 @@ class EvalConfig:
     lengths: list[int] = field(default_factory=lambda: [4096])
     depths: list[float] = field(default_factory=lambda: [0, 50, 100])  # percent
     samples: int = 1
-    patterns: object = field(default_factory=lambda: list(DEFAULT_EVAL_PATTERN))
+    #: sparse configurations, each evaluated against the same dense side: label -> patterns
+    patterns: dict = field(default_factory=lambda: {"vertical_and_slash,100,800": list(DEFAULT_EVAL_PATTERN)})
     min_sparse_len: int = 1024
     ppl_length: int = 8192
     max_new_tokens: int = 10
@@ -239,6 +240,9 @@ def context_for(length: int) -> int | None:
 
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
+    """Dense and every sparse configuration of ``cfg.patterns`` on the same prompts (see the module
+    docstring). Results per length and side: ``niah[length][side]``, ``tiles[length][side]``,
+    ``perplexity[ppl_length][side]``; ``identical[length][side]`` counts answers equal to dense."""
     from tqdm.auto import tqdm
 
     if cfg.eager:
@@ -256,11 +260,12 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
         groups.setdefault(context_for(n), []).append(n)
     if cfg.ppl_length:
         groups.setdefault(context_for(cfg.ppl_length), [])
+    sides = ["dense", *cfg.patterns]
     results = {"config": asdict(cfg), "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
-               "sparse_backend": None, "load_seconds": {}, "niah": {}, "perplexity": {}, "tiles": {},
-               "records": []}
-    total = sum(len(v) for v in groups.values()) * len(cfg.depths) * cfg.samples * 2
-    total += 2 if cfg.ppl_length else 0
+               "sparse_backend": None, "sides": sides, "load_seconds": {}, "niah": {}, "identical": {},
+               "perplexity": {}, "tiles": {}, "records": []}
+    total = sum(len(v) for v in groups.values()) * len(cfg.depths) * cfg.samples * len(sides)
+    total += len(sides) if cfg.ppl_length else 0
     bar = tqdm(total=total, desc="eval", disable=not progress, file=sys.stderr)
     hay = None
     for context, group in sorted(groups.items(), key=lambda kv: kv[0] or 0):
@@ -271,52 +276,49 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
         if hay is None:
             hay = Haystack.build(tokenizer)
         tc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        per_layer = layer_patterns(cfg.patterns, tc.num_hidden_layers, tc.num_attention_heads)
+        per_layer = {side: layer_patterns(p, tc.num_hidden_layers, tc.num_attention_heads)
+                     for side, p in cfg.patterns.items()}
         for n in group:
-            row = {side: {"passed": 0, "total": 0, "seconds": 0.0} for side in ("dense", "sparse")}
-            row["identical"] = 0
-            stats: dict = {}
+            rows = {side: {"passed": 0, "total": 0, "seconds": 0.0} for side in sides}
+            identical = {side: 0 for side in cfg.patterns}
+            stats: dict = {side: {} for side in cfg.patterns}
             for s in range(cfg.samples):
                 start = rng.randrange(len(hay.boundaries))
                 for depth in cfg.depths:
                     number = str(rng.randrange(10 ** 5, 10 ** 7))  # 6 or 7 digits
                     ids, pos = needle_prompt(hay, tokenizer, n, depth / 100, number, start)
                     answers = {}
-                    for side in ("dense", "sparse"):
-                        impl = use_side(model, side, cfg.patterns, cfg.min_sparse_len)
-                        results["sparse_backend"] = results["sparse_backend"] or (impl if side == "sparse" else None)
-                        count = side == "sparse" and s == 0 and depth == cfg.depths[0]
+                    for side in sides:
+                        impl = use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len)
+                        if side != "dense":
+                            results["sparse_backend"] = results["sparse_backend"] or impl
+                        count = side != "dense" and s == 0 and depth == cfg.depths[0]
                         t0 = time.perf_counter()
-                        with (tile_counter(model, per_layer, cfg.min_sparse_len, stats) if count
+                        with (tile_counter(model, per_layer[side], cfg.min_sparse_len, stats[side]) if count
                               else contextlib.nullcontext()):
                             answer = greedy(model, tokenizer, ids, cfg.max_new_tokens)
                         dt = time.perf_counter() - t0
                         ok = passes(number, answer)
                         answers[side] = answer
-                        row[side]["passed"] += ok
-                        row[side]["total"] += 1
-                        row[side]["seconds"] += dt
+                        rows[side]["passed"] += ok
+                        rows[side]["total"] += 1
+                        rows[side]["seconds"] += dt
                         results["records"].append({"length": n, "depth": depth, "sample": s, "side": side,
                                                    "backend": impl, "number": number, "needle_pos": pos,
                                                    "answer": answer, "pass": ok, "seconds": round(dt, 2)})
                         bar.update(1)
-                    row["identical"] += answers["dense"].strip() == answers["sparse"].strip()
-            for side in ("dense", "sparse"):
-                row[side]["seconds"] = round(row[side]["seconds"], 1)
-            results["niah"][str(n)] = row
-            if stats.get("causal"):
-                results["tiles"][str(n)] = {"skipped_fraction": round(1 - stats["touched"] / stats["causal"], 4),
-                                            "split_computed_ratio": round(stats["computed"] / stats["causal"], 4),
-                                            "touched": stats["touched"], "computed": stats["computed"],
-                                            "causal": stats["causal"],
-                                            "per_layer_skipped": stats["per_layer"]}
-            else:
-                results["tiles"][str(n)] = {"skipped_fraction": 0.0, "note": "below min_sparse_len: dense"}
+                    for side in cfg.patterns:
+                        identical[side] += answers["dense"].strip() == answers[side].strip()
+            for side in sides:
+                rows[side]["seconds"] = round(rows[side]["seconds"], 1)
+            results["niah"][str(n)] = rows
+            results["identical"][str(n)] = identical
+            results["tiles"][str(n)] = {side: _tile_summary(stats[side]) for side in cfg.patterns}
         if cfg.ppl_length and context_for(cfg.ppl_length) == context:
             ids = torch.tensor([hay.text_ids(hay.boundaries[0], cfg.ppl_length)])
             ppl = {}
-            for side in ("dense", "sparse"):
-                use_side(model, side, cfg.patterns, cfg.min_sparse_len)
+            for side in sides:
+                use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len)
                 t0 = time.perf_counter()
                 ppl[side] = round(perplexity(model, ids), 3)
                 ppl[f"{side}_seconds"] = round(time.perf_counter() - t0, 1)
@@ -328,27 +330,45 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
     return results
 
 
+def _tile_summary(stats: dict) -> dict:
+    if not stats.get("causal"):
+        return {"skipped_fraction": 0.0, "note": "below min_sparse_len: dense"}
+    return {"skipped_fraction": round(1 - stats["touched"] / stats["causal"], 4),
+            "split_computed_ratio": round(stats["computed"] / stats["causal"], 4),
+            "touched": stats["touched"], "computed": stats["computed"], "causal": stats["causal"],
+            "per_layer_skipped": stats["per_layer"]}
+
+
 def format_table(results: dict) -> str:
     sb = results.get("sparse_backend") or "sdpa"
     lines = [f"sparse side: {sb}" + ("" if sb == "minference_flex" else
                                      "  (minference_flex backend not available: both sides dense)"),
-             f"{'length':>7} {'dense pass':>11} {'sparse pass':>12} {'identical':>10} {'tiles skipped':>14} "
-             f"{'GPU work':>9} {'dense s':>8} {'sparse s':>9}"]
-    for n, row in results["niah"].items():
-        d, s = row["dense"], row["sparse"]
-        tiles = results["tiles"].get(n, {})
-        skipped, work = tiles.get("skipped_fraction", 0.0), tiles.get("split_computed_ratio", 1.0)
-        lines.append(f"{n:>7} {d['passed']:>5}/{d['total']:<5} {s['passed']:>6}/{s['total']:<5} "
-                     f"{row['identical']:>4}/{d['total']:<5} {skipped:>13.1%} {work:>9.1%} {d['seconds']:>8.1f} "
-                     f"{s['seconds']:>9.1f}")
+             f"{'length':>7} {'side':<28} {'needle pass':>11} {'same as dense':>13} {'tiles skipped':>14} "
+             f"{'GPU work':>9} {'seconds':>8}"]
+    for n, rows in results["niah"].items():
+        for side, row in rows.items():
+            same = results["identical"][n].get(side)
+            tiles = results["tiles"][n].get(side, {})
+            skipped = tiles.get("skipped_fraction", 0.0)
+            work = tiles.get("split_computed_ratio", 1.0)
+            same_text = "" if same is None else f"{same}/{row['total']}"
+            lines.append(f"{n:>7} {side[:28]:<28} {row['passed']:>5}/{row['total']:<5} {same_text:>13} "
+                         f"{skipped:>13.1%} {work:>9.1%} {row['seconds']:>8.1f}")
     lines.append("tiles skipped: causal 64x64 KV tiles never read; GPU work: tiles of the split layout "
                  "(main + gathered columns) / causal tiles")
-    for n, p in results["perplexity"].items():
-        lines.append(f"perplexity at {n}: dense {p['dense']:.3f} ({p['dense_seconds']} s), "
-                     f"sparse {p['sparse']:.3f} ({p['sparse_seconds']} s)")
+    for n, ppl in results["perplexity"].items():
+        dense = ppl["dense"]
+        for side in results["sides"]:
+            change = "" if side == "dense" else f" ({ppl[side] / dense - 1:+.2%} vs dense)"
+            lines.append(f"perplexity at {n}, {side}: {ppl[side]:.3f}{change} ({ppl[side + '_seconds']} s)")
     for label, sec in results["load_seconds"].items():
         lines.append(f"load ({label}): {sec} s")
     return "\n".join(lines)
+
+
+def pattern_configs(specs: list[str]) -> dict:
+    """``--patterns`` values -> {label: patterns}; a file's label is its name."""
+    return {os.path.basename(spec) if os.path.exists(spec) else spec: load_patterns(spec) for spec in specs}
 
 
 def main(argv=None, prog: str = "minference-flex eval") -> int:
@@ -356,8 +376,9 @@ def main(argv=None, prog: str = "minference-flex eval") -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens (default 4096)")
     p.add_argument("--depths", type=float, nargs="+", default=[0, 50, 100], help="needle depths in percent")
     p.add_argument("--samples", type=int, default=1, help="haystacks per length and depth (default 1)")
-    p.add_argument("--patterns", default=",".join(map(str, DEFAULT_EVAL_PATTERN)),
-                   help="MInference JSON file or one entry for every head, e.g. vertical_and_slash,100,800")
+    p.add_argument("--patterns", nargs="+", default=[",".join(map(str, DEFAULT_EVAL_PATTERN))],
+                   help="one or more sparse configurations, each a MInference JSON file or one entry for every "
+                        "head, e.g. vertical_and_slash,100,800; all are compared with the same dense side")
     p.add_argument("--min-sparse-len", type=int, default=1024,
                    help="prefills shorter than this run dense on the sparse side (default 1024)")
     p.add_argument("--ppl-length", type=int, default=8192, help="perplexity length in tokens; 0 skips it")
@@ -370,7 +391,7 @@ def main(argv=None, prog: str = "minference-flex eval") -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = EvalConfig(lengths=args.lengths, depths=args.depths, samples=args.samples,
-                     patterns=load_patterns(args.patterns), min_sparse_len=args.min_sparse_len,
+                     patterns=pattern_configs(args.patterns), min_sparse_len=args.min_sparse_len,
                      ppl_length=args.ppl_length, max_new_tokens=args.max_new_tokens, device=args.device,
                      dtype=args.dtype, seed=args.seed, eager=args.eager)
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ a JSON file and an interrupted search resumes from it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -116,6 +117,12 @@ class SearchResult:
                    cost_budget=data["cost_budget"], allocate=data["allocate"], prompts=data["prompts"],
                    seconds=data["seconds"])
 
+    def rechoose(self, cost_budget: float, allocate: str | None = None) -> "SearchResult":
+        """The same scores with another budget or allocation (no new measurement)."""
+        allocate = self.allocate if allocate is None else allocate
+        return dataclasses.replace(self, choice=choose(self.recall, self.cost, cost_budget, allocate),
+                                   cost_budget=float(cost_budget), allocate=allocate)
+
     def uniform(self, pattern: Pattern) -> tuple[float, float]:
         """(mean recall, mean cost) of one candidate used for every head (for comparisons)."""
         i = self.candidates.index(pattern)
@@ -124,12 +131,18 @@ class SearchResult:
 
 # --------------------------------------------------------------------------- choosing
 
+def _check_budget(cost_budget) -> None:
+    if isinstance(cost_budget, bool) or not (isinstance(cost_budget, (int, float)) and 0 < cost_budget <= 1):
+        raise ValueError(f"cost_budget is a fraction of the dense causal tiles in (0, 1], got {cost_budget!r}")
+
+
 def choose(recall: Tensor, cost: Tensor, cost_budget: float, allocate: str = "head") -> Tensor:
     """[layers, heads] index of the chosen candidate (see the module docstring).
 
     recall, cost: [layers, heads, candidates]. Where the budget cannot be met (a head's every
     candidate, or for ``"model"`` the cheapest ones together, cost more) heads get their cheapest
     candidate, with a warning."""
+    _check_budget(cost_budget)
     if allocate not in ALLOCATIONS:
         raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
     if allocate == "head":
@@ -263,8 +276,7 @@ def search_patterns(model, tokenizer, texts: Sequence, *, length: int, cost_budg
         raise ValueError("search_patterns needs at least one calibration text")
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an integer >= 2, got {length!r}")
-    if not (isinstance(cost_budget, (int, float)) and 0 < cost_budget <= 1):
-        raise ValueError(f"cost_budget is a fraction of the dense causal tiles in (0, 1], got {cost_budget!r}")
+    _check_budget(cost_budget)
     if allocate not in ALLOCATIONS:
         raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
     candidates = tuple(Pattern.parse(c) for c in (DEFAULT_CANDIDATES if candidates is None else candidates))
@@ -309,6 +321,7 @@ def search_patterns(model, tokenizer, texts: Sequence, *, length: int, cost_budg
                            for p in range(len(prompts))], dtype=torch.float64).mean(0)
     cost = torch.tensor([[done[f"{p}/{layer}"]["cost"] for layer in range(num_layers)]
                          for p in range(len(prompts))], dtype=torch.float64).mean(0)
+    _check_budget(cost_budget)
     choice = choose(recall, cost, float(cost_budget), allocate)
     result = SearchResult(candidates=candidates, recall=recall, cost=cost, choice=choice, length=length,
                           cost_budget=float(cost_budget), allocate=allocate, prompts=len(prompts),

@@ -18,7 +18,7 @@ import torch
 
 from block_masks import Pattern
 
-from .search import ALLOCATIONS, DEFAULT_CANDIDATES, plot, search_patterns
+from .search import ALLOCATIONS, DEFAULT_CANDIDATES, SearchResult, plot, search_patterns
 
 CALIBRATION_SEED = 1234
 
@@ -59,6 +59,21 @@ def load_model(name: str, length: int, device: str, dtype: torch.dtype):
     return model.to(device).eval(), AutoTokenizer.from_pretrained(name, local_files_only=True)
 
 
+def run_search(args) -> SearchResult:
+    candidates = parse_candidates(args.candidates) if args.candidates else list(DEFAULT_CANDIDATES)
+    model, tokenizer = load_model(args.model, args.length, args.device, getattr(torch, args.dtype))
+    if args.texts:
+        texts = []
+        for path in args.texts:
+            with open(path) as f:
+                texts.append(f.read())
+    else:
+        texts = [calibration_prompt(tokenizer, args.length)]
+    return search_patterns(model, tokenizer, texts, length=args.length, cost_budget=args.cost_budget,
+                           candidates=candidates, allocate=args.allocate, chunk=args.chunk,
+                           checkpoint=args.checkpoint, progress=not args.no_progress)
+
+
 def main(argv=None, prog: str = "minference-flex search") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (the bundled SmolLM2-135M-Instruct) or a local "
@@ -77,23 +92,19 @@ def main(argv=None, prog: str = "minference-flex search") -> int:
     p.add_argument("--checkpoint", default=None, help="JSON file of finished layers; resumes when it exists")
     p.add_argument("--out", default="patterns.json", help="MInference JSON output (default patterns.json)")
     p.add_argument("--details", default=None, help="JSON with every candidate's recall and cost per head")
+    p.add_argument("--rechoose", default=None, metavar="DETAILS",
+                   help="no measurement: choose again from a --details file of an earlier search with this "
+                        "run's --cost-budget and --allocate")
     p.add_argument("--plot", default=None, help="PNG figure of the choice and the recall per head")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    candidates = parse_candidates(args.candidates) if args.candidates else list(DEFAULT_CANDIDATES)
-    model, tokenizer = load_model(args.model, args.length, args.device, getattr(torch, args.dtype))
-    if args.texts:
-        texts = []
-        for path in args.texts:
-            with open(path) as f:
-                texts.append(f.read())
+    if args.rechoose:
+        with open(args.rechoose) as f:
+            result = SearchResult.from_dict(json.load(f)).rechoose(args.cost_budget, args.allocate)
     else:
-        texts = [calibration_prompt(tokenizer, args.length)]
-    result = search_patterns(model, tokenizer, texts, length=args.length, cost_budget=args.cost_budget,
-                             candidates=candidates, allocate=args.allocate, chunk=args.chunk,
-                             checkpoint=args.checkpoint, progress=not args.no_progress)
+        result = run_search(args)
     result.save(args.out)
     if args.details:
         with open(args.details, "w") as f:
@@ -108,7 +119,7 @@ def main(argv=None, prog: str = "minference-flex search") -> int:
     for c in result.candidates:
         r, cost = result.uniform(c)
         print(f"{str(c.to_list()[:3]):<34} {counts.get(c, 0):>5} {r:>15.4f} {cost:>13.3f}")
-    print(f"searched: mean recall {result.mean_recall:.4f}, mean cost {result.mean_cost:.3f} of the causal tiles, "
+    print(f"{result.allocate} allocation, cost budget {result.cost_budget}: mean recall {result.mean_recall:.4f}, mean cost {result.mean_cost:.3f} of the causal tiles, "
           f"{result.seconds} s; wrote {args.out}")
     return 0
 

@@ -160,3 +160,20 @@ def test_bad_arguments_raise(kwargs, message):
         mf.search_patterns(model, None, texts(1), **args)
     with pytest.raises(ValueError, match="at least one"):
         mf.search_patterns(model, None, [], length=N, cost_budget=0.3)
+
+
+def test_rechoose_and_cli_rechoose(tmp_path):
+    from minference_flex import search_cli
+
+    model = tiny_model()
+    result = mf.search_patterns(model, None, texts(1), length=N, cost_budget=0.9, candidates=CANDIDATES,
+                                progress=False)
+    cheaper = result.rechoose(0.5, "model")
+    assert cheaper.mean_cost <= 0.5 + 1e-9 < result.mean_cost and cheaper.allocate == "model"
+    assert torch.equal(cheaper.choice, search.choose(result.recall, result.cost, 0.5, "model"))
+    details = tmp_path / "d.json"
+    details.write_text(json.dumps(result.to_dict()))
+    out = tmp_path / "p.json"
+    assert search_cli.main(["--rechoose", str(details), "--cost-budget", "0.5", "--allocate", "model",
+                            "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == cheaper.patterns()
