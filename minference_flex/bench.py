@@ -1,10 +1,20 @@
 """Benchmark one attention layer: SDPA, FlexAttention dense causal and minference_flex, side by side.
 
     python -m minference_flex.bench --lengths 32768 131072 --budgets 1000,6096 100,800 --out results
+    python -m minference_flex.bench --inputs smollm2 --capture smollm2_capture.pt --plot results/bench.png
 
 Every number comes from one run on one card: CUDA events around each call, warm-up first, the
 median of repeated runs. Before timing, the sparse output is checked on sampled query rows against a
 float64 reference restricted to the same kept cells.
+
+Inputs (``--inputs``): ``structured`` (default) is ``bench_inputs.structured_qkv`` in the chosen
+geometry; ``smollm2`` is the query/key/value one SmolLM2-135M layer received on real prose, read from
+a file written by ``minference-flex capture`` (geometry smollm2-135m; a length N takes the first N
+positions of the capture, which must hold at least N). ``--plot PATH.png`` draws the times of SDPA,
+FlexAttention dense and minference_flex (one line per budget) against the prompt length.
+
+``--device cpu --eager`` runs the whole benchmark on the CPU with the eager kernel emulation: a
+smoke test of the script at small lengths (timings there mean nothing).
 """
 from __future__ import annotations
 
@@ -13,11 +23,12 @@ import json
 import logging
 import math
 import statistics
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from block_masks import Tiles, main_block_mask, select, token_cells, vertical_block_mask
 
@@ -35,19 +46,136 @@ GEOMETRIES = {
 }
 
 
-def time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs (CUDA events)."""
+INPUTS = ("structured", "smollm2")
+#: The geometry each input kind implies when --geometry is not given.
+DEFAULT_GEOMETRY = {"structured": "llama3-8b", "smollm2": "smollm2-135m"}
+
+
+def time_ms(fn, warmup: int = 3, reps: int = 10, device: str = "cuda") -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs (CUDA events; on the
+    CPU wall-clock time)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+# --------------------------------------------------------------------------- SmolLM2 inputs
+
+def load_capture(path) -> dict:
+    """The dict ``minference-flex capture`` saved (query/key/value [L, H, N, D] for the layers in
+    ``layer``, ``length``, ``model``, ...), on the CPU. ValueError when the file is missing or is no
+    capture of the smollm2-135m geometry."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--inputs smollm2 needs a capture file, and {str(path)!r} does not exist: make one with "
+                         f"`minference-flex capture --length N --out {path}` (N at least the longest --lengths)")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a capture file of `minference-flex capture` (no dict in it)")
+    missing = [key for key in ("query", "key", "value", "layer", "length") if key not in data]
+    if missing:
+        raise ValueError(f"{path} is not a capture file of `minference-flex capture` (no {', '.join(missing)})")
+    g = GEOMETRIES["smollm2-135m"]
+    L = len(data["layer"])
+    want = {"query": (L, g["Hq"], data["length"], g["D"]), "key": (L, g["Hkv"], data["length"], g["D"])}
+    want["value"] = want["key"]
+    for key, shape in want.items():
+        if tuple(data[key].shape) != shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(data[key].shape)}, expected {shape} "
+                             f"(layers {data['layer']}, {data['length']} tokens, smollm2-135m geometry)")
+    return data
+
+
+def capture_index(capture: dict, n: int, layer: int | None = None) -> int:
+    """Index (along dim 0 of query/key/value) of ``layer`` (default the first captured) in a capture
+    dict, after checking that it holds ``n`` positions of that layer; ValueError otherwise."""
+    if n < 1:
+        raise ValueError(f"length must be positive, got {n}")
+    if n > capture["length"]:
+        raise ValueError(f"length {n} asked but the capture holds {capture['length']} tokens: capture a longer "
+                         f"prompt (`minference-flex capture --length {n}`)")
+    layers = list(capture["layer"])
+    layer = layers[0] if layer is None else layer
+    if layer not in layers:
+        raise ValueError(f"layer {layer} is not in the capture (layers {layers})")
+    return layers.index(layer)
+
+
+def smollm2_qkv(capture, n: int, device="cuda", layer: int | None = None,
+                dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [1, 9, n, 64], k/v [1, 3, n, 64] in ``dtype`` on ``device``: the first ``n`` positions (a
+    prefix of the captured prompt) of layer ``layer`` (default the first captured) of a SmolLM2
+    capture (``capture``: a file path or the dict of ``load_capture``). ValueError when the file is
+    missing, ``n`` exceeds the captured length or the layer was not captured."""
+    data = capture if isinstance(capture, dict) else load_capture(capture)
+    i = capture_index(data, n, layer)
+    return tuple(data[key][i:i + 1, :, :n].to(device=device, dtype=dtype).contiguous()
+                 for key in ("query", "key", "value"))
+
+
+# --------------------------------------------------------------------------- plot
+
+def plot_report(report: dict, path) -> dict[str, tuple[list[int], list[float]]]:
+    """Write a PNG of the milliseconds against the prompt length (both axes logarithmic) for SDPA
+    causal, FlexAttention dense causal and minference_flex total (one line per budget and
+    configuration), from a report as ``bench.json`` holds it. Returns the plotted series
+    {label: (lengths, ms)}; failed runs are left out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: only --plot needs matplotlib
+    from matplotlib.figure import Figure
+
+    results = sorted(report["results"], key=lambda r: r["length"])
+    series: dict[str, tuple[list[int], list[float]]] = {}
+
+    def add(label, n, ms):
+        xs, ys = series.setdefault(label, ([], []))
+        xs.append(n)
+        ys.append(ms)
+
+    configs = {run["config"] for r in results for run in r["runs"] if "error" not in run}
+    for r in results:
+        add("SDPA causal", r["length"], r["sdpa_ms"])
+        add("FlexAttention dense causal", r["length"], r["flex_dense_ms"])
+        for run in r["runs"]:
+            if "error" in run:
+                continue
+            label = f"minference_flex ({run['budgets'][0]}, {run['budgets'][1]})"
+            if len(configs) > 1:
+                label += f" {run['config']}"
+            add(label, r["length"], run["total_ms"])
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    styles = {"SDPA causal": dict(color="black", marker="o"),
+              "FlexAttention dense causal": dict(color="gray", marker="s", linestyle="--")}
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label, **styles.get(label, dict(marker="^")))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    lengths = [r["length"] for r in results]
+    ax.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("time per layer (ms, log scale)")
+    inputs = report.get("inputs", "structured")
+    ax.set_title(f"{report.get('card', '?')}, {report.get('geometry', '?')}, {inputs} inputs", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return series
 
 
 def row_check(q, k, v, plan, out, rows):
@@ -67,74 +195,142 @@ def parse_config(text: str) -> tuple[Tiles, dict]:
     return Tiles(q_tile, kv_tile), options
 
 
-def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs: list[str], reps: int) -> dict:
-    q, k, v = structured_qkv(geometry["Hq"], geometry["Hkv"], n, geometry["D"], device="cuda")
+def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs: list[str], reps: int,
+                 inputs: str = "structured", capture=None, layer: int | None = None, device: str = "cuda",
+                 eager: bool = False) -> dict:
+    """One length: SDPA, FlexAttention dense and, per configuration, the minference_flex runs.
+    ``inputs``: "structured" (``structured_qkv`` in ``geometry``) or "smollm2" (the first ``n``
+    positions of layer ``layer`` of ``capture``, a dict of ``load_capture``). ``device="cpu"`` with ``eager`` is the
+    smoke-test mode (wall-clock times, eager kernels)."""
+    if inputs == "smollm2":
+        q, k, v = smollm2_qkv(capture, n, device=device, layer=layer)
+    else:
+        q, k, v = structured_qkv(geometry["Hq"], geometry["Hkv"], n, geometry["D"], device=device)
+    cuda = device == "cuda"
+    timer = dict(reps=reps, device=device, warmup=3 if cuda else 1)
     rows = sample_rows(n, 64, q.device)
     res = {"length": n}
-    res["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), reps=reps)
-    causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, n, n, device="cuda", _compile=True)
-    flex = compiled_flex()
-    res["flex_dense_ms"] = time_ms(lambda: flex(q, k, v, causal, None, True), reps=reps)  # default tiles
+    if cuda:
+        res["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                                 **timer)
+    else:  # the CPU flash kernel wants K/V repeated to the query heads; repeat once, outside the timing
+        G = q.shape[1] // k.shape[1]
+        k_rep, v_rep = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        res["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True), **timer)
+        del k_rep, v_rep
+    causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, n, n, device=device, _compile=not eager)
+    if eager:
+        def flex(q, k, v, block_mask, score_mod, enable_gqa):
+            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa)
+    else:
+        flex = compiled_flex() if cuda else compiled_flex((), ("cpu", "bench"))
+    res["flex_dense_ms"] = time_ms(lambda: flex(q, k, v, causal, None, True), **timer)  # default tiles
     res["runs"] = []
     for config in configs:
         try:
-            res["runs"].extend(bench_config(q, k, v, config, budgets, rows, reps, res["sdpa_ms"]))
+            res["runs"].extend(bench_config(q, k, v, config, budgets, rows, timer, res["sdpa_ms"], compiled=not eager))
         except Exception as exc:  # one failing configuration must not hide the others' numbers
             log.exception("configuration %s failed", config)
             res["runs"].append(dict(config=config, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return res
 
 
-def bench_config(q, k, v, config: str, budgets, rows, reps: int, sdpa_ms: float) -> list[dict]:
+def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: float, compiled: bool = True) -> list[dict]:
     H = q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
     runs = []
     tiles, options = parse_config(config)
     dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, tiles=tiles, kernel_options=options)
-    dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v), reps=reps)
+    dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v, compiled=compiled), **timer)
     del dense_plan
     for a, b in budgets:
         patterns = parse_patterns([["vertical_and_slash", a, b]] * H, H)
         plan = plan_attention(q, k, patterns, tiles=tiles, kernel_options=options)
-        out = run_plan(plan, q, k, v)
+        out = run_plan(plan, q, k, v, compiled=compiled)
         err, recall, cells = row_check(q, k, v, plan, out, rows)
         sel = plan.selection
         run = dict(config=config, budgets=[a, b], dense_pattern_ms=dense_ms, rel_err=err, recall=recall,
                    cell_fraction=cells, tiles=plan.tile_counts())
-        run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), reps=reps)
-        run["build_ms"] = time_ms(lambda: (main_block_mask(sel, tiles), vertical_block_mask(sel, tiles)), reps=reps)
-        run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v), reps=reps)
-        run["total_ms"] = time_ms(lambda: run_plan(plan_attention(q, k, patterns, tiles=tiles, kernel_options=options), q, k, v), reps=reps)
+        run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), **timer)
+        run["build_ms"] = time_ms(lambda: (main_block_mask(sel, tiles), vertical_block_mask(sel, tiles)), **timer)
+        run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v, compiled=compiled), **timer)
+        run["total_ms"] = time_ms(lambda: run_plan(plan_attention(q, k, patterns, tiles=tiles, kernel_options=options),
+                                                   q, k, v, compiled=compiled), **timer)
         run["speedup_vs_sdpa"] = sdpa_ms / run["total_ms"]
         runs.append(run)
         del plan, sel, out
     return runs
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="llama3-8b")
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default=None,
+                   help="head layout of the structured inputs (default llama3-8b; smollm2-135m with --inputs smollm2)")
+    p.add_argument("--inputs", choices=INPUTS, default="structured",
+                   help="structured: bench_inputs.structured_qkv (default); smollm2: query/key/value of a real "
+                        "SmolLM2 layer from the --capture file")
+    p.add_argument("--capture", type=Path, default=Path("smollm2_capture.pt"),
+                   help="capture file of `minference-flex capture` for --inputs smollm2 (default smollm2_capture.pt)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="with --inputs smollm2: which captured layer (default the first in the file)")
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--budgets", nargs="+", default=["1000,6096", "100,800"],
                    help="vertical,slash budgets of the vertical_and_slash heads")
     p.add_argument("--configs", nargs="+", default=["64x64"],
                    help="BlockMask tiles QxK, optionally with kernel options: 64x64:num_warps=4,num_stages=3")
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench.json (default results)")
+    p.add_argument("--plot", type=Path, default=None, metavar="PATH.png",
+                   help="also write a PNG of time against prompt length (needs matplotlib: pip install '.[plot]')")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cuda (default); cpu only to smoke-test the script at small lengths, with --eager")
+    p.add_argument("--eager", action="store_true",
+                   help="eager kernel emulation instead of compiled kernels (small lengths only; timings meaningless)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("minference-flex bench times CUDA kernels and needs a GPU")
+    geometry = args.geometry or DEFAULT_GEOMETRY[args.inputs]
+    if args.inputs == "smollm2" and geometry != "smollm2-135m":
+        p.error(f"--inputs smollm2 has the smollm2-135m geometry, not {geometry}")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (checked before the run, not after it)
+        except ImportError:
+            p.error("--plot needs matplotlib: pip install matplotlib (or the project's [plot] extra)")
+    capture, inputs = None, {"kind": args.inputs}
+    if args.inputs == "smollm2":
+        try:
+            capture = load_capture(args.capture)
+            for n in args.lengths:  # every length must fit before anything is timed
+                capture_index(capture, n, args.layer)
+        except ValueError as exc:
+            p.error(str(exc))
+        layer = capture["layer"][0] if args.layer is None else args.layer
+        inputs.update(file=str(args.capture), layer=layer, captured_length=capture["length"],
+                      **{key: capture[key] for key in ("model", "text", "start", "model_dtype", "rope")
+                         if key in capture})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     budgets = [tuple(int(x) for x in s.split(",")) for s in args.budgets]
-    report = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, geometry=args.geometry, results=[])
+    card = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    report = dict(card=card, torch=torch.__version__, geometry=geometry, inputs=args.inputs, inputs_detail=inputs,
+                  eager=args.eager, results=[])
     for n in args.lengths:
         log.info("length %d", n)
-        report["results"].append(bench_length(n, GEOMETRIES[args.geometry], budgets, args.configs, args.reps))
-        torch.cuda.empty_cache()
+        report["results"].append(bench_length(n, GEOMETRIES[geometry], budgets, args.configs, args.reps,
+                                              inputs=args.inputs, capture=capture, layer=args.layer,
+                                              device=args.device, eager=args.eager))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(report, indent=1))
-    print(f"{report['card']}, torch {report['torch']}, {args.geometry}, bfloat16")
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
+    print(f"{report['card']}, torch {report['torch']}, {geometry}, {args.inputs} inputs, bfloat16"
+          + (", eager kernels" if args.eager else ""))
     print(f"{'N':>8} {'config':>24} {'budget':>11} {'SDPA':>8} {'flex':>8} {'dense':>8} {'est':>7} {'build':>7} "
           f"{'kernel':>8} {'total':>8} {'speedup':>7} {'tiles':>6} {'recall':>6} {'err':>8}")
     for r in report["results"]:
@@ -146,6 +342,7 @@ def main(argv=None) -> None:
                   f"{r['flex_dense_ms']:8.2f} {run['dense_pattern_ms']:8.2f} "
                   f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} {run['total_ms']:8.2f} "
                   f"{run['speedup_vs_sdpa']:6.2f}x {run['tiles']['fraction']:6.3f} {run['recall']:6.3f} {run['rel_err']:8.1e}")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """The ``minference-flex`` command: ``demo`` (needle in a haystack on SmolLM2, dense against sparse),
 ``layer`` (= ``demo --synthetic``: one synthetic attention layer), ``eval`` (the real-model evaluation
-of docs/real_model.md), ``search`` (the per-head pattern search of docs/search.md) and ``bench`` (the GPU benchmark of docs/performance.md).
+of docs/real_model.md), ``search`` (the per-head pattern search of docs/search.md), ``bench`` (the GPU benchmark of docs/performance.md),
+``capture`` (a real SmolLM2 layer's query/key/value, bench's ``--inputs smollm2``) and ``ttft`` (time
+to first token of SmolLM2, SDPA against minference_flex).
 
     minference-flex demo [--length 4096] [--depths 50 100] [--patterns vertical_and_slash,100,800] [--device cpu]
     minference-flex demo --synthetic [--length N] [--budgets V,S] [--eager] ...
-    minference-flex bench --lengths 32768 131072 --reps 7
+    minference-flex bench --lengths 32768 131072 --reps 7 [--inputs smollm2] [--plot bench.png]
+    minference-flex capture --length 131072 --device cuda --out smollm2_capture.pt
+    minference-flex ttft --lengths 32768 131072 --device cuda
     minference-flex eval --lengths 4096 --samples 2 --out results.json
     minference-flex search --length 16384 --out patterns.json
     python -m minference_flex demo --help
@@ -21,6 +25,8 @@ COMMANDS = {
     "bench": "GPU benchmark: SDPA, FlexAttention dense and minference-flex per length and budget",
     "eval": "real model (SmolLM2-135M): needle retrieval, perplexity and tiles skipped, dense vs sparse",
     "search": "offline per-head pattern search: a MInference pattern file for a model",
+    "capture": "save the query/key/value a SmolLM2-135M layer receives on real prose (bench --inputs smollm2)",
+    "ttft": "time to first token of SmolLM2-135M: SDPA vs minference_flex per prompt length",
 }
 
 
@@ -53,6 +59,14 @@ def main(argv=None) -> int:
         from .search_cli import main as search_main
 
         return search_main(rest, prog=prog)
+    if args.command == "capture":
+        from .capture import main as capture_main
+
+        return capture_main(rest, prog=prog)
+    if args.command == "ttft":
+        from .ttft import main as ttft_main
+
+        return ttft_main(rest, prog=prog)
     from .bench import main as bench_main
 
     sys.argv[0] = prog  # bench's parser names itself after argv[0]

@@ -1,0 +1,199 @@
+"""``minference-flex ttft``: time to first token of SmolLM2-135M, dense SDPA against minference_flex.
+
+    minference-flex ttft --device cuda                          # 32768 and 131072 tokens, bf16, median of 3
+    minference-flex ttft --device cuda --lengths 16384 65536 --patterns vertical_and_slash,1000,6096
+    minference-flex ttft --lengths 2048 --min-sparse-len 1024 --eager --reps 1     # CPU smoke test
+
+For each length the model (``models.smollm2``, real weights; YaRN over the original 8192 positions
+when the length needs it, ``eval.context_for``; one load per RoPE setting) gets a prompt of that many
+tokens of real prose (the pydoc topic texts, as ``minference-flex capture`` uses) and, per side
+(``attn_implementation="sdpa"``, then ``"minference_flex"`` with ``--patterns`` on every head and
+``--min-sparse-len``), runs one untimed warm-up (on the sparse side it compiles the kernel), then
+``--reps`` timed runs of what the first token costs: the prefill forward over the prompt (KV cache
+built, as ``generate`` does, and only the last position's logits, ``logits_to_keep=1``) and the argmax
+of those logits. Timing: CUDA events around the call on CUDA (after a synchronize), wall clock on
+the CPU; reported is the median, with every run. On CUDA also the peak allocated memory of the timed
+runs (weights included). The first tokens of both sides are reported and compared.
+
+The table goes to stdout, everything to ``--out`` (JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import sys
+import time
+
+import torch
+
+from .eval import DEFAULT_EVAL_PATTERN, Haystack, context_for, load_patterns, use_side
+from .models import smollm2
+
+log = logging.getLogger(__name__)
+
+SIDES = ("sdpa", "minference_flex")
+DEFAULT_LENGTHS = [32768, 131072]
+MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+
+
+@torch.inference_mode()
+def first_token(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The greedy first token (a 0-d tensor on the model's device) after a prefill of ``input_ids``."""
+    logits = model(input_ids=input_ids, use_cache=True, logits_to_keep=1).logits
+    return logits[0, -1].argmax()
+
+
+def time_first_token(model, input_ids: torch.Tensor, reps: int) -> dict:
+    """One warm-up, then ``reps`` timed ``first_token`` calls: {"ms": median, "runs_ms", "token",
+    "peak_bytes" (CUDA: peak allocated during the timed runs, else None)}."""
+    cuda = input_ids.device.type == "cuda"
+    token = int(first_token(model, input_ids))  # warm-up: compiles the sparse kernel, fills caches
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            tok = first_token(model, input_ids)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            tok = first_token(model, input_ids)
+            times.append((time.perf_counter() - t0) * 1e3)
+        if int(tok) != token:
+            log.warning("first token changed between runs: %d then %d", token, int(tok))
+    peak = torch.cuda.max_memory_allocated() if cuda else None
+    return {"ms": statistics.median(times), "runs_ms": [round(t, 3) for t in times], "token": token,
+            "peak_bytes": peak}
+
+
+def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: int, hay: Haystack | None = None,
+             context: int | None = None) -> list[dict]:
+    """Both sides at every length of ``lengths`` on an already loaded model; one record per length."""
+    hay = hay or Haystack.build(tokenizer)
+    records = []
+    for n in lengths:
+        ids = torch.tensor([hay.text_ids(hay.boundaries[0], n)], device=model.device)
+        rec = {"length": n, "context": context, "sides": {}}
+        for side in SIDES:
+            impl = use_side(model, "dense" if side == "sdpa" else "sparse", patterns, min_sparse_len)
+            log.info("length %d, %s: warm-up and %d timed runs", n, impl, reps)
+            res = time_first_token(model, ids, reps)
+            res["backend"] = impl
+            res["token_text"] = tokenizer.decode([res["token"]])
+            rec["sides"][side] = res
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+        dense, sparse = rec["sides"]["sdpa"], rec["sides"]["minference_flex"]
+        rec["speedup"] = dense["ms"] / sparse["ms"]
+        rec["same_first_token"] = dense["token"] == sparse["token"]
+        records.append(rec)
+    model.set_attn_implementation("sdpa")
+    return records
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['device_name']}, torch {report['torch']}, {report['dtype']}; patterns {report['patterns']}, "
+             f"min_sparse_len {report['min_sparse_len']}" + (", eager kernel emulation" if report["eager"] else ""),
+             f"{'length':>7} {'side':<16} {'TTFT ms':>10} {'runs ms':<28} {'peak GiB':>8} {'first token':<14}"]
+    for rec in report["results"]:
+        for side in SIDES:
+            r = rec["sides"][side]
+            peak = f"{r['peak_bytes'] / 2 ** 30:8.2f}" if r["peak_bytes"] is not None else f"{'-':>8}"
+            runs = " ".join(f"{t:.1f}" for t in r["runs_ms"])
+            label = side if r["backend"] == side else f"{side} ({r['backend']})"
+            lines.append(f"{rec['length']:>7} {label:<16} {r['ms']:10.1f} {runs:<28} {peak} {r['token_text']!r:<14}")
+        lines.append(f"{'':>7} {'sdpa / minference_flex':<27} {rec['speedup']:.2f}x, "
+                     f"first tokens {'identical' if rec['same_first_token'] else 'DIFFER'}")
+    lines.append(f"TTFT: prefill forward (KV cache, last-position logits) + argmax, median of {report['reps']} "
+                 f"after one warm-up per side and length")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS,
+                   help="prompt lengths in tokens (default 32768 131072)")
+    p.add_argument("--patterns", default=",".join(map(str, DEFAULT_EVAL_PATTERN)),
+                   help="MInference JSON file or one entry for every head (default vertical_and_slash,100,800)")
+    p.add_argument("--min-sparse-len", type=int, default=8192,
+                   help="prefills shorter than this run dense on the sparse side (default 8192, the backend's)")
+    p.add_argument("--reps", type=int, default=3, help="timed runs per side and length (default 3)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="model dtype (default bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--eager", action="store_true", help="sparse side on the eager kernel emulation (small lengths)")
+    p.add_argument("--out", default="ttft.json", help="JSON results file (default ttft.json); '' writes none")
+    args = p.parse_args(argv)
+    if any(n < 1 for n in args.lengths) or args.reps < 1 or args.min_sparse_len < 1:
+        p.error("--lengths, --reps and --min-sparse-len must be positive")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    try:
+        args.patterns_value = load_patterns(args.patterns)
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+def run(args) -> dict:
+    if args.eager:
+        from . import hf
+
+        hf.COMPILED = False
+    cuda = args.device.startswith("cuda")
+    import transformers
+
+    report = {"model": MODEL_NAME, "device": args.device,
+              "device_name": torch.cuda.get_device_name(args.device) if cuda
+              else f"cpu ({torch.get_num_threads()} threads)",
+              "torch": str(torch.__version__), "transformers": transformers.__version__, "dtype": args.dtype,
+              "patterns": args.patterns, "min_sparse_len": args.min_sparse_len, "reps": args.reps,
+              "eager": args.eager, "text": "pydoc_data.topics", "load_seconds": {}, "results": []}
+    groups: dict = {}
+    for n in args.lengths:
+        groups.setdefault(context_for(n), []).append(n)
+    hay = None
+    for context, lengths in sorted(groups.items(), key=lambda kv: kv[0] or 0):
+        model, tokenizer = smollm2(dtype=getattr(torch, args.dtype), device=args.device, context=context,
+                                   attn_implementation="sdpa")
+        label = "native" if context is None else f"yarn{context}"
+        report["load_seconds"][label] = round(model.load_seconds, 1)
+        hay = hay or Haystack.build(tokenizer)
+        report["results"] += run_ttft(model, tokenizer, lengths, patterns=args.patterns_value,
+                                      min_sparse_len=args.min_sparse_len, reps=args.reps, hay=hay, context=context)
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return report
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    t0 = time.perf_counter()
+    report = run(args)
+    report["total_seconds"] = round(time.perf_counter() - t0, 1)
+    print(format_table(report))
+    print(f"total {report['total_seconds']} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
