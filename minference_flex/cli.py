@@ -4,7 +4,7 @@ of docs/real_model.md), ``search`` (the per-head pattern search of docs/search.m
 ``capture`` (a real SmolLM2 layer's query/key/value, bench's ``--inputs smollm2``) and ``ttft`` (time
 to first token of SmolLM2, SDPA against minference_flex).
 
-    minference-flex demo [--length 4096] [--depths 50 100] [--patterns vertical_and_slash,100,800] [--device cpu]
+    minference-flex demo [--length 4096] [--depths 50 100] [--patterns FILE|type,a,b] [--device cpu]
     minference-flex demo --synthetic [--length N] [--budgets V,S] [--eager] ...
     minference-flex bench --lengths 32768 131072 --reps 7 [--inputs smollm2] [--plot bench.png]
     minference-flex capture --length 131072 --device cuda --out smollm2_capture.pt

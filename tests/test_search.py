@@ -177,3 +177,24 @@ def test_rechoose_and_cli_rechoose(tmp_path):
     assert search_cli.main(["--rechoose", str(details), "--cost-budget", "0.5", "--allocate", "model",
                             "--out", str(out)]) == 0
     assert json.loads(out.read_text()) == cheaper.patterns()
+
+
+def test_shipped_smollm2_configuration_is_the_searched_one():
+    """The packaged file is the saved GPU search re-chosen at cost 0.5 (docs/search.md), loads on a
+    model of SmolLM2's shape, and beats the uniform default's recall at a lower cost."""
+    from pathlib import Path
+
+    from minference_flex.models import SMOLLM2_PATTERNS
+
+    root = Path(__file__).resolve().parent.parent
+    details = json.loads((root / "docs/search/smollm2_16k_gpu_details.json").read_text())
+    shipped = json.loads(Path(SMOLLM2_PATTERNS).read_text())
+    result = search.SearchResult.from_dict(details).rechoose(0.5, "model")
+    assert shipped == result.patterns()
+    default = result.uniform(mf.DEFAULT_PATTERN)
+    assert result.mean_cost <= default[1] and result.mean_recall > default[0]
+    config = transformers.LlamaConfig(hidden_size=72, intermediate_size=16, num_hidden_layers=30,
+                                      num_attention_heads=9, num_key_value_heads=3, vocab_size=16)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="minference_flex")
+    mf.set_patterns(model, SMOLLM2_PATTERNS)
+    assert mf.get_patterns(model) == shipped
