@@ -1,6 +1,7 @@
 """The ``minference-flex`` command: ``demo`` (needle in a haystack on SmolLM2, dense against sparse),
 ``layer`` (= ``demo --synthetic``: one synthetic attention layer), ``eval`` (the real-model evaluation
-of docs/real_model.md), ``search`` (the per-head pattern search of docs/search.md), ``bench`` (the GPU benchmark of docs/performance.md),
+of docs/real_model.md), ``search`` (the per-head pattern search of docs/search.md), ``bench`` (the
+GPU benchmark of docs/performance.md),
 ``capture`` (a real SmolLM2 layer's query/key/value, bench's ``--inputs smollm2``) and ``ttft`` (time
 to first token of SmolLM2, SDPA against minference_flex).
 
@@ -16,6 +17,7 @@ to first token of SmolLM2, SDPA against minference_flex).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 COMMANDS = {
@@ -28,6 +30,10 @@ COMMANDS = {
     "capture": "save the query/key/value a SmolLM2-135M layer receives on real prose (bench --inputs smollm2)",
     "ttft": "time to first token of SmolLM2-135M: SDPA vs minference_flex per prompt length",
 }
+
+#: Commands whose module has ``main(argv, prog=...)`` (``bench`` names itself after ``sys.argv[0]``).
+MODULES = {"demo": "demo", "layer": "layer_demo", "eval": "eval", "search": "search_cli", "capture": "capture",
+           "ttft": "ttft"}
 
 
 def main(argv=None) -> int:
@@ -43,30 +49,9 @@ def main(argv=None) -> int:
         sub.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
     prog = f"minference-flex {args.command}"
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest, prog=prog)
-    if args.command == "layer":
-        from .layer_demo import main as layer_main
-
-        return layer_main(rest, prog=prog)
-    if args.command == "eval":
-        from .eval import main as eval_main
-
-        return eval_main(rest, prog=prog)
-    if args.command == "search":
-        from .search_cli import main as search_main
-
-        return search_main(rest, prog=prog)
-    if args.command == "capture":
-        from .capture import main as capture_main
-
-        return capture_main(rest, prog=prog)
-    if args.command == "ttft":
-        from .ttft import main as ttft_main
-
-        return ttft_main(rest, prog=prog)
+    if args.command in MODULES:
+        module = importlib.import_module(f".{MODULES[args.command]}", __package__)
+        return module.main(rest, prog=prog)
     from .bench import main as bench_main
 
     sys.argv[0] = prog  # bench's parser names itself after argv[0]

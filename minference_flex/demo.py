@@ -25,9 +25,9 @@ import time
 
 import torch
 
-from .eval import (Haystack, greedy, layer_patterns, load_patterns, needle_prompt, passes,
+from .eval import (Haystack, add_patterns_option, greedy, layer_patterns, load_patterns, needle_prompt, passes,
                    sparse_available, tile_counter, use_side)
-from .models import SMOLLM2_ORIGINAL_CONTEXT, SMOLLM2_PATTERNS, smollm2
+from .models import SMOLLM2_ORIGINAL_CONTEXT, smollm2
 
 
 class PrefillTimer:
@@ -105,9 +105,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096, at most 8192)")
     p.add_argument("--depths", type=float, nargs="+", default=[50, 100],
                    help="needle depths in percent of the haystack (default 50 100)")
-    p.add_argument("--patterns", default=SMOLLM2_PATTERNS,
-                   help="MInference JSON file or one entry for every head, e.g. vertical_and_slash,100,800 "
-                        "(default: the searched SmolLM2 configuration, docs/search.md)")
+    add_patterns_option(p)
     p.add_argument("--min-sparse-len", type=int, default=1024,
                    help="prefills shorter than this run dense on the sparse side (default 1024)")
     p.add_argument("--max-new-tokens", type=int, default=10, help="greedy tokens per answer (default 10)")

@@ -370,6 +370,24 @@ def pattern_configs(specs: list[str]) -> dict:
     return {os.path.basename(spec) if os.path.exists(spec) else spec: load_patterns(spec) for spec in specs}
 
 
+def add_patterns_option(parser: argparse.ArgumentParser) -> None:
+    """``--patterns``: one sparse configuration (a MInference JSON file or one entry for every head)."""
+    parser.add_argument("--patterns", default=SMOLLM2_PATTERNS,
+                        help="MInference JSON file or one entry for every head, e.g. vertical_and_slash,100,800 "
+                             "(default: the searched SmolLM2 configuration, docs/search.md)")
+
+
+def finish(results: dict, table: str, out: str | None, started: float) -> None:
+    """Print the table and the total time, write ``results`` (with ``total_seconds``) as JSON to ``out``."""
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    print(table)
+    print(f"total {results['total_seconds']} s")
+    if out:
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {out}")
+
+
 def main(argv=None, prog: str = "minference-flex eval") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens (default 4096)")
@@ -396,13 +414,7 @@ def main(argv=None, prog: str = "minference-flex eval") -> int:
                      dtype=args.dtype, seed=args.seed, eager=args.eager)
     t0 = time.perf_counter()
     results = run_eval(cfg, progress=not args.no_progress)
-    results["total_seconds"] = round(time.perf_counter() - t0, 1)
-    print(format_table(results))
-    print(f"total {results['total_seconds']} s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.out}")
+    finish(results, format_table(results), args.out, t0)
     return 0
 
 

@@ -283,7 +283,7 @@ def search_patterns(model, tokenizer, texts: Sequence, *, length: int, cost_budg
     if not candidates:
         raise ValueError("candidates is empty")
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    num_layers, num_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    num_layers = int(config.num_hidden_layers)
     prompts = [_prompt_ids(tokenizer, t, length) for t in texts]
     fingerprint = _fingerprint(model, prompts, length, candidates)
     done = _load_checkpoint(checkpoint, fingerprint)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import statistics
 import sys
@@ -29,8 +28,8 @@ import time
 
 import torch
 
-from .eval import Haystack, context_for, load_patterns, use_side
-from .models import SMOLLM2_PATTERNS, smollm2
+from .eval import Haystack, add_patterns_option, context_for, finish, load_patterns, use_side
+from .models import smollm2
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +122,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS,
                    help="prompt lengths in tokens (default 32768 131072)")
-    p.add_argument("--patterns", default=SMOLLM2_PATTERNS,
-                   help="MInference JSON file or one entry for every head, e.g. vertical_and_slash,100,800 "
-                        "(default: the searched SmolLM2 configuration, docs/search.md)")
+    add_patterns_option(p)
     p.add_argument("--min-sparse-len", type=int, default=8192,
                    help="prefills shorter than this run dense on the sparse side (default 8192, the backend's)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per side and length (default 3)")
@@ -186,13 +183,7 @@ def main(argv=None, prog: str | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
     report = run(args)
-    report["total_seconds"] = round(time.perf_counter() - t0, 1)
-    print(format_table(report))
-    print(f"total {report['total_seconds']} s")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {args.out}")
+    finish(report, format_table(report), args.out, t0)
     return 0
 
 
