@@ -144,13 +144,19 @@ def _layer_config(module) -> tuple[tuple[Pattern, ...], int]:
     if layer is None:
         raise ValueError("minference_flex needs module.layer_idx to find the layer's patterns")
     heads = stored["patterns"][layer]
+    min_sparse_len = int(stored.get("min_sparse_len", DEFAULT_MIN_SPARSE_LEN))
+    count = num_heads if num_heads is not None else len(heads)
+    if torch.compiler.is_compiling():
+        # Parsed while tracing, into constants of the graph (dynamo guards on the configuration).
+        # Going through the cache would also guard on the cache's contents, which the first call
+        # changes: every compiled model would compile a second time on its second call.
+        return tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count)), min_sparse_len
     cached = _parsed_cache.get(id(heads))
     if cached is None or cached[0] is not heads:
-        count = num_heads if num_heads is not None else len(heads)
         parsed = tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
         cached = (heads, parsed)
         _parsed_cache[id(heads)] = cached
-    return cached[1], int(stored.get("min_sparse_len", DEFAULT_MIN_SPARSE_LEN))
+    return cached[1], min_sparse_len
 
 
 # --------------------------------------------------------------------------- attention

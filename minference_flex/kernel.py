@@ -50,6 +50,59 @@ def compiled_flex(options: tuple[tuple[str, int], ...] = (), signature: tuple = 
 _NO_EAGER_FALLBACK = {"fail_on_recompile_limit_hit": True, "recompile_limit": 64}
 
 
+@torch.compiler.assume_constant_result
+def _patch_cpu_lowering() -> bool:
+    """Work around two bugs of torch 2.13's CPU FlexAttention lowering (``lower_cpu``) that show
+    only inside an outer ``torch.compile``, where the masks are built in the same graph:
+
+    1. it records the tensors captured by ``mask_mod`` / ``score_mod`` as buffers *before* it
+       realizes them: a captured tensor computed in the graph (the per-head tables of the sparse
+       masks) is still an unnamed ``Pointwise`` node, the C++ template fails to render and
+       lowering ends in ``NoValidChoicesError``. The standalone kernel does not see this: its
+       captures are graph inputs, already buffers.
+    2. the C++ template reads its tensors from the start of their buffers and ignores a view's
+       storage offset: a value sliced out of a fused qkv projection (offset ``(Hq + Hkv) * D``)
+       is read from the queries' storage instead, silently giving wrong results. (Inductor
+       copies q/k/v when two of them share a buffer, which hides this in the common case.)
+
+    The wrapper realizes the captures first (what ``lower_cpu`` does itself a few lines later)
+    and copies any q/k/v or tile-list input that is a view with a storage offset. Installed once,
+    from the traced call (dynamo runs this function while tracing and keeps its result); the CUDA
+    lowering is not touched.
+    """
+    try:
+        from torch._inductor.ir import ExternKernel
+        from torch._inductor.kernel.flex import flex_attention as lowering
+    except ImportError:  # pragma: no cover - other torch layouts
+        return False
+    lower_cpu = getattr(lowering, "lower_cpu", None)
+    if lower_cpu is None or getattr(lower_cpu, "_minference_flex", False):
+        return lower_cpu is not None
+
+    def from_start(x):
+        if x is None:
+            return x
+        x = ExternKernel.realize_input(x)
+        layout = x.maybe_get_layout()
+        return ExternKernel.copy_input(x) if layout is not None and layout.offset != 0 else x
+
+    @functools.wraps(lower_cpu)
+    def patched_lower_cpu(query, key, value, subgraph, block_mask, scale, kernel_options,
+                          score_mod_other_buffers, mask_mod_other_buffers):
+        for buf in (*score_mod_other_buffers, *mask_mod_other_buffers):
+            if hasattr(buf, "realize"):  # IR tensors; symbolic sizes have nothing to realize
+                buf.realize()
+        query, key, value = map(from_start, (query, key, value))
+        # (q_len, kv_len, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, ...)
+        block_mask = (*block_mask[:2], *map(from_start, block_mask[2:6]), *block_mask[6:])
+        return lower_cpu(query, key, value, subgraph, block_mask, scale, kernel_options,
+                         score_mod_other_buffers, mask_mod_other_buffers)
+
+    patched_lower_cpu._minference_flex = True
+    lowering.lower_cpu = patched_lower_cpu
+    return True
+
+
 def _scale_mod(scale: float, head_dim: int, device: torch.device):
     """None for the default 1/sqrt(D), else a score_mod that rescales by a captured tensor.
 
@@ -107,6 +160,8 @@ def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale
     else:  # pragma: no cover - torch < 2.9
         aux = {"return_lse": True}
     if torch.compiler.is_compiling():
+        if query.device.type == "cpu":
+            _patch_cpu_lowering()
         result = flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
                                   enable_gqa=enable_gqa, kernel_options=options or None, **aux)
     elif compiled:
