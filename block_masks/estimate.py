@@ -108,7 +108,8 @@ def diagonal_sums(probs: Tensor, first: int) -> Tensor:
 
 
 def padded_diagonal_sums(padded: Tensor, first: int) -> Tensor:
-    """``diagonal_sums`` of probs given as ``padded`` = probs with R zero columns in front.
+    """``diagonal_sums`` of probs given as ``padded`` = probs with R zero columns in front, a fresh
+    contiguous tensor (storage offset 0, as ``F.pad`` returns).
 
     Skew without an index tensor: reading the padded rows with a row stride one longer than their
     width shifts row r right by r, which lines up each diagonal in one column."""
@@ -118,7 +119,9 @@ def padded_diagonal_sums(padded: Tensor, first: int) -> Tensor:
         raise ValueError(f"rows at positions {first}..{first + R - 1} need at least {first + R} keys, got {N}")
     flat = padded.reshape(-1, R, W)
     # view[r, c] = padded[r, r + c] = probs[r, r + c - R]: offset first + R - c, the same for every r.
-    view = flat.as_strided((flat.shape[0], R, first + R + 1), (R * W, W + 1, 1), flat.storage_offset())
+    # Storage offset 0: both callers pass the fresh output of F.pad (and storage_offset() would
+    # break the graph inside torch.compile).
+    view = flat.as_strided((flat.shape[0], R, first + R + 1), (R * W, W + 1, 1), 0)
     out = view.sum(dim=-2).flip(-1)[:, : first + R]
     return F.pad(out, (0, N - first - R)).view(*lead, N)
 
@@ -194,11 +197,10 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
     local = torch.where(tables.kind == KIND_CODES[A_SHAPE], tables.b.clamp(min=1), local)
     offsets = (pos < local[:, None]).expand(B, Hq, Nk)
     sink = torch.where(tables.kind == KIND_CODES[A_SHAPE], tables.a.clamp(max=Nk), 0).to(torch.int32)
-    max_sink = max([min(p.a, Nk) for p in patterns if p.kind == A_SHAPE], default=0)
-    max_offsets = max(
-        [Nk if p.kind == DENSE else min(Nk, max(p.b, 1)) for p in patterns if p.kind in (DENSE, A_SHAPE)],
-        default=0,
-    )
+    # Bounds over the Python budgets first, then clamped to the length (symbolic under torch.compile).
+    max_sink = min(max((p.a for p in patterns if p.kind == A_SHAPE), default=0), Nk)
+    windows = max((max(p.b, 1) for p in patterns if p.kind == A_SHAPE), default=0)
+    max_offsets = Nk if DENSE in kinds else min(windows, Nk)
 
     columns = None
     if VERTICAL_SLASH in kinds:
