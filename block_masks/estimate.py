@@ -198,8 +198,8 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
     offsets = (pos < local[:, None]).expand(B, Hq, Nk)
     sink = torch.where(tables.kind == KIND_CODES[A_SHAPE], tables.a.clamp(max=Nk), 0).to(torch.int32)
     # Bounds over the Python budgets first, then clamped to the length (symbolic under torch.compile).
-    max_sink = min(max((p.a for p in patterns if p.kind == A_SHAPE), default=0), Nk)
-    windows = max((max(p.b, 1) for p in patterns if p.kind == A_SHAPE), default=0)
+    max_sink = min(max([0] + [p.a for p in patterns if p.kind == A_SHAPE]), Nk)
+    windows = max([0] + [max(p.b, 1) for p in patterns if p.kind == A_SHAPE])
     max_offsets = Nk if DENSE in kinds else min(windows, Nk)
 
     columns = None
