@@ -1,8 +1,8 @@
 """Attention recall: the share of a head's exact softmax mass that a Selection keeps.
 
 Used by the offline pattern search. The dense softmax is computed in query chunks (never [Nq, Nk]
-at once); what a selection keeps is then summed from per-chunk aggregates, so every candidate costs
-a gather over its own columns per chunk, not a pass over all cells:
+at once); what a selection keeps is then summed from per-chunk aggregates that one pass collects
+for all selections together:
 kept mass = sum over kept offsets of the diagonal mass
           + the mass of the kept columns (sinks and verticals) outside the kept offsets
           + the mass of the kept blocks (block-sparse heads keep nothing else).
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .build import column_flags
 from .estimate import Selection, padded_diagonal_sums
 from .pattern import TILE
 
@@ -24,10 +25,7 @@ def _column_flags(selection: Selection) -> Tensor:
     """[B, Hq, Nk] bool: the kept columns of every head, A-shape sinks and vertical columns."""
     B, Hq, Nk = selection.offsets.shape
     flags = (torch.arange(Nk, device=selection.offsets.device) < selection.sink[:, None]).expand(B, Hq, Nk)
-    if selection.columns is not None:
-        verticals = torch.zeros(B, Hq, Nk + 1, dtype=torch.bool, device=flags.device)
-        flags = flags | verticals.scatter_(-1, selection.columns, True)[..., :Nk]
-    return flags
+    return flags if selection.columns is None else flags | column_flags(selection)
 
 
 def _block_mass(tile_mass: Tensor, selection: Selection) -> Tensor:

@@ -56,6 +56,11 @@ def time_ms(fn, warmup: int = 3, reps: int = 10, device: str = "cuda") -> float:
     CPU wall-clock time)."""
     for _ in range(warmup):
         fn()
+    return statistics.median(timed_runs(fn, reps, device))
+
+
+def timed_runs(fn, reps: int, device: str = "cuda") -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn()``: CUDA events on ``"cuda"``, else wall clock."""
     times = []
     for _ in range(reps):
         if device == "cuda":
@@ -69,7 +74,7 @@ def time_ms(fn, warmup: int = 3, reps: int = 10, device: str = "cuda") -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 # --------------------------------------------------------------------------- SmolLM2 inputs

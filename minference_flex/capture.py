@@ -33,14 +33,13 @@ import torch
 
 from .eval import Haystack, context_for
 from .hooks import wrap_attention
-from .models import smollm2
+from .models import SMOLLM2_DESCRIPTION, smollm2
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LENGTH = 16384
 DEFAULT_LAYERS = [15]
 DEFAULT_OUT = "smollm2_capture.pt"
-MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
 TEXT_NAME = "pydoc_data.topics"
 
 
@@ -106,7 +105,7 @@ def capture(model, tokenizer, length: int, layers=DEFAULT_LAYERS, *, dtype: torc
         "text": TEXT_NAME,
         "start": start,
         "input_ids": ids[0].to(torch.int32),
-        "model": MODEL_NAME,
+        "model": SMOLLM2_DESCRIPTION,
         "model_dtype": str(model.dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
         "rope": {k: v for k, v in rope.items() if isinstance(v, (int, float, str, bool)) or v is None},

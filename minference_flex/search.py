@@ -45,6 +45,7 @@ from block_masks import Pattern, attention_recall, select
 from block_masks.pattern import A_SHAPE, BLOCK_SPARSE, VERTICAL_SLASH
 
 from .attention import plan_selection
+from .hf import text_config
 from .hooks import wrap_attention
 
 log = logging.getLogger(__name__)
@@ -131,9 +132,11 @@ class SearchResult:
 
 # --------------------------------------------------------------------------- choosing
 
-def _check_budget(cost_budget) -> None:
+def _check_choice(cost_budget, allocate: str) -> None:
     if isinstance(cost_budget, bool) or not (isinstance(cost_budget, (int, float)) and 0 < cost_budget <= 1):
         raise ValueError(f"cost_budget is a fraction of the dense causal tiles in (0, 1], got {cost_budget!r}")
+    if allocate not in ALLOCATIONS:
+        raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
 
 
 def choose(recall: Tensor, cost: Tensor, cost_budget: float, allocate: str = "head") -> Tensor:
@@ -142,9 +145,7 @@ def choose(recall: Tensor, cost: Tensor, cost_budget: float, allocate: str = "he
     recall, cost: [layers, heads, candidates]. Where the budget cannot be met (a head's every
     candidate, or for ``"model"`` the cheapest ones together, cost more) heads get their cheapest
     candidate, with a warning."""
-    _check_budget(cost_budget)
-    if allocate not in ALLOCATIONS:
-        raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
+    _check_choice(cost_budget, allocate)
     if allocate == "head":
         fits = cost <= cost_budget + 1e-12
         best = torch.where(fits, recall, -1.0).argmax(-1)
@@ -214,8 +215,7 @@ def _prompt_ids(tokenizer, text, length: int) -> Tensor:
     return torch.tensor([ids[:length]])
 
 
-def _fingerprint(model, prompts: list[Tensor], length: int, candidates: Sequence[Pattern]) -> str:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def _fingerprint(config, prompts: list[Tensor], length: int, candidates: Sequence[Pattern]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([getattr(config, "_name_or_path", ""), config.num_hidden_layers,
                          config.num_attention_heads, length,
@@ -276,16 +276,14 @@ def search_patterns(model, tokenizer, texts: Sequence, *, length: int, cost_budg
         raise ValueError("search_patterns needs at least one calibration text")
     if isinstance(length, bool) or not isinstance(length, int) or length < 2:
         raise ValueError(f"length must be an integer >= 2, got {length!r}")
-    _check_budget(cost_budget)
-    if allocate not in ALLOCATIONS:
-        raise ValueError(f"allocate must be one of {ALLOCATIONS}, got {allocate!r}")
+    _check_choice(cost_budget, allocate)  # before the long measurement, not only in choose()
     candidates = tuple(Pattern.parse(c) for c in (DEFAULT_CANDIDATES if candidates is None else candidates))
     if not candidates:
         raise ValueError("candidates is empty")
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     num_layers = int(config.num_hidden_layers)
     prompts = [_prompt_ids(tokenizer, t, length) for t in texts]
-    fingerprint = _fingerprint(model, prompts, length, candidates)
+    fingerprint = _fingerprint(config, prompts, length, candidates)
     done = _load_checkpoint(checkpoint, fingerprint)
     if done:
         log.info("resuming the search from %s (%d layer results)", checkpoint, len(done))
@@ -317,11 +315,11 @@ def search_patterns(model, tokenizer, texts: Sequence, *, length: int, cost_budg
         if todo:
             raise RuntimeError(f"layers {sorted(todo)} were never called with a {length}-token prefill")
 
-    recall = torch.tensor([[done[f"{p}/{layer}"]["recall"] for layer in range(num_layers)]
-                           for p in range(len(prompts))], dtype=torch.float64).mean(0)
-    cost = torch.tensor([[done[f"{p}/{layer}"]["cost"] for layer in range(num_layers)]
-                         for p in range(len(prompts))], dtype=torch.float64).mean(0)
-    _check_budget(cost_budget)
+    def mean_over_prompts(name: str) -> Tensor:  # [layers, heads, candidates]
+        return torch.tensor([[done[f"{p}/{layer}"][name] for layer in range(num_layers)]
+                             for p in range(len(prompts))], dtype=torch.float64).mean(0)
+
+    recall, cost = mean_over_prompts("recall"), mean_over_prompts("cost")
     choice = choose(recall, cost, float(cost_budget), allocate)
     result = SearchResult(candidates=candidates, recall=recall, cost=cost, choice=choice, length=length,
                           cost_budget=float(cost_budget), allocate=allocate, prompts=len(prompts),

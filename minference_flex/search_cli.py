@@ -38,13 +38,10 @@ def calibration_prompt(tokenizer, length: int) -> list[int]:
 
 def parse_candidates(spec: str) -> list[Pattern]:
     """``type,a,b;type,a,b;...`` -> patterns."""
-    out = []
-    for item in filter(None, (s.strip() for s in spec.split(";"))):
-        parts = [p.strip() for p in item.split(",")]
-        if len(parts) != 3:
-            raise ValueError(f"--candidates: each entry is type,a,b; got {item!r}")
-        out.append(Pattern(parts[0], int(parts[1]), int(parts[2])))
-    return out
+    from .eval import parse_entry
+
+    return [Pattern.parse(parse_entry(item, "--candidates: each entry is"))
+            for item in filter(None, (s.strip() for s in spec.split(";")))]
 
 
 def load_model(name: str, length: int, device: str, dtype: torch.dtype):

@@ -28,14 +28,14 @@ import time
 
 import torch
 
+from .bench import timed_runs
 from .eval import Haystack, add_patterns_option, context_for, finish, load_patterns, use_side
-from .models import smollm2
+from .models import SMOLLM2_DESCRIPTION, smollm2
 
 log = logging.getLogger(__name__)
 
 SIDES = ("sdpa", "minference_flex")
 DEFAULT_LENGTHS = [32768, 131072]
-MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
 
 
 @torch.inference_mode()
@@ -54,20 +54,9 @@ def time_first_token(model, input_ids: torch.Tensor, reps: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            tok = first_token(model, input_ids)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            tok = first_token(model, input_ids)
-            times.append((time.perf_counter() - t0) * 1e3)
+    tokens = []
+    times = timed_runs(lambda: tokens.append(first_token(model, input_ids)), reps, "cuda" if cuda else "cpu")
+    for tok in tokens:
         if int(tok) != token:
             log.warning("first token changed between runs: %d then %d", token, int(tok))
     peak = torch.cuda.max_memory_allocated() if cuda else None
@@ -153,7 +142,7 @@ def run(args) -> dict:
     cuda = args.device.startswith("cuda")
     import transformers
 
-    report = {"model": MODEL_NAME, "device": args.device,
+    report = {"model": SMOLLM2_DESCRIPTION, "device": args.device,
               "device_name": torch.cuda.get_device_name(args.device) if cuda
               else f"cpu ({torch.get_num_threads()} threads)",
               "torch": str(torch.__version__), "transformers": transformers.__version__, "dtype": args.dtype,
