@@ -115,10 +115,16 @@ def column_flags(selection: Selection) -> Tensor:
     return flags.scatter_(-1, selection.columns, True)[..., : selection.nk]
 
 
-def _main_mask_mod(selection: Selection, base: Tensor, columns: Tensor | None):
+def _main_mask_mod(selection: Selection, base: Tensor, columns: Tensor | None, diagonals: bool):
     sink, block_sparse = selection.sink, selection.block_sparse
     kept_offset = offset_lookup(selection.offsets)
     last = selection.nk - 1
+
+    def blocks_only(b, h, q_idx, kv_idx):  # no per-cell lookup: the partial tiles are diagonal blocks
+        return (q_idx + base >= kv_idx) & block_sparse[h]
+
+    if not diagonals:
+        return blocks_only
 
     def mask_mod(b, h, q_idx, kv_idx):
         o = q_idx + base - kv_idx
@@ -130,23 +136,14 @@ def _main_mask_mod(selection: Selection, base: Tensor, columns: Tensor | None):
     return mask_mod
 
 
-def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width: bool = False,
-                    fold_columns: bool = False) -> BlockMask:
-    """The BlockMask of everything but the vertical columns, over queries padded by ``pad`` rows.
-
-    Block-sparse heads list their kept blocks (the diagonal ones partial, for causality); the other
-    heads list their sink tiles and the tiles of their kept tile diagonals. ``full_width`` pads
-    the index lists to every key tile (needed by the compiled CPU kernel). ``fold_columns`` also
-    lists the key tiles holding vertical columns, so that this one mask covers every kept cell
-    (for kernels that cannot return the log-sum-exp needed to merge a separate vertical part).
-    """
-    geo = TileGeometry.of(selection, tiles)
+def _sink_and_diagonal_tiles(selection: Selection, tiles: Tiles, geo: TileGeometry, first_kv: Tensor,
+                             last_kv: Tensor):
+    """The sink tiles and the tiles of the kept tile diagonals of every query tile, for
+    ``main_block_mask``: (touched tile diagonals [B, H, n_e], candidate key tiles, valid, full, width),
+    the middle three lists of [B, H, n_q_tiles, *] tensors."""
     device = selection.offsets.device
     B, H, _ = selection.offsets.shape
     T, r, nkt = tiles.kv, tiles.q // tiles.kv, geo.n_k_tiles
-    A = geo.base // tiles.q + torch.arange(geo.n_q_tiles, device=device)[:, None]  # absolute query tiles
-    first_kv, last_kv = r * A, (r * A + r - 1).clamp(max=nkt - 1)                 # diagonal key tiles
-
     touched, full = kept_diagonals(selection.offsets, tiles)
     n_e = nkt + r - 1
     diag_width = max(1, min(n_e, (r + 1) * selection.max_offsets))
@@ -166,11 +163,38 @@ def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width:
     in_count = torch.arange(diag_width, device=device) < n_diag[..., None, None]
     diag_valid = in_count & (diag_kb >= sink_tiles[None, :, None, None]) & (diag_kb < nkt)
     diag_full = diag_valid & diag_full[:, :, None, :]
+    return (touched, [kb.expand(B, H, geo.n_q_tiles, n_sink_tiles), diag_kb],
+            [sink_valid.expand(B, H, -1, -1), diag_valid], [sink_full, diag_full], n_sink_tiles + diag_width)
 
-    cand = [kb.expand(B, H, geo.n_q_tiles, n_sink_tiles), diag_kb]
-    valid = [sink_valid.expand(B, H, -1, -1), diag_valid]
-    is_full = [sink_full, diag_full]
-    widths = n_sink_tiles + diag_width
+
+def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width: bool = False,
+                    fold_columns: bool = False, diagonals: bool = True) -> BlockMask:
+    """The BlockMask of everything but the vertical columns, over queries padded by ``pad`` rows.
+
+    Block-sparse heads list their kept blocks (the diagonal ones partial, for causality); the other
+    heads list their sink tiles and the tiles of their kept tile diagonals. ``full_width`` pads
+    the index lists to every key tile (needed by the compiled CPU kernel). ``fold_columns`` also
+    lists the key tiles holding vertical columns, so that this one mask covers every kept cell
+    (for kernels that cannot return the log-sum-exp needed to merge a separate vertical part).
+    ``diagonals=False`` lists the block-sparse blocks only (the strip kernel computes the kept
+    diagonals and sinks); the cells of the other heads are then not in this mask.
+    """
+    if fold_columns and not diagonals:
+        raise ValueError("fold_columns needs the diagonals in the main mask")
+    geo = TileGeometry.of(selection, tiles)
+    device = selection.offsets.device
+    B, H, _ = selection.offsets.shape
+    T, r, nkt = tiles.kv, tiles.q // tiles.kv, geo.n_k_tiles
+    A = geo.base // tiles.q + torch.arange(geo.n_q_tiles, device=device)[:, None]  # absolute query tiles
+    first_kv, last_kv = r * A, (r * A + r - 1).clamp(max=nkt - 1)                 # diagonal key tiles
+
+    n_e = nkt + r - 1
+    if diagonals:
+        touched, cand, valid, is_full, widths = _sink_and_diagonal_tiles(selection, tiles, geo, first_kv, last_kv)
+    elif not selection.blocks:
+        raise ValueError("a main mask without diagonals needs block-sparse heads")
+    else:
+        cand, valid, is_full, widths = [], [], [], 0
     for g in selection.blocks:
         per = g.block_size // T
         # Query tiles made only of padding rows may lie before the group's first query block.
@@ -195,6 +219,7 @@ def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width:
         e = (first_kv + r - 1 - col_kb).clamp(0, n_e - 1)                      # [B, H, nqt, nkt]
         listed = touched[:, :, None, :].expand(-1, -1, geo.n_q_tiles, -1).gather(-1, e)
         col_valid = (torch.arange(nkt, device=device) < n_col[..., None, None]) & (col_kb <= last_kv)
+        sink_tiles = -(-selection.sink.long() // T)
         col_valid = col_valid & (col_kb >= sink_tiles[None, :, None, None]) & ~listed
         cand.append(col_kb.expand(-1, -1, geo.n_q_tiles, -1))
         valid.append(col_valid)
@@ -212,7 +237,7 @@ def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width:
         full_kv_num_blocks=n_full,
         full_kv_indices=full_idx,
         BLOCK_SIZE=(tiles.q, T),
-        mask_mod=_main_mask_mod(selection, base, columns),
+        mask_mod=_main_mask_mod(selection, base, columns, diagonals),
         seq_lengths=(selection.nq + geo.pad, selection.nk),
         compute_q_blocks=False,
     )

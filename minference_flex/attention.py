@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,8 +21,11 @@ from block_masks import (
     vertical_block_mask,
 )
 
+from block_masks.strips import Strips, slash_strips, strip_cells
+
 from .config import parse_patterns
-from .kernel import flex, merge
+from .kernel import cell_mask, flex, merge
+from .strip_kernel import strip_attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -60,25 +64,37 @@ def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence,
 
 @dataclass(frozen=True)
 class AttentionPlan:
-    """Everything one sparse attention call needs besides the tensors: the per-head selection,
-    the main BlockMask (over queries padded by ``pad`` rows in front) and, when some head has
-    vertical columns, the BlockMask over the gathered columns."""
+    """Everything one sparse attention call needs besides the tensors: the per-head selection and
+    up to three parts over disjoint cells, merged through their log-sum-exp:
+
+    - ``strips``: the kept diagonals and sinks, for the strip kernel (CUDA), or None;
+    - ``main``: a BlockMask over queries padded by ``pad`` rows in front, of the block-sparse
+      blocks (with ``strips``) or of everything but the gathered vertical columns (without), or None;
+    - ``vertical``: the BlockMask over the gathered vertical columns, when some head has them and
+      they are not folded into ``main``.
+    """
 
     selection: Selection
-    main: BlockMask
+    main: BlockMask | None
     vertical: BlockMask | None
     pad: int
     scale: float
     tiles: Tiles
     kernel_options: dict | None = None
+    strips: Strips | None = None
 
     def visited_tiles(self) -> Tensor:
-        """[B, Hq] int64: tiles the kernel visits per head (partial and full tiles of the main mask
-        plus the tiles of the gathered vertical columns)."""
-        main = self.main
-        visited = main.kv_num_blocks.sum(-1, dtype=torch.int64) + main.full_kv_num_blocks.sum(-1, dtype=torch.int64)
-        if self.vertical is not None:
-            visited = visited + self.vertical.kv_num_blocks.sum(-1, dtype=torch.int64)
+        """[B, Hq] int64: tiles the kernel visits per head (partial and full tiles of the main mask,
+        the tiles of the gathered vertical columns and the strips, each strip one 64x64 tile)."""
+        B, H = self.selection.offsets.shape[:2]
+        visited = torch.zeros(B, H, dtype=torch.int64, device=self.selection.offsets.device)
+        for mask in (self.main, self.vertical):
+            if mask is not None:
+                visited = visited + mask.kv_num_blocks.sum(-1, dtype=torch.int64)
+                if mask.full_kv_num_blocks is not None:
+                    visited = visited + mask.full_kv_num_blocks.sum(-1, dtype=torch.int64)
+        if self.strips is not None:
+            visited = visited + self.strips.visited()
         return visited
 
     def causal_tiles(self) -> int:
@@ -90,58 +106,77 @@ class AttentionPlan:
 
     def tile_counts(self) -> dict:
         """Tiles the kernel visits (``partial`` and ``full`` tiles of the main mask, ``vertical``
-        tiles of gathered columns, ``visited`` in all), the ``causal`` tiles of dense attention at
-        the same tile size, and the visited ``fraction`` of them. Reads counts back from the device
-        (a host sync): for reports, not for the hot path."""
+        tiles of gathered columns, ``strips``, ``visited`` in all), the ``causal`` tiles of dense
+        attention at the same tile size, and the visited ``fraction`` of them. Reads counts back
+        from the device (a host sync): for reports, not for the hot path."""
         main = self.main
-        partial = int(main.kv_num_blocks.sum())
-        full = int(main.full_kv_num_blocks.sum())
+        partial = int(main.kv_num_blocks.sum()) if main is not None else 0
+        full = int(main.full_kv_num_blocks.sum()) if main is not None else 0
         vertical = int(self.vertical.kv_num_blocks.sum()) if self.vertical is not None else 0
-        heads = main.kv_num_blocks.shape[0] * main.kv_num_blocks.shape[1]
-        causal = heads * self.causal_tiles()
-        visited = partial + full + vertical
-        return dict(partial=partial, full=full, vertical=vertical, visited=visited, causal=causal,
-                    fraction=visited / causal)
+        strips = int(self.strips.visited().sum()) if self.strips is not None else 0
+        B, H = self.selection.offsets.shape[:2]
+        causal = B * H * self.causal_tiles()
+        visited = partial + full + vertical + strips
+        return dict(partial=partial, full=full, vertical=vertical, strips=strips, visited=visited,
+                    causal=causal, fraction=visited / causal)
 
 
 def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
-                   full_width: bool | None = None, fold_columns: bool | None = None, tiles: Tiles = Tiles(),
-                   kernel_options: dict | None = None) -> AttentionPlan:
-    """Estimate each head's pattern from the prompt and build the BlockMasks (no host sync).
+                   full_width: bool | None = None, fold_columns: bool | None = None, strips: bool | None = None,
+                   tiles: Tiles = Tiles(), kernel_options: dict | None = None) -> AttentionPlan:
+    """Estimate each head's pattern from the prompt and build the kernel's metadata (no host sync).
 
-    ``full_width`` pads the tile lists to every key tile and ``fold_columns`` puts the vertical
-    columns into the main mask instead of a gathered second part, as the compiled CPU kernel
-    requires (it returns no log-sum-exp to merge two parts with). Both default to what the
-    compiled kernel of the query's device needs.
+    ``strips`` computes the kept diagonals and sinks with the strip kernel (``block_masks.strips``;
+    the default on CUDA) instead of FlexAttention tiles. ``full_width`` pads the tile lists to every
+    key tile and ``fold_columns`` puts the vertical columns into the main mask instead of a gathered
+    second part, as the compiled CPU kernel requires (it returns no log-sum-exp to merge parts with).
+    Both default to what the compiled kernel of the query's device needs.
     ``tiles`` sets the BlockMask tile (block-sparse block sizes must be multiples of its query side);
-    ``kernel_options`` are passed to the CUDA kernel.
+    ``kernel_options`` are passed to the FlexAttention kernel on CUDA.
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     cpu = query.device.type == "cpu"
+    fold_columns = cpu if fold_columns is None else fold_columns
     return plan_selection(select(query, key, patterns, scale), scale=scale,
-                          full_width=cpu if full_width is None else full_width,
-                          fold_columns=cpu if fold_columns is None else fold_columns,
+                          full_width=cpu if full_width is None else full_width, fold_columns=fold_columns,
+                          strips=not (cpu or fold_columns) if strips is None else strips,
                           tiles=tiles, kernel_options=kernel_options)
 
 
 def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold_columns: bool,
-                   tiles: Tiles = Tiles(), kernel_options: dict | None = None) -> AttentionPlan:
-    """The BlockMasks of an already estimated Selection (see ``plan_attention``)."""
+                   strips: bool = False, tiles: Tiles = Tiles(), kernel_options: dict | None = None) -> AttentionPlan:
+    """The kernel metadata of an already estimated Selection (see ``plan_attention``)."""
     bad = sorted({g.block_size for g in selection.blocks if g.block_size % tiles.q})
     if bad:
         raise ValueError(f"block_sparse block sizes {bad} are not multiples of the query tile {tiles.q}")
+    if strips and fold_columns:
+        raise ValueError("strips=True computes the vertical columns as a separate part: it needs fold_columns=False")
     split = selection.columns is not None and not fold_columns
-    vertical = vertical_block_mask(selection, tiles) if split else None
+    main = None
+    if not strips or selection.blocks:
+        main = main_block_mask(selection, tiles, full_width=full_width, fold_columns=fold_columns, diagonals=not strips)
     return AttentionPlan(
         selection=selection,
-        main=main_block_mask(selection, tiles, full_width=full_width, fold_columns=fold_columns),
-        vertical=vertical,
+        main=main,
+        vertical=vertical_block_mask(selection, tiles) if split else None,
         pad=TileGeometry.of(selection, tiles).pad,
         scale=scale,
         tiles=tiles,
         kernel_options=kernel_options,
+        strips=slash_strips(selection) if strips else None,
     )
+
+
+def _strip_part(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, compiled: bool):
+    """(out, lse) of the strip cells: the Triton kernel, or its eager emulation with ``compiled=False``."""
+    if compiled or torch.compiler.is_compiling():
+        if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the strip kernel runs on CUDA: on CPU plan with strips=False, "
+                             "or run with compiled=False (eager emulation)")
+        return strip_attention(query, key, value, plan.strips, plan.scale)
+    cells = strip_cells(plan.strips) > 0
+    return flex(query, key, value, cell_mask(cells, (plan.tiles.q, plan.tiles.kv)), plan.scale, compiled=False)
 
 
 def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True) -> Tensor:
@@ -149,16 +184,24 @@ def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, 
     if plan.vertical is not None and compiled and query.device.type == "cpu":
         raise ValueError("the compiled CPU kernel returns no log-sum-exp to merge a separate vertical part: "
                          "plan with fold_columns=True (the CPU default), or run with compiled=False")
-    q = torch.nn.functional.pad(query, (0, 0, plan.pad, 0)) if plan.pad else query
+    n_parts = sum(part is not None for part in (plan.strips, plan.main, plan.vertical))
+    parts = []
+    if plan.strips is not None:
+        parts.append(_strip_part(plan, query, key, value, compiled))
+    q = torch.nn.functional.pad(query, (0, 0, plan.pad, 0)) if plan.pad and n_parts > len(parts) else query
     options = plan.kernel_options
-    split = plan.vertical is not None
-    out, lse = flex(q, key, value, plan.main, plan.scale, compiled=compiled, kernel_options=options, lse=split)
-    if split:
+    if plan.main is not None:
+        parts.append(flex(q, key, value, plan.main, plan.scale, compiled=compiled, kernel_options=options,
+                          lse=n_parts > 1))
+    if plan.vertical is not None:
         columns = plan.selection.columns
-        out_v, lse_v = flex(q, gather_columns(key, columns), gather_columns(value, columns),
-                            plan.vertical, plan.scale, compiled=compiled, kernel_options=options, lse=True)
-        out = merge(out, lse, out_v, lse_v)
-    return out[:, :, plan.pad:].to(query.dtype)
+        parts.append(flex(q, gather_columns(key, columns), gather_columns(value, columns), plan.vertical,
+                          plan.scale, compiled=compiled, kernel_options=options, lse=True))
+    # The FlexAttention parts ran over queries padded by plan.pad rows in front; the strips did not.
+    parts = [(out[:, :, out.shape[2] - query.shape[2]:], None if lse is None else lse[..., lse.shape[-1] - query.shape[2]:])
+             for out, lse in parts]
+    out = parts[0][0] if n_parts == 1 else merge(parts)
+    return out.to(query.dtype)
 
 
 def sparse_attention(query: Tensor, key: Tensor, value: Tensor, patterns: Sequence, *,

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from block_masks import Tiles, main_block_mask, select, token_cells, vertical_block_mask
+from block_masks import Tiles, select, token_cells
 
-from .attention import plan_attention, run_plan
+from .attention import plan_attention, plan_selection, run_plan
 from .bench_inputs import structured_qkv
 from .config import parse_patterns
 from .layer_demo import row_stats, sample_rows
@@ -192,12 +192,18 @@ def row_check(q, k, v, plan, out, rows):
     return err, recall, (kept.sum() / causal).item()
 
 
-def parse_config(text: str) -> tuple[Tiles, dict]:
-    """"128x64" or "64x64:num_warps=4,num_stages=3" -> (Tiles, kernel options)."""
+def parse_config(text: str) -> tuple[Tiles, dict, bool]:
+    """"strips" (the strip kernel for the diagonals, 64x64 FlexAttention tiles for the rest), or
+    FlexAttention alone: "128x64", "64x64:num_warps=4,num_stages=3" -> (Tiles, kernel options, strips)."""
+    if text == "strips":
+        return Tiles(), {}, True
     tiles, _, opts = text.partition(":")
-    q_tile, kv_tile = (int(x) for x in tiles.split("x"))
-    options = {k: int(v) for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
-    return Tiles(q_tile, kv_tile), options
+    try:
+        q_tile, kv_tile = (int(x) for x in tiles.split("x"))
+        options = {k: int(v) for k, v in (kv.split("=") for kv in opts.split(",") if kv)}
+    except ValueError:
+        raise ValueError(f"configuration {text!r}: expected 'strips' or QxK[:option=value,...]") from None
+    return Tiles(q_tile, kv_tile), options, False
 
 
 def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs: list[str], reps: int,
@@ -246,22 +252,24 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
     H = q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
     runs = []
-    tiles, options = parse_config(config)
-    dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, tiles=tiles, kernel_options=options)
+    tiles, options, strips = parse_config(config)
+    plan_options = dict(tiles=tiles, kernel_options=options, strips=strips and q.is_cuda,
+                        fold_columns=not q.is_cuda, full_width=not q.is_cuda)
+    dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, **plan_options)
     dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v, compiled=compiled), **timer)
     del dense_plan
     for a, b in budgets:
         patterns = parse_patterns([["vertical_and_slash", a, b]] * H, H)
-        plan = plan_attention(q, k, patterns, tiles=tiles, kernel_options=options)
+        plan = plan_attention(q, k, patterns, **plan_options)
         out = run_plan(plan, q, k, v, compiled=compiled)
         err, recall, cells = row_check(q, k, v, plan, out, rows)
         sel = plan.selection
         run = dict(config=config, budgets=[a, b], dense_pattern_ms=dense_ms, rel_err=err, recall=recall,
                    cell_fraction=cells, tiles=plan.tile_counts())
         run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), **timer)
-        run["build_ms"] = time_ms(lambda: (main_block_mask(sel, tiles), vertical_block_mask(sel, tiles)), **timer)
+        run["build_ms"] = time_ms(lambda: plan_selection(sel, scale=scale, **plan_options), **timer)
         run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v, compiled=compiled), **timer)
-        run["total_ms"] = time_ms(lambda: run_plan(plan_attention(q, k, patterns, tiles=tiles, kernel_options=options),
+        run["total_ms"] = time_ms(lambda: run_plan(plan_attention(q, k, patterns, **plan_options),
                                                    q, k, v, compiled=compiled), **timer)
         run["speedup_vs_sdpa"] = sdpa_ms / run["total_ms"]
         runs.append(run)
@@ -283,8 +291,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--budgets", nargs="+", default=["1000,6096", "100,800"],
                    help="vertical,slash budgets of the vertical_and_slash heads")
-    p.add_argument("--configs", nargs="+", default=["64x64"],
-                   help="BlockMask tiles QxK, optionally with kernel options: 64x64:num_warps=4,num_stages=3")
+    p.add_argument("--configs", nargs="+", default=["strips"],
+                   help="strips (default: the strip kernel for the diagonals), or FlexAttention alone with "
+                        "BlockMask tiles QxK and optional kernel options: 64x64:num_warps=4,num_stages=3")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench.json (default results)")
     p.add_argument("--plot", type=Path, default=None, metavar="PATH.png",

@@ -120,20 +120,21 @@ def _scale_mod(scale: float, head_dim: int, device: torch.device):
     return score_mod
 
 
+def cell_mask(cells: Tensor, block_size: tuple[int, int]) -> BlockMask:
+    """A BlockMask whose every tile is partial and whose mask_mod is ``cells`` [B, H, Nq, Nk] bool:
+    what eager flex_attention (which evaluates mask_mod everywhere) needs to compute these cells."""
+    B, H, nq, nk = cells.shape
+    n_q, n_k = -(-nq // block_size[0]), -(-nk // block_size[1])
+    num = torch.full((B, H, n_q), n_k, dtype=torch.int32, device=cells.device)
+    idx = torch.arange(n_k, dtype=torch.int32, device=cells.device).expand(B, H, n_q, n_k).contiguous()
+    return BlockMask.from_kv_blocks(kv_num_blocks=num, kv_indices=idx, BLOCK_SIZE=block_size,
+                                    mask_mod=lambda b, h, q, kv: cells[b, h, q, kv], seq_lengths=(nq, nk),
+                                    compute_q_blocks=False)
+
+
 def _emulate(block_mask: BlockMask) -> BlockMask:
-    """A BlockMask whose mask_mod alone yields the cells the kernel visits (eager flex_attention
-    ignores the tile lists and evaluates mask_mod everywhere)."""
-    cells = visited_cells(block_mask)
-    return BlockMask.from_kv_blocks(
-        kv_num_blocks=block_mask.kv_num_blocks,
-        kv_indices=block_mask.kv_indices,
-        full_kv_num_blocks=block_mask.full_kv_num_blocks,
-        full_kv_indices=block_mask.full_kv_indices,
-        BLOCK_SIZE=block_mask.BLOCK_SIZE,
-        mask_mod=lambda b, h, q, kv: cells[b, h, q, kv],
-        seq_lengths=block_mask.seq_lengths,
-        compute_q_blocks=False,
-    )
+    """A BlockMask whose mask_mod alone yields the cells the kernel visits."""
+    return cell_mask(visited_cells(block_mask), tuple(block_mask.BLOCK_SIZE))
 
 
 def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale: float, *,
@@ -185,10 +186,9 @@ def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale
     return out, (aux.lse if AuxRequest is not None else aux)
 
 
-def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
-    """Combine two attentions over disjoint key sets into one (float32). Rows empty in ``b``
-    (lse -inf) keep ``a``; ``a`` must have no empty row."""
-    lse = torch.logaddexp(lse_a, lse_b)
-    w_a = torch.exp(lse_a - lse).unsqueeze(-1)
-    w_b = torch.exp(lse_b - lse).unsqueeze(-1)
-    return out_a.float() * w_a + out_b.float() * w_b
+def merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Combine attentions over disjoint key sets, given as (out [..., M, D], lse [..., M]) pairs,
+    into one (float32). A part empty for a row (lse -inf) adds nothing to it."""
+    lse = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
+    lse = torch.where(torch.isinf(lse), 0.0, lse)  # a row empty everywhere stays 0, not nan
+    return sum(out.float() * torch.exp(part_lse - lse).unsqueeze(-1) for out, part_lse in parts)

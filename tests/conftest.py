@@ -9,6 +9,11 @@ from hypothesis import HealthCheck, settings
 
 # "ci" (default): derandomized, no example database, so every run draws the same examples.
 # "dev": random exploration with more examples (HYPOTHESIS_PROFILE=dev pytest).
+# Without a GPU, Triton kernels (the strip kernel) run under Triton's CPU interpreter. Set before
+# anything imports triton: the choice is made when a kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "ci",
     derandomize=True,

@@ -1,0 +1,161 @@
+"""The strip layout covers exactly the kept diagonals and sinks; the strip kernel (Triton, run by
+Triton's interpreter on CPU) and plans with strips match the float64 reference."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minference_flex as mf
+from block_masks import Selection, select
+from block_masks.strips import NO_STRIP, STRIP, slash_strips, strip_cells, strip_tops
+from minference_flex.config import parse_patterns
+from minference_flex.strip_kernel import strip_attention
+from tests.naive import reference_attention
+from tests.strategies import cases, examples
+
+interpreted = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the strip kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1 (tests/conftest.py)")
+
+
+def diagonal_and_sink_cells(selection) -> torch.Tensor:
+    """[B, H, Nq, Nk]: causal cells with a kept offset or a sink key (independent of the strips)."""
+    p = selection.q_offset + torch.arange(selection.nq)[:, None]
+    j = torch.arange(selection.nk)
+    o = p - j
+    return (selection.offsets[:, :, o.clamp(min=0)] | (j < selection.sink[:, None, None])) & (o >= 0)
+
+
+@settings(max_examples=examples(80))
+@given(case=cases(max_nk=300))
+def test_strips_cover_exactly_the_kept_diagonals_and_sinks(case):
+    q, k = case.tensors(value=False)
+    selection = select(q, k, parse_patterns(case.patterns, case.Hq), case.effective_scale)
+    strips = slash_strips(selection)
+    assert torch.equal(strip_cells(strips), diagonal_and_sink_cells(selection).to(torch.int32))
+    # No more strips than kept offsets, ascending, padding past every block.
+    kept = selection.offsets.sum(-1)
+    real = strips.sigma != NO_STRIP
+    assert (real.sum(-1) <= kept.clamp(min=1)).all()
+    assert (strips.sigma[..., 1:] >= strips.sigma[..., :-1]).all()
+    assert (strips.sigma[real] >= -(STRIP - 1)).all()
+
+
+@settings(max_examples=examples(200))
+@given(offsets=st.lists(st.integers(0, 400), min_size=1, max_size=40, unique=True))
+def test_chain_length_per_cluster(offsets):
+    """A cluster a..b (gaps under STRIP) costs (b - a + STRIP - 1) // STRIP + 1 strips."""
+    flags = torch.zeros(1, 1, 401, dtype=torch.bool)
+    flags[0, 0, offsets] = True
+    tops, _ = strip_tops(flags, len(offsets))
+    s = sorted(offsets)
+    clusters, start = [], s[0]
+    for prev, cur in zip(s, s[1:]):
+        if cur - prev >= STRIP:
+            clusters.append((start, prev))
+            start = cur
+    clusters.append((start, s[-1]))
+    expected = sum((b - a + STRIP - 1) // STRIP + 1 for a, b in clusters)
+    assert int((tops != NO_STRIP).sum()) == expected
+    assert int((tops != NO_STRIP).sum()) <= len(offsets)
+
+
+@settings(max_examples=examples(40))
+@given(case=cases(max_nk=300))
+def test_plan_with_strips_matches_reference(case):
+    """Strips + block-sparse main mask + gathered verticals, merged: the eager emulation."""
+    q, k, v = case.tensors(torch.float32)
+    plan = mf.plan_attention(q, k, case.patterns, scale=case.scale, strips=True, fold_columns=False,
+                             full_width=False)
+    assert plan.strips is not None
+    assert (plan.main is not None) == bool(plan.selection.blocks)
+    out = mf.run_plan(plan, q, k, v, compiled=False)
+    ref = reference_attention(q, k, v, mf.token_mask(q, k, case.patterns, scale=case.scale), case.scale)
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item() + 1e-6, err
+
+
+@interpreted
+@settings(max_examples=examples(12))
+@given(case=cases(max_nk=200, head_dims=(16, 32, 64)),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]))
+def test_strip_kernel_matches_reference(case, dtype):
+    """The Triton kernel itself against float64 over the strip cells (which the test above proves
+    equal to the kept diagonals and sinks). On CPU Triton's interpreter runs it, in float32 only:
+    the interpreter mis-converts float32 to bfloat16 (seen with triton 3.9)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device) for t in case.tensors(dtype))
+    plan = mf.plan_attention(q, k, case.patterns, scale=case.scale, strips=True, fold_columns=False,
+                             full_width=False)
+    out_s, lse_s = strip_attention(q, k, v, plan.strips, plan.scale)
+    cells = strip_cells(plan.strips) > 0
+    ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), cells.cpu(), case.scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    empty = ~cells.any(-1).cpu()
+    torch.testing.assert_close(out_s.cpu().double().masked_fill(empty[..., None], 0), ref.masked_fill(empty[..., None], 0),
+                               atol=tol, rtol=tol)
+    assert torch.isinf(lse_s.cpu()[empty]).all() and torch.isfinite(lse_s.cpu()[~empty]).all()
+    scores = (q.cpu().double() @ k.cpu().double().repeat_interleave(case.Hq // case.Hkv, 1).transpose(-1, -2))
+    ref_lse = (scores * case.effective_scale).masked_fill(~cells.cpu(), -math.inf).logsumexp(-1)
+    torch.testing.assert_close(lse_s.cpu().double()[~empty], ref_lse[~empty], atol=tol, rtol=tol)
+
+
+@st.composite
+def offset_sets(draw, max_nk: int = 700):
+    """A Selection of 2 heads with offsets drawn directly (head 0: scattered diagonals and a sink,
+    head 1: runs), so that clusters lie close to each other and chains of neighbours share keys."""
+    nk = draw(st.integers(1, max_nk))
+    nq = draw(st.integers(1, nk))
+    kept = draw(st.lists(st.integers(0, nk - 1), max_size=120, unique=True))
+    runs = draw(st.lists(st.tuples(st.integers(0, nk - 1), st.integers(1, 200)), max_size=3))
+    offsets = torch.zeros(1, 2, nk, dtype=torch.bool)
+    offsets[0, 0, kept] = True
+    for start, length in runs:
+        offsets[0, 1, start:start + length] = True
+    sink = torch.tensor([draw(st.integers(0, nk)), 0], dtype=torch.int32)
+    return Selection(nq=nq, nk=nk, offsets=offsets, sink=sink, block_sparse=torch.zeros(2, dtype=torch.bool),
+                     columns=None, blocks=(), max_sink=int(sink.max()), max_offsets=nk)
+
+
+@settings(max_examples=examples(60))
+@given(selection=offset_sets())
+def test_strips_of_random_offset_sets(selection):
+    """Every kept diagonal and sink cell is computed exactly once, nothing else."""
+    assert torch.equal(strip_cells(slash_strips(selection)), diagonal_and_sink_cells(selection).to(torch.int32))
+
+
+@interpreted
+@settings(max_examples=examples(12))
+@given(selection=offset_sets(max_nk=500), seed=st.integers(0, 2**31 - 1))
+def test_strip_kernel_on_random_offset_sets(selection, seed):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, selection.nq, 16, generator=g)
+    k, v = torch.randn(2, 1, 1, selection.nk, 16, generator=g)
+    on_device = dataclasses.replace(selection, offsets=selection.offsets.to(device), sink=selection.sink.to(device),
+                                    block_sparse=selection.block_sparse.to(device))
+    strips = slash_strips(on_device)
+    out, _ = strip_attention(q.to(device), k.to(device), v.to(device), strips, 0.25)
+    ref = reference_attention(q, k, v, diagonal_and_sink_cells(selection), 0.25)
+    torch.testing.assert_close(out.cpu().double(), ref.nan_to_num(0), atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+def test_strip_kernel_counts_shared_keys_once():
+    """Clusters 0..40 and 110..111 get chains (40, -24) and (111, 47): strips 40 and 47 share keys,
+    and each must count only its own cluster's offsets."""
+    nk = 256
+    offsets = torch.zeros(1, 2, nk, dtype=torch.bool)
+    offsets[0, :, :41] = True
+    offsets[0, :, [110, 111]] = True
+    selection = Selection(nq=nk, nk=nk, offsets=offsets, sink=torch.zeros(2, dtype=torch.int32),
+                          block_sparse=torch.zeros(2, dtype=torch.bool), columns=None, blocks=(), max_sink=0,
+                          max_offsets=nk)
+    assert slash_strips(selection).sigma[0, 0, :4].tolist() == [-24, 40, 47, 111]
+    test_strip_kernel_on_random_offset_sets.hypothesis.inner_test(selection, seed=3)
