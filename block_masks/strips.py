@@ -10,8 +10,9 @@ costs one strip per query block (tile-aligned, it would cross two tiles), a run 
 offsets about r / STRIP + 1 strips. The strip list is the same for every query block (a kept offset
 is a diagonal), so the metadata grows with the kept offsets, not with the prompt length squared.
 
-The kernel computes, per diagonal strip, exactly the cells whose offset is kept and whose key is
-not a sink (a bit test on ``bits``), and in the sink strips (keys 0 .. sink-1) every causal cell:
+The kernel computes, per diagonal strip, exactly the cells whose offset is kept (within the strip's
+cluster) and whose key is no sink (a bit test on the strip's ``words``), and in the sink strips
+(keys 0 .. sink-1) every causal cell:
 each cell of the diagonals and sinks is computed once. Vertical columns and block-sparse blocks are
 not here.
 """
@@ -28,9 +29,6 @@ from .pattern import TILE
 
 #: Rows and keys of one strip (the kernel's tile).
 STRIP = TILE
-#: Bit ``o + BIT_BIAS`` of a head's bitset holds offset o, so that the bit words a strip reads
-#: (strip tops go down to -(STRIP - 1), so offsets down to -2 * (STRIP - 1)) never start before it.
-BIT_BIAS = 2 * STRIP
 #: Strip tops of padding entries: past every query block, so never counted.
 NO_STRIP = 2**30
 
@@ -44,8 +42,10 @@ class Strips:
             last kept offset; see ``strip_tops``).
     counts: [B, Hq, n_q_blocks] int32, strips valid for query block t (rows t*STRIP ..), the
             prefix of ``sigma`` with sigma <= i0 + STRIP - 1 (a strip wholly before key 0 is dropped).
-    bits:   [B, Hq, W] int32, bit (o + BIT_BIAS) % 32 of word (o + BIT_BIAS) // 32 set iff offset o
-            is kept (W leaves room for every word a strip reads).
+    words:  [B, Hq, S, 4] int32, the cells each strip counts: bit t (of word t // 32) set iff offset
+            sigma - (STRIP - 1) + t is kept and in the strip's cluster (t < 2 * STRIP - 1). Row r and
+            key c of a strip hold offset sigma + r - c, that is t = r - c + STRIP - 1 for every strip:
+            the kernel's per-cell test is a shift of a word it loads once per strip.
     sink:   [Hq] int32 sink tokens (A-shape heads; 0 elsewhere).
     q_start: position of query row 0 (Nk - Nq); nq, nk: query and key lengths.
     """
@@ -53,7 +53,7 @@ class Strips:
     sigma: Tensor
     owned: Tensor
     counts: Tensor
-    bits: Tensor
+    words: Tensor
     sink: Tensor
     q_start: int
     nq: int
@@ -66,14 +66,21 @@ class Strips:
         return self.counts.sum(-1, dtype=torch.int64) + sink_strips.sum(-1)
 
 
-def offset_bits(offsets: Tensor) -> Tensor:
-    """offsets [B, H, Nk] bool -> [B, H, W] int32 bitset (see ``Strips.bits``)."""
-    B, H, Nk = offsets.shape
-    words = (Nk + BIT_BIAS + STRIP) // 32 + 6
-    padded = torch.nn.functional.pad(offsets, (BIT_BIAS, words * 32 - Nk - BIT_BIAS)).view(B, H, words, 32)
-    weights = torch.pow(2, torch.arange(32, device=offsets.device, dtype=torch.int64))
-    value = (padded.to(torch.int64) * weights).sum(-1)
+def pack_bits(flags: Tensor) -> Tensor:
+    """flags [..., 32 * W] bool -> [..., W] int32, flag 32 * w + i in bit i of word w."""
+    weights = torch.pow(2, torch.arange(32, device=flags.device, dtype=torch.int64))
+    value = (flags.unflatten(-1, (-1, 32)).to(torch.int64) * weights).sum(-1)
     return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)  # same 32 bits, signed
+
+
+def strip_words(offsets: Tensor, sigma: Tensor, owned: Tensor) -> Tensor:
+    """[B, H, S, 4] int32: the offsets each strip counts (see ``Strips.words``)."""
+    Nk = offsets.shape[-1]
+    o = sigma.long()[..., None] - (STRIP - 1) + torch.arange(4 * 32, device=offsets.device)   # [B, H, S, 128]
+    kept = offsets.gather(-1, o.clamp(0, Nk - 1).flatten(-2)).view(o.shape)
+    counted = kept & (o >= owned[..., :1]) & (o <= owned[..., 1:]) & (o >= 0)
+    counted[..., 2 * STRIP - 1:] = False
+    return pack_bits(counted)
 
 
 def strip_tops(offsets: Tensor, max_kept: int) -> tuple[Tensor, Tensor]:
@@ -116,7 +123,7 @@ def slash_strips(selection: Selection) -> Strips:
     B, H, _ = offsets.shape
     last_pos = selection.q_offset + STRIP * torch.arange(n_q_blocks, device=offsets.device) + STRIP - 1
     counts = torch.searchsorted(sigma, last_pos.to(torch.int32).expand(B, H, n_q_blocks).contiguous(), right=True)
-    return Strips(sigma=sigma, owned=owned, counts=counts.to(torch.int32), bits=offset_bits(offsets),
+    return Strips(sigma=sigma, owned=owned, counts=counts.to(torch.int32), words=strip_words(offsets, sigma, owned),
                   sink=selection.sink, q_start=selection.q_offset, nq=selection.nq, nk=selection.nk)
 
 
@@ -124,37 +131,30 @@ def strip_cells(strips: Strips) -> Tensor:
     """How often the strip kernel computes each cell: [B, Hq, Nq, Nk] int32 (dense: tests and
     emulation only). Every kept diagonal or sink cell must come out exactly 1, every other cell 0.
 
-    Built from the strips themselves (which keys each query block's strips reach, which offsets each
-    strip counts), not from the Selection, so a gap or an overlap in the cover shows up.
+    Built from the strips themselves (their tops and words), not from the Selection, so a gap or an
+    overlap in the cover shows up. Row r of a block counts, through the strip with top sigma, the
+    offsets sigma - (STRIP - 1) + t for t in r .. r + STRIP - 1 whose bit t is set; a strip a block
+    does not run only reaches keys before 0.
     """
-    sigma, owned, bits = strips.sigma, strips.owned, strips.bits
+    sigma, words = strips.sigma, strips.words
     B, H, S = sigma.shape
     device = sigma.device
-    nq, nk, span = strips.nq, strips.nk, strips.nk + 2 * STRIP   # tops -STRIP .. nk + STRIP
-    rows = torch.arange(nq, device=device)
-    pos = strips.q_start + rows                                                 # [Nq]
-    i0 = strips.q_start + (rows // STRIP) * STRIP                                # first row of the block
+    nq, nk = strips.nq, strips.nk
+    T = 2 * STRIP
+    t = torch.arange(4 * 32, device=device)
+    bit = ((words[..., t // 32] >> (t % 32)) & 1)[..., :T].to(torch.int32)         # [B, H, S, T]
+    # per_offset[o + T, t]: strips whose bit t counts offset o (o = sigma - (STRIP - 1) + t).
+    o_idx = (sigma.long()[..., None] - (STRIP - 1) + t[:T] + T).clamp(0, nk + T)  # padding lands at nk + T
+    per_offset = torch.zeros(B, H, nk + T + 1, T, dtype=torch.int32, device=device)
+    per_offset.index_put_((torch.arange(B, device=device)[:, None, None, None], torch.arange(H, device=device)[None, :, None, None],
+                           o_idx, t[:T].expand_as(o_idx)), bit, accumulate=True)
+    prefix = torch.nn.functional.pad(per_offset.cumsum(-1), (1, 0))             # over t
+    r = torch.arange(STRIP, device=device)
+    by_row = prefix[..., r + STRIP] - prefix[..., r]                              # [B, H, nk + T + 1, STRIP]
+    pos = strips.q_start + torch.arange(nq, device=device)
     j = torch.arange(nk, device=device)
-    o = pos[:, None] - j                                                        # [Nq, Nk]
-    # owns[x, o]: strips with top x - STRIP that count offset o (difference array over o).
-    real = sigma != NO_STRIP
-    top = torch.where(real, sigma.long() + STRIP, span)
-    owns = torch.zeros(B, H, span + 1, nk + 1, dtype=torch.int32, device=device)
-    ones = real.to(torch.int32)
-    owns.index_put_((torch.arange(B, device=device)[:, None, None], torch.arange(H, device=device)[None, :, None],
-                     top, owned[..., 0].long().clamp(0, nk)), ones, accumulate=True)
-    owns.index_put_((torch.arange(B, device=device)[:, None, None], torch.arange(H, device=device)[None, :, None],
-                     top, (owned[..., 1].long() + 1).clamp(0, nk)), -ones, accumulate=True)
-    owns = owns.cumsum(-1)[:, :, :span, :nk]
-    # Strip top sigma reaches key j from block i0 iff i0 - j <= sigma <= i0 - j + STRIP - 1; sum
-    # owns over that window of tops with a prefix sum.
-    before = torch.nn.functional.pad(owns.cumsum(-2), (0, 0, 1, 0))             # tops < x - STRIP
-    lo = (i0[:, None] - j + STRIP).clamp(0, span)
-    hi = (i0[:, None] - j + 2 * STRIP).clamp(0, span)
-    oc = o.clamp(0, nk - 1)
-    reached = before[:, :, hi, oc] - before[:, :, lo, oc]                         # [B, H, Nq, Nk]
-    bit = o + BIT_BIAS
-    word = bits[..., (bit // 32).clamp(0, bits.shape[-1] - 1)]
-    kept = ((word >> (bit % 32)) & 1).bool() & (o >= 0)
-    sink = j < strips.sink[:, None, None].long()                                 # [H, 1, Nk]
-    return torch.where(kept & ~sink, reached, 0) + (sink & (o >= 0)).to(torch.int32)
+    o = pos[:, None] - j                                                          # [Nq, Nk]
+    row = (torch.arange(nq, device=device) % STRIP)[:, None].expand(nq, nk)
+    reached = by_row[:, :, (o + T).clamp(0, nk + T), row]
+    sink = j < strips.sink[:, None, None].long()                                  # [H, 1, Nk]
+    return torch.where(sink | (o < 0), 0, reached) + (sink & (o >= 0)).to(torch.int32)

@@ -3,8 +3,9 @@
 Why not FlexAttention for the diagonals: FlexAttention's key tiles are aligned, so an isolated kept
 diagonal crosses two tiles of every query tile, and the kept cells of such a partial tile are found
 by ``mask_mod`` with a gather per cell, which made a partial tile cost 1.8x a full one on the H100
-(docs/performance.md). Here a strip starts at any key, so an isolated diagonal costs one strip, and
-its cells are found with bit arithmetic on five words loaded once per strip.
+(docs/performance.md). Here a strip starts at any key, so an isolated diagonal costs one strip, its
+cells are found with a shift of four words loaded once per strip, and a strip whose cells all count
+skips the mask.
 
 One program per (query block of STRIP rows, batch x query head); query head h reads key/value head
 h // group. It returns the output over the strip cells and their log-sum-exp, to be merged with the
@@ -17,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from block_masks.strips import BIT_BIAS, STRIP, Strips
+from block_masks.strips import STRIP, Strips
 
 try:
     import triton
@@ -32,12 +33,15 @@ NUM_STAGES = 2
 if triton is not None:
 
     @triton.jit
-    def _accumulate(q, k_ptrs, v_ptrs, cols, keep, Nk, qk_scale, m_i, l_i, acc, PRECISION: tl.constexpr):
-        """One strip of the online softmax (log2 domain): scores of the kept cells, then rescale."""
+    def _accumulate(q, k_ptrs, v_ptrs, cols, keep, Nk, qk_scale, m_i, l_i, acc, PRECISION: tl.constexpr,
+                    MASKED: tl.constexpr):
+        """One strip of the online softmax (log2 domain): scores of the kept cells (all cells when
+        not MASKED), then rescale."""
         in_range = (cols >= 0) & (cols < Nk)
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        qk = tl.where(keep, qk, float("-inf"))
+        if MASKED:
+            qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
@@ -47,12 +51,10 @@ if triton is not None:
         return m_new, l_i * alpha + tl.sum(p, 1), acc
 
     @triton.jit
-    def _strip_forward(Q, K, V, Out, Lse, Sigma, Owned, Counts, Bits, Sink,
+    def _strip_forward(Q, K, V, Out, Lse, Sigma, Words, Counts, Sink,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                       ssb, ssh, scb, sch, sbb, sbh,
-                       n_heads, group, Nq, Nk, q_start, qk_scale,
-                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BIAS: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       ssb, ssh, scb, sch, n_heads, group, Nq, Nk, q_start, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // n_heads
@@ -66,34 +68,36 @@ if triton is not None:
         pos = i0 + lane
         k_base = K + b * skb + kvh * skh + d[None, :]
         v_base = V + b * svb + kvh * svh + d[None, :]
-        bits = Bits + b * sbb + h * sbh
         sink = tl.load(Sink + h)
         m_i = tl.full([BLOCK], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+        # Bit t = r - c + BLOCK - 1 of a strip's words tells whether its cell (row r, key c) counts:
+        # the same word and shift for every strip.
+        t = lane[:, None] - lane[None, :] + BLOCK - 1
+        slot = t // 32
+        shift = t % 32
 
-        # Diagonal strips: keys i0 - sigma .., cells whose offset is kept, in the strip's cluster,
-        # and whose key is no sink.
+        # Diagonal strips: keys i0 - sigma .. i0 - sigma + BLOCK - 1.
         n = tl.load(Counts + b * scb + h * sch + qb)
         for s in range(0, n):
-            sigma = tl.load(Sigma + b * ssb + h * ssh + s)
-            first = tl.load(Owned + (b * ssb + h * ssh + s) * 2)
-            last = tl.load(Owned + (b * ssb + h * ssh + s) * 2 + 1)
-            cols = i0 - sigma + lane
-            off = pos[:, None] - cols[None, :]                  # in sigma - (BLOCK-1) .. sigma + BLOCK-1
-            word0 = (sigma - (BLOCK - 1) + BIAS) // 32
-            rel = off + BIAS - word0 * 32                         # 0 .. 32 + 2 * (BLOCK - 1)
-            w0 = tl.load(bits + word0)
-            w1 = tl.load(bits + word0 + 1)
-            w2 = tl.load(bits + word0 + 2)
-            w3 = tl.load(bits + word0 + 3)
-            w4 = tl.load(bits + word0 + 4)
-            slot = rel // 32
-            word = tl.where(slot == 0, w0, tl.where(slot == 1, w1, tl.where(slot == 2, w2, tl.where(slot == 3, w3, w4))))
-            keep = (((word >> (rel % 32)) & 1) != 0) & (off >= first) & (off <= last)
-            keep = keep & (cols[None, :] >= sink) & (cols[None, :] >= 0)
-            m_i, l_i, acc = _accumulate(q, k_base + cols[:, None] * skn, v_base + cols[:, None] * svn, cols, keep,
-                                        Nk, qk_scale, m_i, l_i, acc, PRECISION)
+            strip = b * ssb + h * ssh + s
+            sigma = tl.load(Sigma + strip)
+            w0 = tl.load(Words + strip * 4)
+            w1 = tl.load(Words + strip * 4 + 1)
+            w2 = tl.load(Words + strip * 4 + 2)
+            w3 = tl.load(Words + strip * 4 + 3)
+            start = i0 - sigma
+            cols = start + lane
+            k_ptrs = k_base + cols[:, None] * skn
+            v_ptrs = v_base + cols[:, None] * svn
+            if ((w0 & w1 & w2 & (w3 | -2147483648)) == -1) & (start >= sink):
+                # Every cell counts (bit 127 is no cell), no sink or negative key: no mask at all.
+                m_i, l_i, acc = _accumulate(q, k_ptrs, v_ptrs, cols, t, Nk, qk_scale, m_i, l_i, acc, PRECISION, False)
+            else:
+                word = tl.where(slot == 0, w0, tl.where(slot == 1, w1, tl.where(slot == 2, w2, w3)))
+                keep = (((word >> shift) & 1) != 0) & (cols[None, :] >= sink) & (cols[None, :] >= 0)
+                m_i, l_i, acc = _accumulate(q, k_ptrs, v_ptrs, cols, keep, Nk, qk_scale, m_i, l_i, acc, PRECISION, True)
 
         # Sink strips: keys 0 .. sink - 1, every causal cell.
         n_sink = (tl.minimum(sink, i0 + BLOCK) + BLOCK - 1) // BLOCK
@@ -101,7 +105,7 @@ if triton is not None:
             cols = s * BLOCK + lane
             keep = (cols[None, :] < sink) & (pos[:, None] >= cols[None, :])
             m_i, l_i, acc = _accumulate(q, k_base + cols[:, None] * skn, v_base + cols[:, None] * svn, cols, keep,
-                                        Nk, qk_scale, m_i, l_i, acc, PRECISION)
+                                        Nk, qk_scale, m_i, l_i, acc, PRECISION, True)
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -129,17 +133,17 @@ def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, s
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = torch.empty_like(query)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=query.device)
-    sigma, counts, bits = strips.sigma, strips.counts, strips.bits
-    if not (sigma.is_contiguous() and strips.owned.is_contiguous()):
-        raise ValueError("strip tops and ranges must be contiguous (as slash_strips makes them)")
+    sigma, counts, words = strips.sigma, strips.counts, strips.words
+    if not (sigma.is_contiguous() and words.is_contiguous()):
+        raise ValueError("strip tops and words must be contiguous (as slash_strips makes them)")
     grid = (triton.cdiv(Nq, STRIP), B * Hq)
     _strip_forward[grid](
-        query, key, value, out, lse, sigma, strips.owned, counts, bits, strips.sink,
+        query, key, value, out, lse, sigma, words, counts, strips.sink,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        sigma.stride(0), sigma.stride(1), counts.stride(0), counts.stride(1), bits.stride(0), bits.stride(1),
+        sigma.stride(0), sigma.stride(1), counts.stride(0), counts.stride(1),
         Hq, Hq // Hkv, Nq, Nk, strips.q_start, scale * math.log2(math.e),
-        HEAD_DIM=D, BLOCK=STRIP, BIAS=BIT_BIAS,
+        HEAD_DIM=D, BLOCK=STRIP,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
