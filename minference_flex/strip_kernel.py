@@ -39,7 +39,8 @@ if triton is not None:
         not MASKED), then rescale."""
         in_range = (cols >= 0) & (cols < Nk)
         k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # qk_scale may arrive as float64 (torch.compile passes Python floats so): keep scores float32.
+        qk = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale).to(tl.float32)
         if MASKED:
             qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
