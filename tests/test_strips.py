@@ -159,3 +159,15 @@ def test_strip_kernel_counts_shared_keys_once():
                           max_offsets=nk)
     assert slash_strips(selection).sigma[0, 0, :4].tolist() == [-24, 40, 47, 111]
     test_strip_kernel_on_random_offset_sets.hypothesis.inner_test(selection, seed=3)
+
+
+def test_bad_strip_requests_raise_value_error(monkeypatch):
+    q, k, v = torch.randn(3, 1, 2, 100, 16).unbind(0)
+    with pytest.raises(ValueError, match="fold_columns=False"):
+        mf.plan_attention(q, k, [["vertical_and_slash", 30, 100]] * 2, strips=True, fold_columns=True)
+    plan = mf.plan_attention(q, k, [["vertical_and_slash", 30, 100]] * 2, strips=True, fold_columns=False)
+    with pytest.raises(ValueError, match="cannot run on"):
+        strip_attention(q[:, :, :50], k, v, plan.strips, plan.scale)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        mf.attention._strip_part(plan, q, k, v, compiled=True)
