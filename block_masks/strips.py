@@ -38,8 +38,6 @@ class Strips:
     """The strip layout of one call.
 
     sigma:  [B, Hq, S] int32, each head's strip tops ascending, padded with NO_STRIP.
-    owned:  [B, Hq, S, 2] int32, the range of offsets each strip counts (its cluster's first and
-            last kept offset; see ``strip_tops``).
     counts: [B, Hq, n_q_blocks] int32, strips valid for query block t (rows t*STRIP ..), the
             prefix of ``sigma`` with sigma <= i0 + STRIP - 1 (a strip wholly before key 0 is dropped).
     words:  [B, Hq, S, 4] int32, the cells each strip counts: bit t (of word t // 32) set iff offset
@@ -51,7 +49,6 @@ class Strips:
     """
 
     sigma: Tensor
-    owned: Tensor
     counts: Tensor
     words: Tensor
     sink: Tensor
@@ -123,7 +120,7 @@ def slash_strips(selection: Selection) -> Strips:
     B, H, _ = offsets.shape
     last_pos = selection.q_offset + STRIP * torch.arange(n_q_blocks, device=offsets.device) + STRIP - 1
     counts = torch.searchsorted(sigma, last_pos.to(torch.int32).expand(B, H, n_q_blocks).contiguous(), right=True)
-    return Strips(sigma=sigma, owned=owned, counts=counts.to(torch.int32), words=strip_words(offsets, sigma, owned),
+    return Strips(sigma=sigma, counts=counts.to(torch.int32), words=strip_words(offsets, sigma, owned),
                   sink=selection.sink, q_start=selection.q_offset, nq=selection.nq, nk=selection.nk)
 
 

@@ -12,16 +12,17 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from block_masks import (
     Selection,
+    Strips,
     TileGeometry,
     Tiles,
     gather_columns,
     main_block_mask,
     select,
+    slash_strips,
+    strip_cells,
     token_cells,
     vertical_block_mask,
 )
-
-from block_masks.strips import Strips, slash_strips, strip_cells
 
 from .config import parse_patterns
 from .kernel import cell_mask, flex, merge
@@ -188,18 +189,20 @@ def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, 
     parts = []
     if plan.strips is not None:
         parts.append(_strip_part(plan, query, key, value, compiled))
-    q = torch.nn.functional.pad(query, (0, 0, plan.pad, 0)) if plan.pad and n_parts > len(parts) else query
+    # The FlexAttention parts run over queries padded by plan.pad rows in front (tile alignment);
+    # the strips start anywhere and need no padding.
+    needs_pad = plan.pad and (plan.main is not None or plan.vertical is not None)
+    q = torch.nn.functional.pad(query, (0, 0, plan.pad, 0)) if needs_pad else query
     options = plan.kernel_options
+    flex_parts = []
     if plan.main is not None:
-        parts.append(flex(q, key, value, plan.main, plan.scale, compiled=compiled, kernel_options=options,
-                          lse=n_parts > 1))
+        flex_parts.append(flex(q, key, value, plan.main, plan.scale, compiled=compiled, kernel_options=options,
+                               lse=n_parts > 1))
     if plan.vertical is not None:
         columns = plan.selection.columns
-        parts.append(flex(q, gather_columns(key, columns), gather_columns(value, columns), plan.vertical,
-                          plan.scale, compiled=compiled, kernel_options=options, lse=True))
-    # The FlexAttention parts ran over queries padded by plan.pad rows in front; the strips did not.
-    parts = [(out[:, :, out.shape[2] - query.shape[2]:], None if lse is None else lse[..., lse.shape[-1] - query.shape[2]:])
-             for out, lse in parts]
+        flex_parts.append(flex(q, gather_columns(key, columns), gather_columns(value, columns), plan.vertical,
+                               plan.scale, compiled=compiled, kernel_options=options, lse=True))
+    parts += [(out[:, :, plan.pad:], None if lse is None else lse[..., plan.pad:]) for out, lse in flex_parts]
     out = parts[0][0] if n_parts == 1 else merge(parts)
     return out.to(query.dtype)
 
