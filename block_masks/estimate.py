@@ -136,12 +136,14 @@ def vertical_slash_scores(query: Tensor, key: Tensor, scale: float) -> tuple[Ten
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
     m = min(LAST_Q, Nq)
-    q_last = query[:, :, Nq - m:].float().reshape(B, Hkv, (Hq // Hkv) * m, D)
-    scores = (q_last @ key.float().transpose(-1, -2)).view(B, Hq, m, Nk) * scale
+    # The scale goes on the few queries, not on the [B, Hq, m, Nk] scores (8.6 GB at 1M tokens).
+    q_last = (query[:, :, Nq - m:].float() * scale).reshape(B, Hkv, (Hq // Hkv) * m, D)
+    scores = (q_last @ key.float().transpose(-1, -2)).view(B, Hq, m, Nk)
     # Row r sits at position Nk - m + r: only the last m columns can be in its future.
     future = torch.ones(m, m, dtype=torch.bool, device=query.device).triu(1)
     scores[..., Nk - m:].masked_fill_(future, float("-inf"))
     probs = scores.softmax(dim=-1)
+    del scores
     vertical = probs.sum(dim=-2)
     slash = diagonal_sums(probs, Nk - m)
     return vertical, slash

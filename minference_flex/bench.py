@@ -152,7 +152,8 @@ def plot_report(report: dict, path) -> dict[str, tuple[list[int], list[float]]]:
     configs = {run["config"] for r in results for run in r["runs"] if "error" not in run}
     for r in results:
         add("SDPA causal", r["length"], r["sdpa_ms"])
-        add("FlexAttention dense causal", r["length"], r["flex_dense_ms"])
+        if "flex_dense_ms" in r:
+            add("FlexAttention dense causal", r["length"], r["flex_dense_ms"])
         for run in r["runs"]:
             if "error" in run:
                 continue
@@ -208,17 +209,18 @@ def parse_config(text: str) -> tuple[Tiles, dict, bool]:
 
 def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs: list[str], reps: int,
                  inputs: str = "structured", capture=None, layer: int | None = None, device: str = "cuda",
-                 eager: bool = False) -> dict:
+                 eager: bool = False, warmup: int | None = None, skip: tuple[str, ...] = ()) -> dict:
     """One length: SDPA, FlexAttention dense and, per configuration, the minference_flex runs.
     ``inputs``: "structured" (``structured_qkv`` in ``geometry``) or "smollm2" (the first ``n``
     positions of layer ``layer`` of ``capture``, a dict of ``load_capture``). ``device="cpu"`` with ``eager`` is the
-    smoke-test mode (wall-clock times, eager kernels)."""
+    smoke-test mode (wall-clock times, eager kernels). ``skip`` leaves out the "flex" dense baseline and
+    the "dense-pattern" run (each takes ~25-35 s a call at 1M tokens)."""
     if inputs == "smollm2":
         q, k, v = smollm2_qkv(capture, n, device=device, layer=layer)
     else:
         q, k, v = structured_qkv(geometry["Hq"], geometry["Hkv"], n, geometry["D"], device=device)
     cuda = device == "cuda"
-    timer = dict(reps=reps, device=device, warmup=3 if cuda else 1)
+    timer = dict(reps=reps, device=device, warmup=(3 if cuda else 1) if warmup is None else warmup)
     rows = sample_rows(n, 64, q.device)
     res = {"length": n}
     if cuda:
@@ -229,17 +231,19 @@ def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs
         k_rep, v_rep = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
         res["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True), **timer)
         del k_rep, v_rep
-    causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, n, n, device=device, _compile=not eager)
-    if eager:
-        def flex(q, k, v, block_mask, score_mod, enable_gqa):
-            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa)
-    else:
-        flex = compiled_flex() if cuda else compiled_flex((), ("cpu", "bench"))
-    res["flex_dense_ms"] = time_ms(lambda: flex(q, k, v, causal, None, True), **timer)  # default tiles
+    if "flex" not in skip:
+        causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, n, n, device=device, _compile=not eager)
+        if eager:
+            def flex(q, k, v, block_mask, score_mod, enable_gqa):
+                return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=enable_gqa)
+        else:
+            flex = compiled_flex() if cuda else compiled_flex((), ("cpu", "bench"))
+        res["flex_dense_ms"] = time_ms(lambda: flex(q, k, v, causal, None, True), **timer)  # default tiles
     res["runs"] = []
     for config in configs:
         try:
-            res["runs"].extend(bench_config(q, k, v, config, budgets, rows, timer, res["sdpa_ms"], compiled=not eager))
+            res["runs"].extend(bench_config(q, k, v, config, budgets, rows, timer, res["sdpa_ms"], compiled=not eager,
+                                            dense_pattern="dense-pattern" not in skip))
         except Exception as exc:  # one failing configuration must not hide the others' numbers
             log.exception("configuration %s failed", config)
             res["runs"].append(dict(config=config, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
@@ -248,24 +252,45 @@ def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs
     return res
 
 
-def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: float, compiled: bool = True) -> list[dict]:
+def plan_bytes(plan) -> int:
+    """Bytes of a plan's kernel metadata: the strips and the BlockMasks' tile lists."""
+    tensors = []
+    if plan.strips is not None:
+        tensors += [plan.strips.sigma, plan.strips.counts, plan.strips.words]
+    for mask in (plan.main, plan.vertical):
+        if mask is not None:
+            tensors += [t for t in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+                                    mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+                        if t is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: float, compiled: bool = True,
+                 dense_pattern: bool = True) -> list[dict]:
     H = q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
     runs = []
     tiles, options, strips = parse_config(config)
     plan_options = dict(tiles=tiles, kernel_options=options, strips=strips and q.is_cuda,
                         fold_columns=not q.is_cuda, full_width=not q.is_cuda)
-    dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, **plan_options)
-    dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v, compiled=compiled), **timer)
-    del dense_plan
+    dense_ms = None
+    if dense_pattern:
+        dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, **plan_options)
+        dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v, compiled=compiled), **timer)
+        del dense_plan
     for a, b in budgets:
         patterns = parse_patterns([["vertical_and_slash", a, b]] * H, H)
+        if q.is_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         plan = plan_attention(q, k, patterns, **plan_options)
         out = run_plan(plan, q, k, v, compiled=compiled)
+        peak = torch.cuda.max_memory_allocated() if q.is_cuda else None
         err, recall, cells = row_check(q, k, v, plan, out, rows)
         sel = plan.selection
         run = dict(config=config, budgets=[a, b], dense_pattern_ms=dense_ms, rel_err=err, recall=recall,
-                   cell_fraction=cells, tiles=plan.tile_counts())
+                   cell_fraction=cells, tiles=plan.tile_counts(), metadata_bytes=plan_bytes(plan),
+                   peak_memory_bytes=peak)
         run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), **timer)
         run["build_ms"] = time_ms(lambda: plan_selection(sel, scale=scale, **plan_options), **timer)
         run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v, compiled=compiled), **timer)
@@ -275,6 +300,10 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
         runs.append(run)
         del plan, sel, out
     return runs
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:8.2f}" if value is not None else f"{'-':>8}"
 
 
 def main(argv=None) -> dict:
@@ -295,6 +324,9 @@ def main(argv=None) -> dict:
                    help="strips (default: the strip kernel for the diagonals), or FlexAttention alone with "
                         "BlockMask tiles QxK and optional kernel options: 64x64:num_warps=4,num_stages=3")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs before each timing (default 3 on CUDA)")
+    p.add_argument("--skip", nargs="+", default=[], choices=["flex", "dense-pattern"],
+                   help="leave out the FlexAttention dense baseline and/or the dense-pattern run (long at 1M tokens)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench.json (default results)")
     p.add_argument("--plot", type=Path, default=None, metavar="PATH.png",
                    help="also write a PNG of time against prompt length (needs matplotlib: pip install '.[plot]')")
@@ -334,7 +366,8 @@ def main(argv=None) -> dict:
         log.info("length %d", n)
         report["results"].append(bench_length(n, GEOMETRIES[geometry], budgets, args.configs, args.reps,
                                               inputs=args.inputs, capture=capture, layer=args.layer,
-                                              device=args.device, eager=args.eager))
+                                              device=args.device, eager=args.eager, warmup=args.warmup,
+                                              skip=tuple(args.skip)))
         if args.device == "cuda":
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -353,7 +386,7 @@ def main(argv=None) -> dict:
                 print(f"{r['length']:>8} {run['config']:>24} failed: {run['error'][:120]}")
                 continue
             print(f"{r['length']:>8} {run['config']:>24} {str(tuple(run['budgets'])):>11} {r['sdpa_ms']:8.2f} "
-                  f"{r['flex_dense_ms']:8.2f} {run['dense_pattern_ms']:8.2f} "
+                  f"{_ms(r.get('flex_dense_ms'))} {_ms(run['dense_pattern_ms'])} "
                   f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} {run['total_ms']:8.2f} "
                   f"{run['speedup_vs_sdpa']:6.2f}x {run['tiles']['fraction']:6.3f} {run['recall']:6.3f} {run['rel_err']:8.1e}")
     return report

@@ -104,12 +104,15 @@ def row_stats(q, k, v, out, kept: torch.Tensor, rows: torch.Tensor, scale: float
     ||out - ref|| / ||ref|| over heads and rows, ref being float64 attention over the kept cells."""
     G = q.shape[1] // k.shape[1]
     Nq, Nk = q.shape[2], k.shape[2]
-    kk = k.double().repeat_interleave(G, 1)
-    scores = (q[:, :, rows].double() @ kk.transpose(-1, -2)) * scale            # [B, H, R, Nk]
     causal = torch.arange(Nk, device=q.device) <= (Nk - Nq + rows)[:, None]
-    recall = (scores.masked_fill(~causal, float("-inf")).softmax(-1) * kept).sum(-1).mean().item()
-    ref = scores.masked_fill(~kept, float("-inf")).softmax(-1) @ v.double().repeat_interleave(G, 1)
-    err = (out[:, :, rows].double() - ref).norm(dim=-1) / ref.norm(dim=-1)
+    recalls, errs = [], []
+    for h in range(q.shape[1]):  # one head at a time: float64 keys of all heads are 34 GB at 1M tokens
+        kh, vh = k[:, h // G].double(), v[:, h // G].double()
+        scores = (q[:, h, rows].double() @ kh.transpose(-1, -2)) * scale          # [B, R, Nk]
+        recalls.append((scores.masked_fill(~causal, float("-inf")).softmax(-1) * kept[:, h]).sum(-1))
+        ref = scores.masked_fill(~kept[:, h], float("-inf")).softmax(-1) @ vh
+        errs.append((out[:, h, rows].double() - ref).norm(dim=-1) / ref.norm(dim=-1))
+    recall, err = torch.stack(recalls, 1).mean().item(), torch.stack(errs, 1)
     return recall, err.max().item()
 
 

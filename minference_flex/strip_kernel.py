@@ -33,38 +33,43 @@ NUM_STAGES = 2
 if triton is not None:
 
     @triton.jit
-    def _accumulate(q, k_ptrs, v_ptrs, cols, keep, Nk, qk_scale, m_i, l_i, acc, PRECISION: tl.constexpr,
-                    MASKED: tl.constexpr):
-        """One strip of the online softmax (log2 domain): scores of the kept cells (all cells when
-        not MASKED), then rescale."""
+    def _strip_scores(q, k_base, v_base, cols, skn, svn, Nk, qk_scale, PRECISION: tl.constexpr):
+        """Scores (log2 domain, float32) of the queries against the keys ``cols``, and those values."""
         in_range = (cols >= 0) & (cols < Nk)
-        k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+        cols = cols.to(tl.int64)
+        k = tl.load(k_base + cols[:, None] * skn, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * svn, mask=in_range[:, None], other=0.0)
         # qk_scale may arrive as float64 (torch.compile passes Python floats so): keep scores float32.
         qk = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale).to(tl.float32)
-        if MASKED:
-            qk = tl.where(keep, qk, float("-inf"))
+        return qk, v
+
+    @triton.jit
+    def _softmax_step(qk, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+        """One strip of the online softmax (log2 domain); cells masked out hold -inf in ``qk``."""
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i * alpha + tl.sum(p, 1), acc
 
-    @triton.jit
+    # Lengths are not specialised on (divisibility by 16, equality to 1): one build for every length.
+    @triton.jit(do_not_specialize=["Nq", "Nk", "q_start"])
     def _strip_forward(Q, K, V, Out, Lse, Sigma, Words, Counts, Sink,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                        ssb, ssh, scb, sch, n_heads, group, Nq, Nk, q_start, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // n_heads
-        h = bh % n_heads
+        # 64-bit element offsets: at 1M tokens one tensor holds more than 2**31 elements.
+        b = (bh // n_heads).to(tl.int64)
+        h = (bh % n_heads).to(tl.int64)
         kvh = h // group
         rows = qb * BLOCK + tl.arange(0, BLOCK)
         d = tl.arange(0, HEAD_DIM)
         lane = tl.arange(0, BLOCK)
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + d[None, :], mask=rows[:, None] < Nq, other=0.0)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqm + d[None, :], mask=rows[:, None] < Nq,
+                    other=0.0)
         i0 = q_start + qb * BLOCK
         pos = i0 + lane
         k_base = K + b * skb + kvh * skh + d[None, :]
@@ -79,7 +84,9 @@ if triton is not None:
         slot = t // 32
         shift = t % 32
 
-        # Diagonal strips: keys i0 - sigma .. i0 - sigma + BLOCK - 1.
+        # Diagonal strips: keys i0 - sigma .. i0 - sigma + BLOCK - 1. The loads stay outside the
+        # branch below so that the compiler pipelines them across strips (inside it, they were not:
+        # 1.3x slower).
         n = tl.load(Counts + b * scb + h * sch + qb)
         for s in range(0, n):
             strip = b * ssb + h * ssh + s
@@ -90,28 +97,27 @@ if triton is not None:
             w3 = tl.load(Words + strip * 4 + 3)
             start = i0 - sigma
             cols = start + lane
-            k_ptrs = k_base + cols[:, None] * skn
-            v_ptrs = v_base + cols[:, None] * svn
-            if ((w0 & w1 & w2 & (w3 | -2147483648)) == -1) & (start >= sink):
-                # Every cell counts (bit 127 is no cell), no sink or negative key: no mask at all.
-                m_i, l_i, acc = _accumulate(q, k_ptrs, v_ptrs, cols, t, Nk, qk_scale, m_i, l_i, acc, PRECISION, False)
-            else:
+            qk, v = _strip_scores(q, k_base, v_base, cols, skn, svn, Nk, qk_scale, PRECISION)
+            # A strip whose cells all count (bit 127 is no cell) and that reaches no sink or negative
+            # key needs no mask.
+            if (((w0 & w1 & w2 & (w3 | -2147483648)) != -1) | (start < sink)):
                 word = tl.where(slot == 0, w0, tl.where(slot == 1, w1, tl.where(slot == 2, w2, w3)))
                 keep = (((word >> shift) & 1) != 0) & (cols[None, :] >= sink) & (cols[None, :] >= 0)
-                m_i, l_i, acc = _accumulate(q, k_ptrs, v_ptrs, cols, keep, Nk, qk_scale, m_i, l_i, acc, PRECISION, True)
+                qk = tl.where(keep, qk, float("-inf"))
+            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PRECISION)
 
         # Sink strips: keys 0 .. sink - 1, every causal cell.
         n_sink = (tl.minimum(sink, i0 + BLOCK) + BLOCK - 1) // BLOCK
         for s in range(0, n_sink):
             cols = s * BLOCK + lane
+            qk, v = _strip_scores(q, k_base, v_base, cols, skn, svn, Nk, qk_scale, PRECISION)
             keep = (cols[None, :] < sink) & (pos[:, None] >= cols[None, :])
-            m_i, l_i, acc = _accumulate(q, k_base + cols[:, None] * skn, v_base + cols[:, None] * svn, cols, keep,
-                                        Nk, qk_scale, m_i, l_i, acc, PRECISION, True)
+            m_i, l_i, acc = _softmax_step(tl.where(keep, qk, float("-inf")), v, m_i, l_i, acc, PRECISION)
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(Out + b * sob + h * soh + rows[:, None] * som + d[None, :], out.to(Out.dtype.element_ty),
+        tl.store(Out + b * sob + h * soh + rows[:, None].to(tl.int64) * som + d[None, :], out.to(Out.dtype.element_ty),
                  mask=rows[:, None] < Nq)
         tl.store(Lse + (b * n_heads + h) * Nq + rows, lse, mask=rows < Nq)
 
