@@ -71,13 +71,24 @@ def pack_bits(flags: Tensor) -> Tensor:
 
 
 def strip_words(offsets: Tensor, sigma: Tensor, owned: Tensor) -> Tensor:
-    """[B, H, S, 4] int32: the offsets each strip counts (see ``Strips.words``)."""
-    Nk = offsets.shape[-1]
-    o = sigma.long()[..., None] - (STRIP - 1) + torch.arange(4 * 32, device=offsets.device)   # [B, H, S, 128]
-    kept = offsets.gather(-1, o.clamp(0, Nk - 1).flatten(-2)).view(o.shape)
-    counted = kept & (o >= owned[..., :1]) & (o <= owned[..., 1:]) & (o >= 0)
-    counted[..., 2 * STRIP - 1:] = False
-    return pack_bits(counted)
+    """[B, H, S, 4] int32: the offsets each strip counts (see ``Strips.words``), cut out of the
+    kept offsets packed 32 to a word (two word reads and a shift per strip word, not a read per bit)."""
+    B, H, Nk = offsets.shape
+    front = 4 * 32  # zero bits before offset 0: a strip's lowest offset, sigma - (STRIP - 1), is > -front
+    padded = torch.cat([offsets.new_zeros(B, H, front), offsets, offsets.new_zeros(B, H, 5 * 32 - Nk % 32)], -1)
+    packed = pack_bits(padded).long() & 0xFFFFFFFF                                 # [B, H, W], unsigned
+    j = torch.arange(4, device=offsets.device)
+    low = sigma.long() - (STRIP - 1)                                               # offset of bit 0
+    first = (low + front)[..., None] + 32 * j                                      # [B, H, S, 4], bit in padded
+    idx = (first >> 5).clamp(0, packed.shape[-1] - 2)                              # padding strips clamp
+    pair = packed.gather(-1, idx.flatten(-2)) | (packed.gather(-1, (idx + 1).flatten(-2)) << 32)
+    value = (pair.view_as(idx) >> (first & 31)) & 0xFFFFFFFF
+    # Only the strip's own cluster (owned) and bits t < 2 * STRIP - 1 count.
+    t_lo = (owned[..., 0].long().clamp(min=0) - low).clamp(0, 2 * STRIP - 1)[..., None] - 32 * j
+    t_hi = (owned[..., 1].long() - low + 1).clamp(0, 2 * STRIP - 1)[..., None] - 32 * j
+    one = torch.ones((), dtype=torch.long, device=offsets.device)
+    value = value & ((one << t_hi.clamp(0, 32)) - 1) & ~((one << t_lo.clamp(0, 32)) - 1)
+    return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)  # same 32 bits, signed
 
 
 def strip_tops(offsets: Tensor, max_kept: int) -> tuple[Tensor, Tensor]:
