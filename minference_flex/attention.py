@@ -160,7 +160,7 @@ def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold
     return AttentionPlan(
         selection=selection,
         main=main,
-        vertical=vertical_block_mask(selection, tiles) if split else None,
+        vertical=vertical_block_mask(selection, tiles, exclude_offsets=not strips) if split else None,
         pad=TileGeometry.of(selection, tiles).pad,
         scale=scale,
         tiles=tiles,
@@ -222,9 +222,17 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, patterns: Sequen
     length) gets one mask with the vertical columns folded in: it cannot return a log-sum-exp.
     """
     _check(query, key, value, patterns, scale)
-    cpu_kernel = query.device.type == "cpu" and (compiled or torch.compiler.is_compiling())
-    plan = plan_attention(query, key, patterns, scale=scale, full_width=cpu_kernel, fold_columns=cpu_kernel)
+    plan = kernel_plan(query, key, patterns, scale=scale, compiled=compiled)
     return run_plan(plan, query, key, value, compiled=compiled)
+
+
+def kernel_plan(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
+                compiled: bool = True) -> AttentionPlan:
+    """The plan ``sparse_attention(..., compiled=compiled)`` runs: the layout its kernel needs (on CPU
+    under the compiled kernel full-width tile lists with the vertical columns folded in, else the
+    device's default), so that ``run_plan(kernel_plan(...), ...)`` equals ``sparse_attention(...)``."""
+    cpu_kernel = query.device.type == "cpu" and (compiled or torch.compiler.is_compiling())
+    return plan_attention(query, key, patterns, scale=scale, full_width=cpu_kernel, fold_columns=cpu_kernel)
 
 
 def token_mask(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None) -> Tensor:

@@ -151,15 +151,19 @@ def layer_patterns(patterns, num_layers: int, num_heads: int) -> list[list]:
     return [[layer.get(str(h), DEFAULT_PATTERN.to_list()) for h in range(num_heads)] for layer in patterns]
 
 
-def use_side(model, side: str, patterns, min_sparse_len: int) -> str:
-    """Switch the loaded model to dense SDPA or minference_flex; returns the implementation in use."""
+def use_side(model, side: str, patterns, min_sparse_len: int, *, sdpa_fallback: bool = False) -> str:
+    """Switch the loaded model to dense SDPA or minference_flex; returns the implementation in use.
+
+    ``sdpa_fallback`` (off by default: eval and demo measure the patterns, so every prefill from
+    ``min_sparse_len`` on runs the sparse kernel) lets the backend run SDPA where its cost model
+    predicts the sparse kernel to be slower, as users get it (ttft turns it on)."""
     if side == "dense" or not sparse_available():
         model.set_attn_implementation("sdpa")
         return "sdpa"
     import minference_flex as mf
 
     model.set_attn_implementation("minference_flex")
-    mf.set_patterns(model, patterns, min_sparse_len=min_sparse_len)
+    mf.set_patterns(model, patterns, min_sparse_len=min_sparse_len, sdpa_fallback=sdpa_fallback)
     return "minference_flex"
 
 

@@ -12,9 +12,19 @@ patterns; shorter prefills and decoding (one query) run ``scaled_dot_product_att
 batches are run sequence by sequence on their real tokens, so each sequence gets exactly the result
 it gets alone. Inference only.
 
+SDPA fallback (``sdpa_fallback``, default on): on a CUDA device each prefill layer call of
+``min_sparse_len`` keys or more first asks the cost model ``COST_MODEL`` (``minference_flex.cost``)
+whether the sparse kernel could be slower than SDPA for its batch, heads, lengths, head dim and the
+layer's patterns, and then runs SDPA (``cost.choose``): "sparse" and "sdpa" decisions read no tensor;
+a "check" plans, predicts the kernel time from the plan's tiles and runs the faster side (one host
+sync), so a layer loses at most ``cost.MAX_LOSS`` (5%) of SDPA's time to planning. Under
+``torch.compile`` a "check" runs sparse (no sync, no graph break). The model is calibrated for CUDA
+only: on other devices (``FALLBACK_DEVICES``) every prefill from ``min_sparse_len`` on runs sparse.
+``DISPATCH_COUNTS`` counts which way the uncompiled calls went.
+
 The configuration lives on the (text) config as ``config.minference_flex`` (a JSON-serialisable
-dict, so ``save_pretrained`` keeps it); a model without it uses ``DEFAULT_PATTERN`` for every head
-and ``DEFAULT_MIN_SPARSE_LEN``.
+dict, so ``save_pretrained`` keeps it); a model without it uses ``DEFAULT_PATTERN`` for every head,
+``DEFAULT_MIN_SPARSE_LEN`` and the SDPA fallback.
 
 ``COMPILED`` (module-level switch, default True) selects the compiled FlexAttention kernel; set
 ``minference_flex.hf.COMPILED = False`` to run the eager emulation instead (tests do, to avoid one
@@ -22,10 +32,13 @@ CPU compile per prompt length).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +46,9 @@ from torch import Tensor
 
 from block_masks import Pattern
 
-from .attention import sparse_attention
+from .attention import kernel_plan, run_plan, sparse_attention
 from .config import DEFAULT_PATTERN
+from .cost import H100, CostModel, choose, kernel_beats_sdpa
 
 NAME = "minference_flex"
 
@@ -44,6 +58,15 @@ DEFAULT_MIN_SPARSE_LEN = 8192
 
 #: Use the compiled FlexAttention kernel (True) or the eager emulation (False, for tests).
 COMPILED = True
+
+#: The cost model of the SDPA fallback (None: never fall back).
+COST_MODEL: CostModel | None = H100
+#: Device types the cost model is applied on: it is calibrated for CUDA (tests add "cpu").
+FALLBACK_DEVICES: tuple[str, ...] = ("cuda",)
+#: Prefill layer calls of min_sparse_len keys or more, per way they ran: "sparse" (the sparse kernel,
+#: without a check), "sdpa", "check-sparse", "check-sdpa" (after planning). Counted outside
+#: torch.compile only (a compiled graph does not run Python); tools read and clear it.
+DISPATCH_COUNTS: Counter = Counter()
 
 _CONFIG_ATTR = "minference_flex"
 
@@ -70,20 +93,24 @@ def _is_single_entry(source) -> bool:
     )
 
 
-def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN) -> None:
+def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN, sdpa_fallback: bool = True) -> None:
     """Configure a model loaded with ``attn_implementation="minference_flex"``.
 
     ``source``: a path to a MInference JSON file (a list with one dict per layer, head number as a
     string -> ``[type, a, b, score]``), that list already loaded, or one pattern entry
     (``[type, a, b]``, ``[type, a, b, score]`` or ``mf.Pattern``) used for every head of every layer.
     Heads a file leaves out get ``DEFAULT_PATTERN``. Prefills shorter than ``min_sparse_len`` keys
-    run dense.
+    run dense. ``sdpa_fallback`` lets the backend run SDPA where the cost model predicts the sparse
+    kernel to be slower (on CUDA; see the module docstring); False always runs the sparse kernel
+    from ``min_sparse_len`` on (accuracy measurements of the patterns themselves).
     """
     config = text_config(model)
     num_layers = int(config.num_hidden_layers)
     num_heads = int(config.num_attention_heads)
     if isinstance(min_sparse_len, bool) or not isinstance(min_sparse_len, int) or min_sparse_len < 1:
         raise ValueError(f"min_sparse_len must be a positive integer, got {min_sparse_len!r}")
+    if not isinstance(sdpa_fallback, bool):
+        raise ValueError(f"sdpa_fallback must be True or False, got {sdpa_fallback!r}")
     if isinstance(source, (str, os.PathLike)):
         with open(source) as f:
             source = json.load(f)
@@ -112,7 +139,8 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN)
                     raise ValueError(f"layer {i} names head {head} but the model has {num_heads} attention heads")
                 heads[str(head)] = _entry(entry)
             layers.append(heads)
-    setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": int(min_sparse_len)})
+    setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": int(min_sparse_len),
+                                   "sdpa_fallback": sdpa_fallback})
 
 
 def get_patterns(model) -> list[dict[str, list]]:
@@ -134,30 +162,40 @@ def save_patterns(model, path) -> None:
 _parsed_cache: dict = {}
 
 
-def _layer_config(module) -> tuple[tuple[Pattern, ...], int]:
-    """(one Pattern per query head, min_sparse_len) for the attention module's layer."""
+class LayerConfig(NamedTuple):
+    """What one layer's attention calls run with (``_layer_config``)."""
+
+    patterns: tuple[Pattern, ...] | None  # one per query head; None: DEFAULT_PATTERN for every head
+    min_sparse_len: int
+    sdpa_fallback: bool
+
+
+def _layer_config(module) -> LayerConfig:
+    """The stored configuration of the attention module's layer (defaults without one)."""
     config = getattr(module, "config", None)
     stored = getattr(config, _CONFIG_ATTR, None) if config is not None else None
     num_heads = getattr(config, "num_attention_heads", None)
     if not stored:
-        return None, DEFAULT_MIN_SPARSE_LEN
+        return LayerConfig(None, DEFAULT_MIN_SPARSE_LEN, True)
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise ValueError("minference_flex needs module.layer_idx to find the layer's patterns")
     heads = stored["patterns"][layer]
     min_sparse_len = int(stored.get("min_sparse_len", DEFAULT_MIN_SPARSE_LEN))
+    sdpa_fallback = bool(stored.get("sdpa_fallback", True))
     count = num_heads if num_heads is not None else len(heads)
     if torch.compiler.is_compiling():
         # Parsed while tracing, into constants of the graph (dynamo guards on the configuration).
         # Going through the cache would also guard on the cache's contents, which the first call
         # changes: every compiled model would compile a second time on its second call.
-        return tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count)), min_sparse_len
+        parsed = tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
+        return LayerConfig(parsed, min_sparse_len, sdpa_fallback)
     cached = _parsed_cache.get(id(heads))
     if cached is None or cached[0] is not heads:
         parsed = tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
         cached = (heads, parsed)
         _parsed_cache[id(heads)] = cached
-    return cached[1], min_sparse_len
+    return LayerConfig(cached[1], min_sparse_len, sdpa_fallback)
 
 
 # --------------------------------------------------------------------------- attention
@@ -182,16 +220,42 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor | None, sc
     return out.masked_fill(~seen, 0)
 
 
-def _prefill(query, key, value, patterns, min_sparse_len, scale):
-    """Attention of one batch without padding: sparse from min_sparse_len keys on, else dense."""
-    if key.shape[2] < min_sparse_len:
+#: ``cost.choose`` memoised on its (integer) arguments: a few microseconds per layer call instead of ~25.
+_choose_cached = functools.lru_cache(maxsize=4096)(choose)
+
+
+def _prefill(query, key, value, layer: LayerConfig, scale):
+    """Attention of one batch without padding: sparse from min_sparse_len keys on (or SDPA where the
+    cost model says so), else dense."""
+    B, Hq, Nq, D = query.shape
+    Nk = key.shape[2]
+    if Nk < layer.min_sparse_len:
         return _sdpa(query, key, value, None, scale)
-    if patterns is None:
-        patterns = (DEFAULT_PATTERN,) * query.shape[1]
-    return sparse_attention(query, key, value, patterns, scale=scale, compiled=COMPILED)
+    patterns = layer.patterns if layer.patterns is not None else (DEFAULT_PATTERN,) * Hq
+    cost = COST_MODEL if layer.sdpa_fallback and query.device.type in FALLBACK_DEVICES else None
+    compiling = torch.compiler.is_compiling()
+    if cost is None:
+        way = "sparse"
+    else:
+        way = (choose if compiling else _choose_cached)(cost, B, Nq, Nk, D, patterns)
+    if way == "check" and compiling:
+        way = "sparse"  # no host sync (no graph break) inside a compiled graph: the 5% bound is not kept
+    if way == "sparse":
+        out = sparse_attention(query, key, value, patterns, scale=scale, compiled=COMPILED)
+    elif way == "sdpa":
+        out = _sdpa(query, key, value, None, scale)
+    else:
+        plan = kernel_plan(query, key, patterns, scale=scale, compiled=COMPILED)
+        if bool(kernel_beats_sdpa(cost, plan, D)):  # the one host sync of a check
+            way, out = "check-sparse", run_plan(plan, query, key, value, compiled=COMPILED)
+        else:
+            way, out = "check-sdpa", _sdpa(query, key, value, None, scale)
+    if not compiling:
+        DISPATCH_COUNTS[way] += 1
+    return out
 
 
-def _padded_prefill(query, key, value, key_mask, patterns, min_sparse_len, scale):
+def _padded_prefill(query, key, value, key_mask, layer: LayerConfig, scale):
     """Each sequence on its real tokens only; padded query rows get zeros."""
     B, Hq, Nq, D = query.shape
     Nk = key.shape[2]
@@ -211,7 +275,7 @@ def _padded_prefill(query, key, value, key_mask, patterns, min_sparse_len, scale
             continue
         rows = slice(qs - (Nk - Nq), e - (Nk - Nq))
         q, k, v = query[b:b + 1, :, rows], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e]
-        out[b:b + 1, :, rows] = _prefill(q, k, v, patterns, min_sparse_len, scale)
+        out[b:b + 1, :, rows] = _prefill(q, k, v, layer, scale)
     return out
 
 
@@ -237,11 +301,11 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
     if Nq == 1:
         out = _sdpa(query, key, value, attention_mask, scaling)
     else:
-        patterns, min_sparse_len = _layer_config(module)
+        layer = _layer_config(module)
         if attention_mask is None:
-            out = _prefill(query, key, value, patterns, min_sparse_len, scaling)
+            out = _prefill(query, key, value, layer, scaling)
         else:
-            out = _padded_prefill(query, key, value, attention_mask, patterns, min_sparse_len, scaling)
+            out = _padded_prefill(query, key, value, attention_mask, layer, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

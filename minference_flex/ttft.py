@@ -7,11 +7,13 @@
 For each length the model (``models.smollm2``, real weights; YaRN over the original 8192 positions
 when the length needs it, ``eval.context_for``; one load per RoPE setting) gets a prompt of that many
 tokens of real prose (the pydoc topic texts, as ``minference-flex capture`` uses) and, per side
-(``attn_implementation="sdpa"``, then ``"minference_flex"`` with ``--patterns`` on every head and
-``--min-sparse-len``), runs one untimed warm-up (on the sparse side it compiles the kernel), then
-``--reps`` timed runs of what the first token costs: the prefill forward over the prompt (KV cache
-built, as ``generate`` does, and only the last position's logits, ``logits_to_keep=1``) and the argmax
-of those logits. Timing: CUDA events around the call on CUDA (after a synchronize), wall clock on
+(``attn_implementation="sdpa"``, then ``"minference_flex"`` with ``--patterns`` on every head,
+``--min-sparse-len`` and the backend's SDPA fallback on, as users get it: on CUDA a layer call whose
+sparse kernel the cost model predicts slower runs SDPA; ``dispatch`` in the JSON counts the layer
+calls per way they went, warm-up included), runs one untimed warm-up (on the sparse side it
+compiles the kernel), then ``--reps`` timed runs of what the first token costs: the prefill forward
+over the prompt (KV cache built, as ``generate`` does, and only the last position's logits,
+``logits_to_keep=1``) and the argmax of those logits. Timing: CUDA events around the call on CUDA (after a synchronize), wall clock on
 the CPU; reported is the median, with every run. On CUDA also the peak allocated memory of the timed
 runs (weights included). The first tokens of both sides are reported and compared.
 
@@ -28,6 +30,7 @@ import time
 
 import torch
 
+from . import hf
 from .bench import timed_runs
 from .eval import Haystack, add_patterns_option, context_for, finish, load_patterns, use_side
 from .models import SMOLLM2_DESCRIPTION, smollm2
@@ -73,10 +76,13 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
         ids = torch.tensor([hay.text_ids(hay.boundaries[0], n)], device=model.device)
         rec = {"length": n, "context": context, "sides": {}}
         for side in SIDES:
-            impl = use_side(model, "dense" if side == "sdpa" else "sparse", patterns, min_sparse_len)
+            impl = use_side(model, "dense" if side == "sdpa" else "sparse", patterns, min_sparse_len,
+                            sdpa_fallback=True)
             log.info("length %d, %s: warm-up and %d timed runs", n, impl, reps)
+            hf.DISPATCH_COUNTS.clear()
             res = time_first_token(model, ids, reps)
             res["backend"] = impl
+            res["dispatch"] = dict(hf.DISPATCH_COUNTS)
             res["token_text"] = tokenizer.decode([res["token"]])
             rec["sides"][side] = res
             if model.device.type == "cuda":
@@ -100,8 +106,11 @@ def format_table(report: dict) -> str:
             runs = " ".join(f"{t:.1f}" for t in r["runs_ms"])
             label = side if r["backend"] == side else f"{side} ({r['backend']})"
             lines.append(f"{rec['length']:>7} {label:<16} {r['ms']:10.1f} {runs:<28} {peak} {r['token_text']!r:<14}")
+        dispatch = rec["sides"]["minference_flex"].get("dispatch")
+        ways = ", ".join(f"{way} {count}" for way, count in sorted(dispatch.items())) if dispatch else ""
         lines.append(f"{'':>7} {'sdpa / minference_flex':<27} {rec['speedup']:.2f}x, "
-                     f"first tokens {'identical' if rec['same_first_token'] else 'DIFFER'}")
+                     f"first tokens {'identical' if rec['same_first_token'] else 'DIFFER'}"
+                     + (f"; sparse-side layer calls: {ways}" if ways else ""))
     lines.append(f"TTFT: prefill forward (KV cache, last-position logits) + argmax, median of {report['reps']} "
                  f"after one warm-up per side and length")
     return "\n".join(lines)
@@ -136,8 +145,6 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 
 def run(args) -> dict:
     if args.eager:
-        from . import hf
-
         hf.COMPILED = False
     cuda = args.device.startswith("cuda")
     import transformers

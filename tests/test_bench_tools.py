@@ -241,6 +241,9 @@ def test_ttft_times_both_sides(smollm2_model, tmp_path, monkeypatch, capsys):
         assert 0 <= side["token"] < len(tokenizer)
     assert rec["speedup"] == pytest.approx(sides["sdpa"]["ms"] / sides["minference_flex"]["ms"])
     assert rec["same_first_token"] == (sides["sdpa"]["token"] == sides["minference_flex"]["token"])
+    # the SDPA fallback is on (what users get) but applies on CUDA only: every layer call ran sparse
+    assert sides["minference_flex"]["dispatch"] == {"sparse": 4} and sides["sdpa"]["dispatch"] == {}
+    assert small.config.minference_flex["sdpa_fallback"] is True
     assert small.config._attn_implementation == "sdpa"  # left as found
     text = capsys.readouterr().out
     assert "sdpa / minference_flex" in text and "minference_flex" in text and "1024" in text

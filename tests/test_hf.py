@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 import minference_flex as mf
 import minference_flex.hf as mf_hf
+from minference_flex.cost import H100, CostModel, choose, plan_tiles, tile_bounds
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -182,7 +184,7 @@ def test_default_configuration():
     model = make()
     layers = mf.get_patterns(model)
     assert layers == [{str(h): mf.DEFAULT_PATTERN.to_list() for h in range(4)}] * 2
-    assert mf_hf._layer_config(model.model.layers[0].self_attn) == (None, mf.DEFAULT_MIN_SPARSE_LEN)
+    assert mf_hf._layer_config(model.model.layers[0].self_attn) == (None, mf.DEFAULT_MIN_SPARSE_LEN, True)
 
 
 def test_set_patterns_sources(tmp_path):
@@ -190,9 +192,9 @@ def test_set_patterns_sources(tmp_path):
     attn = model.model.layers[1].self_attn
     mf.set_patterns(model, ["a_shape", 4, 16, 0.5], min_sparse_len=99)
     assert mf.get_patterns(model) == [{str(h): ["stream_llm", 4, 16, 0.5] for h in range(4)}] * 2
-    assert mf_hf._layer_config(attn) == ((mf.Pattern("stream_llm", 4, 16),) * 4, 99)
-    mf.set_patterns(model, mf.Pattern("dense"))
-    assert mf_hf._layer_config(attn) == ((mf.Pattern("dense"),) * 4, mf.DEFAULT_MIN_SPARSE_LEN)
+    assert mf_hf._layer_config(attn) == ((mf.Pattern("stream_llm", 4, 16),) * 4, 99, True)
+    mf.set_patterns(model, mf.Pattern("dense"), sdpa_fallback=False)
+    assert mf_hf._layer_config(attn) == ((mf.Pattern("dense"),) * 4, mf.DEFAULT_MIN_SPARSE_LEN, False)
 
     layers = [{"0": ["stream_llm", 4, 16, 0.9]}, {"3": ["block_sparse", 2, 0, 0.25], 1: ["dense", 0, 0]}]
     mf.set_patterns(model, layers)
@@ -235,6 +237,8 @@ def test_set_patterns_errors():
         mf.set_patterns(model, [{"0": ["nope", 0, 0]}, {}])
     with pytest.raises(ValueError, match="min_sparse_len"):
         mf.set_patterns(model, ["dense", 0, 0], min_sparse_len=0)
+    with pytest.raises(ValueError, match="sdpa_fallback"):
+        mf.set_patterns(model, ["dense", 0, 0], sdpa_fallback=1)
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
@@ -248,3 +252,150 @@ def test_compiled_kernel_matches_eager(monkeypatch):
     eager = model(x).logits
     monkeypatch.setattr(mf_hf, "COMPILED", True)
     torch.testing.assert_close(model(x).logits, eager, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- SDPA fallback
+
+# Cost models that decide one way for any call (times in ms): SDPA costs 1000.
+SDPA_ALWAYS_FASTER = CostModel(sdpa_fixed_ms=1000.0, sdpa_cell_ms=0.0, plan_fixed_ms=1e6, plan_token_ms=0.0,
+                               strip_tile_ms=0.0, flex_tile_ms=0.0)
+SPARSE_ALWAYS_FASTER = CostModel(sdpa_fixed_ms=1000.0, sdpa_cell_ms=0.0, plan_fixed_ms=0.0, plan_token_ms=0.0,
+                                 strip_tile_ms=0.0, flex_tile_ms=0.0)
+
+
+def checking(flex_tile_ms: float) -> CostModel:
+    """A model whose every decision is a check (strips could cost anything, planning is cheap), and
+    whose check compares ``flex_tile_ms`` times the plan's tiles (all FlexAttention tiles on CPU)
+    with SDPA's 1000."""
+    return CostModel(sdpa_fixed_ms=1000.0, sdpa_cell_ms=0.0, plan_fixed_ms=1.0, plan_token_ms=0.0,
+                     strip_tile_ms=1e9, flex_tile_ms=flex_tile_ms)
+
+
+@pytest.fixture
+def fallback_on_cpu(monkeypatch):
+    """Apply the cost model on CPU too (it is calibrated for CUDA only) and count from zero."""
+    monkeypatch.setattr(mf_hf, "FALLBACK_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(mf_hf, "DISPATCH_COUNTS", Counter())
+
+    def use(cost):
+        monkeypatch.setattr(mf_hf, "COST_MODEL", cost)
+    return use
+
+
+FALLBACK_PATTERNS = [["stream_llm", 4, 16], ["vertical_and_slash", 8, 16], ["block_sparse", 1, 0], ["dense", 0, 0]]
+
+
+def layer_call(model, n: int = 200, seed: int = 0):
+    """One attention call of layer 1 on random q/k/v: (backend output [1, Hq, n, D], sdpa, sparse)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, n, 16, generator=g)
+    k, v = torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)
+    out, _ = mf_hf.minference_flex_attention(model.model.layers[1].self_attn, q, k, v, None, scaling=0.3)
+    patterns = [mf.Pattern.parse(p) for p in FALLBACK_PATTERNS]
+    sparse = mf.sparse_attention(q, k, v, patterns, scale=0.3, compiled=False)
+    return out.transpose(1, 2), mf_hf._sdpa(q, k, v, None, 0.3), sparse
+
+
+def fallback_model(sdpa_fallback: bool = True):
+    model = make()
+    mf.set_patterns(model, [{str(h): p for h, p in enumerate(FALLBACK_PATTERNS)}] * 2, min_sparse_len=16,
+                    sdpa_fallback=sdpa_fallback)
+    return model
+
+
+@torch.no_grad()
+def test_fallback_runs_sdpa_when_the_model_says_so(fallback_on_cpu):
+    fallback_on_cpu(SDPA_ALWAYS_FASTER)
+    out, sdpa, sparse = layer_call(fallback_model())
+    assert torch.equal(out, sdpa)
+    assert not torch.allclose(sdpa, sparse, atol=1e-3)  # the two sides differ: the test can tell
+    assert mf_hf.DISPATCH_COUNTS == {"sdpa": 1}
+
+
+@torch.no_grad()
+def test_fallback_runs_sparse_when_the_model_says_so(fallback_on_cpu):
+    fallback_on_cpu(SPARSE_ALWAYS_FASTER)
+    out, _, sparse = layer_call(fallback_model())
+    assert torch.equal(out, sparse)
+    assert mf_hf.DISPATCH_COUNTS == {"sparse": 1}
+
+
+@torch.no_grad()
+def test_check_plans_and_picks_by_the_tile_count(fallback_on_cpu):
+    """The tiles of these patterns at 200 tokens do not depend on the data (the vertical-slash head
+    keeps its forced columns and offsets only), so a model can put SDPA's time just above or below
+    the plan's predicted kernel time."""
+    model = fallback_model()
+    patterns = [mf.Pattern.parse(p) for p in FALLBACK_PATTERNS]
+    plan = mf_hf.kernel_plan(torch.randn(1, 4, 200, 16), torch.randn(1, 2, 200, 16), patterns, compiled=False)
+    tiles = float(sum(plan_tiles(plan)))
+    assert tile_bounds(1, 200, 200, patterns).low < 0.9 * tiles
+    for factor, expected in [(0.9, "check-sparse"), (1.1, "check-sdpa")]:
+        cost = checking(factor * 1000 / tiles / 0.75)  # head dim 16: a tile costs 0.75 of the D=128 cost
+        assert choose(cost, 1, 200, 200, 16, patterns) == "check"
+        fallback_on_cpu(cost)
+        mf_hf.DISPATCH_COUNTS.clear()
+        out, sdpa, sparse = layer_call(model)
+        assert torch.equal(out, sparse if expected == "check-sparse" else sdpa), expected
+        assert mf_hf.DISPATCH_COUNTS == {expected: 1}
+
+
+@torch.no_grad()
+def test_fallback_off_always_runs_sparse(fallback_on_cpu):
+    fallback_on_cpu(SDPA_ALWAYS_FASTER)
+    out, _, sparse = layer_call(fallback_model(sdpa_fallback=False))
+    assert torch.equal(out, sparse)
+    assert mf_hf.DISPATCH_COUNTS == {"sparse": 1}
+
+
+@torch.no_grad()
+def test_fallback_in_a_whole_model(fallback_on_cpu):
+    """Small budgets change the logits; with an SDPA decision in every layer the model gives the dense
+    logits back, padded batch included (each sequence decides alone), and short prompts stay dense."""
+    model = make()
+    mf.set_patterns(model, ["stream_llm", 4, 16], min_sparse_len=16)
+    x = ids(300)
+    dense = reference(model)(x).logits
+    fallback_on_cpu(SDPA_ALWAYS_FASTER)
+    torch.testing.assert_close(model(x).logits, dense, atol=1e-5, rtol=0)
+    assert mf_hf.DISPATCH_COUNTS == {"sdpa": 2}
+    input_ids, mask, position_ids = _padded([ids(230, seed=2)[0], ids(150, seed=3)[0]], "left")
+    padded = model(input_ids, attention_mask=mask, position_ids=position_ids).logits
+    expected = reference(model)(input_ids, attention_mask=mask, position_ids=position_ids).logits
+    torch.testing.assert_close(padded[:, -1], expected[:, -1], atol=1e-5, rtol=0)
+    assert mf_hf.DISPATCH_COUNTS == {"sdpa": 2 + 2 * 2}
+    fallback_on_cpu(SPARSE_ALWAYS_FASTER)
+    assert (model(x).logits - dense).abs().max() > 1e-2
+    assert mf_hf.DISPATCH_COUNTS["sparse"] == 2
+
+
+@torch.no_grad()
+def test_fallback_is_off_on_cpu_by_default(monkeypatch):
+    monkeypatch.setattr(mf_hf, "DISPATCH_COUNTS", Counter())
+    assert mf_hf.FALLBACK_DEVICES == ("cuda",) and mf_hf.COST_MODEL is H100
+    out, _, sparse = layer_call(fallback_model())
+    assert torch.equal(out, sparse)
+    assert mf_hf.DISPATCH_COUNTS == {"sparse": 1}
+
+
+def test_sdpa_fallback_round_trips(tmp_path):
+    model = make()
+    mf.set_patterns(model, ["stream_llm", 4, 16], min_sparse_len=16, sdpa_fallback=False)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="minference_flex")
+    assert loaded.config.minference_flex["sdpa_fallback"] is False
+    assert mf_hf._layer_config(loaded.model.layers[0].self_attn).sdpa_fallback is False
+    del loaded.config.minference_flex["sdpa_fallback"]  # stored before the switch existed: on
+    assert mf_hf._layer_config(loaded.model.layers[0].self_attn).sdpa_fallback is True
+
+
+def test_accuracy_tools_measure_the_sparse_kernel():
+    """eval and demo switch sides with use_side: the fallback off (they measure the patterns); ttft
+    asks for it on."""
+    from minference_flex.eval import use_side
+
+    model = make()
+    assert use_side(model, "sparse", ["stream_llm", 4, 16], 16) == "minference_flex"
+    assert mf_hf._layer_config(model.model.layers[0].self_attn).sdpa_fallback is False
+    use_side(model, "sparse", ["stream_llm", 4, 16], 16, sdpa_fallback=True)
+    assert mf_hf._layer_config(model.model.layers[0].self_attn).sdpa_fallback is True
