@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - CPU installs without Triton use the em
 #: Triton launch options, measured on the H100 (docs/performance.md).
 NUM_WARPS = 4
 NUM_STAGES = 2
+WINDOW = True
 
 if triton is not None:
 
@@ -44,6 +45,15 @@ if triton is not None:
         return qk, v
 
     @triton.jit
+    def _free_keys(columns, cols, Nk, HAS_COLUMNS: tl.constexpr):
+        """[BLOCK] bool: keys ``cols`` that are no vertical column of the head (bitset ``columns``)."""
+        if HAS_COLUMNS:
+            word = tl.load(columns + (cols >> 5), mask=(cols >= 0) & (cols < Nk), other=0)
+            return ((word >> (cols & 31)) & 1) == 0
+        else:
+            return cols == cols
+
+    @triton.jit
     def _softmax_step(qk, v, m_i, l_i, acc, PRECISION: tl.constexpr):
         """One strip of the online softmax (log2 domain); cells masked out hold -inf in ``qk``."""
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -55,10 +65,11 @@ if triton is not None:
 
     # Lengths are not specialised on (divisibility by 16, equality to 1): one build for every length.
     @triton.jit(do_not_specialize=["Nq", "Nk", "q_start"])
-    def _strip_forward(Q, K, V, Out, Lse, Sigma, Words, Counts, Sink,
+    def _strip_forward(Q, K, V, Out, Lse, Sigma, Words, Counts, Sink, Columns,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                       ssb, ssh, scb, sch, n_heads, group, Nq, Nk, q_start, qk_scale,
-                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                       ssb, ssh, scb, sch, sxb, sxh, n_heads, group, Nq, Nk, q_start, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
+                       HAS_COLUMNS: tl.constexpr):
         qb = tl.program_id(0)
         bh = tl.program_id(1)
         # 64-bit element offsets: at 1M tokens one tensor holds more than 2**31 elements.
@@ -83,6 +94,7 @@ if triton is not None:
         t = lane[:, None] - lane[None, :] + BLOCK - 1
         slot = t // 32
         shift = t % 32
+        col_shift = (31 - lane % 32).to(tl.uint32)
 
         # Diagonal strips: keys i0 - sigma .. i0 - sigma + BLOCK - 1. The loads stay outside the
         # branch below so that the compiler pipelines them across strips (inside it, they were not:
@@ -98,11 +110,22 @@ if triton is not None:
             start = i0 - sigma
             cols = start + lane
             qk, v = _strip_scores(q, k_base, v_base, cols, skn, svn, Nk, qk_scale, PRECISION)
-            # A strip whose cells all count (bit 127 is no cell) and that reaches no sink or negative
-            # key needs no mask.
-            if (((w0 & w1 & w2 & (w3 | -2147483648)) != -1) | (start < sink)):
-                word = tl.where(slot == 0, w0, tl.where(slot == 1, w1, tl.where(slot == 2, w2, w3)))
-                keep = (((word >> shift) & 1) != 0) & (cols[None, :] >= sink) & (cols[None, :] >= 0)
+            free = _free_keys(Columns + b * sxb + h * sxh, cols, Nk, HAS_COLUMNS)
+            # A strip whose cells all count (bit 127 is no cell) and that reaches no sink, negative
+            # key or vertical column needs no mask.
+            if (((w0 & w1 & w2 & (w3 | -2147483648)) != -1) | (start < sink) | (tl.min(free.to(tl.int32)) == 0)):
+                if WINDOW:
+                    lo = ((w1.to(tl.int64) << 32) | (w0.to(tl.int64) & 0xFFFFFFFF)).to(tl.uint64, bitcast=True)
+                    hi = ((w3.to(tl.int64) << 32) | (w2.to(tl.int64) & 0xFFFFFFFF)).to(tl.uint64, bitcast=True)
+                    win = tl.where(lane == 0, lo, (lo >> lane.to(tl.uint64)) | (hi << (64 - lane).to(tl.uint64)))
+                    low_half = (win & 0xFFFFFFFF).to(tl.uint32)
+                    high_half = (win >> 32).to(tl.uint32)
+                    word = tl.where(lane[None, :] >= 32, low_half[:, None], high_half[:, None])
+                    keep = (((word >> col_shift[None, :]) & 1) != 0) & (cols[None, :] >= sink) & (cols[None, :] >= 0)
+                else:
+                    word = tl.where(slot == 0, w0, tl.where(slot == 1, w1, tl.where(slot == 2, w2, w3)))
+                    keep = (((word >> shift) & 1) != 0) & (cols[None, :] >= sink) & (cols[None, :] >= 0)
+                keep = keep & free[None, :]
                 qk = tl.where(keep, qk, float("-inf"))
             m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PRECISION)
 
@@ -111,7 +134,8 @@ if triton is not None:
         for s in range(0, n_sink):
             cols = s * BLOCK + lane
             qk, v = _strip_scores(q, k_base, v_base, cols, skn, svn, Nk, qk_scale, PRECISION)
-            keep = (cols[None, :] < sink) & (pos[:, None] >= cols[None, :])
+            free = _free_keys(Columns + b * sxb + h * sxh, cols, Nk, HAS_COLUMNS)
+            keep = (cols[None, :] < sink) & (pos[:, None] >= cols[None, :]) & free[None, :]
             m_i, l_i, acc = _softmax_step(tl.where(keep, qk, float("-inf")), v, m_i, l_i, acc, PRECISION)
 
         l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -140,17 +164,22 @@ def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, s
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     out = torch.empty_like(query)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=query.device)
-    sigma, counts, words = strips.sigma, strips.counts, strips.words
+    sigma, counts, words, columns = strips.sigma, strips.counts, strips.words, strips.columns
     if not (sigma.is_contiguous() and words.is_contiguous()):
         raise ValueError("strip tops and words must be contiguous (as slash_strips makes them)")
+    has_columns = columns is not None
+    if not has_columns:
+        columns = counts  # not read
+    elif columns.stride(-1) != 1:
+        raise ValueError("the vertical column bitset must be contiguous in its last dim (as slash_strips makes it)")
     grid = (triton.cdiv(Nq, STRIP), B * Hq)
     _strip_forward[grid](
-        query, key, value, out, lse, sigma, words, counts, strips.sink,
+        query, key, value, out, lse, sigma, words, counts, strips.sink, columns,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        sigma.stride(0), sigma.stride(1), counts.stride(0), counts.stride(1),
+        sigma.stride(0), sigma.stride(1), counts.stride(0), counts.stride(1), columns.stride(0), columns.stride(1),
         Hq, Hq // Hkv, Nq, Nk, strips.q_start, scale * math.log2(math.e),
-        HEAD_DIM=D, BLOCK=STRIP,
+        HEAD_DIM=D, BLOCK=STRIP, WINDOW=WINDOW, HAS_COLUMNS=has_columns,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )

@@ -25,11 +25,18 @@ interpreted = pytest.mark.skipif(
 
 
 def diagonal_and_sink_cells(selection) -> torch.Tensor:
-    """[B, H, Nq, Nk]: causal cells with a kept offset or a sink key (independent of the strips)."""
+    """[B, H, Nq, Nk]: causal cells with a kept offset or a sink key and no vertical column (those
+    the vertical part computes), independent of the strips."""
     p = selection.q_offset + torch.arange(selection.nq)[:, None]
     j = torch.arange(selection.nk)
     o = p - j
-    return (selection.offsets[:, :, o.clamp(min=0)] | (j < selection.sink[:, None, None])) & (o >= 0)
+    cells = (selection.offsets[:, :, o.clamp(min=0)] | (j < selection.sink[:, None, None])) & (o >= 0)
+    if selection.columns is not None:
+        B, H, _ = selection.columns.shape
+        in_column = torch.zeros(B, H, selection.nk + 1, dtype=torch.bool)
+        in_column.scatter_(-1, selection.columns.long().clamp(max=selection.nk), True)
+        cells &= ~in_column[:, :, None, :selection.nk]
+    return cells
 
 
 @settings(max_examples=examples(80))
