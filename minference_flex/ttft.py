@@ -32,6 +32,7 @@ import torch
 
 from . import hf
 from .bench import timed_runs
+from .layer_timing import LayerTimes
 from .eval import Haystack, add_patterns_option, context_for, finish, load_patterns, use_side
 from .models import SMOLLM2_DESCRIPTION, smollm2
 
@@ -68,8 +69,10 @@ def time_first_token(model, input_ids: torch.Tensor, reps: int) -> dict:
 
 
 def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: int, hay: Haystack | None = None,
-             context: int | None = None) -> list[dict]:
-    """Both sides at every length of ``lengths`` on an already loaded model; one record per length."""
+             context: int | None = None, layer_times: bool = False) -> list[dict]:
+    """Both sides at every length of ``lengths`` on an already loaded model; one record per length.
+    ``layer_times`` (CUDA): after the timed runs, ``reps`` more prefills per side time every layer's
+    attention call (``LayerTimes``), and the record gets each layer's minference_flex / sdpa ratio."""
     hay = hay or Haystack.build(tokenizer)
     records = []
     for n in lengths:
@@ -84,12 +87,19 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
             res["backend"] = impl
             res["dispatch"] = dict(hf.DISPATCH_COUNTS)
             res["token_text"] = tokenizer.decode([res["token"]])
+            if layer_times:
+                with LayerTimes(impl) as timer:
+                    for _ in range(reps):
+                        first_token(model, ids)
+                res["layer_ms"] = timer.medians()
             rec["sides"][side] = res
             if model.device.type == "cuda":
                 torch.cuda.empty_cache()
         dense, sparse = rec["sides"]["sdpa"], rec["sides"]["minference_flex"]
         rec["speedup"] = dense["ms"] / sparse["ms"]
         rec["same_first_token"] = dense["token"] == sparse["token"]
+        if layer_times:
+            rec["layer_ratio"] = {layer: sparse["layer_ms"][layer] / ms for layer, ms in dense["layer_ms"].items()}
         records.append(rec)
     model.set_attn_implementation("sdpa")
     return records
@@ -111,6 +121,11 @@ def format_table(report: dict) -> str:
         lines.append(f"{'':>7} {'sdpa / minference_flex':<27} {rec['speedup']:.2f}x, "
                      f"first tokens {'identical' if rec['same_first_token'] else 'DIFFER'}"
                      + (f"; sparse-side layer calls: {ways}" if ways else ""))
+        if rec.get("layer_ratio"):
+            layer, worst = max(rec["layer_ratio"].items(), key=lambda kv: kv[1])
+            best = min(rec["layer_ratio"].values())
+            lines.append(f"{'':>7} per-layer attention minference_flex / sdpa: worst {worst:.3f} (layer {layer}), "
+                         f"best {best:.3f}")
     lines.append(f"TTFT: prefill forward (KV cache, last-position logits) + argmax, median of {report['reps']} "
                  f"after one warm-up per side and length")
     return "\n".join(lines)
@@ -124,6 +139,8 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--min-sparse-len", type=int, default=8192,
                    help="prefills shorter than this run dense on the sparse side (default 8192, the backend's)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per side and length (default 3)")
+    p.add_argument("--layer-times", action="store_true",
+                   help="(CUDA) also time every layer's attention call on both sides, reps more prefills each")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="model dtype (default bfloat16 on cuda, float32 on cpu)")
@@ -134,6 +151,8 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
         p.error("--lengths, --reps and --min-sparse-len must be positive")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.layer_times and not args.device.startswith("cuda"):
+        p.error("--layer-times times CUDA kernels: it needs --device cuda")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     try:
@@ -166,7 +185,8 @@ def run(args) -> dict:
         report["load_seconds"][label] = round(model.load_seconds, 1)
         hay = hay or Haystack.build(tokenizer)
         report["results"] += run_ttft(model, tokenizer, lengths, patterns=args.patterns_value,
-                                      min_sparse_len=args.min_sparse_len, reps=args.reps, hay=hay, context=context)
+                                      min_sparse_len=args.min_sparse_len, reps=args.reps, hay=hay, context=context,
+                                      layer_times=args.layer_times)
         del model
         gc.collect()
         if cuda:
