@@ -272,7 +272,9 @@ def vertical_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, exclude
         kept_offset = offset_lookup(offsets)
     else:
         first_pos = geo.base + torch.arange(geo.n_q_tiles, device=device) * tiles.q
-        full = (torch.searchsorted(columns, first_pos.expand(B, H, -1).contiguous(), right=True) // T).to(torch.int32)
+        at_or_before = torch.searchsorted(columns, first_pos.expand(B, H, -1).contiguous(), right=True)
+        # Whole tiles of such columns; the last tile may hold fewer than T (the kernel bounds it by V).
+        full = torch.where(at_or_before == V, n_tiles, at_or_before // T).to(torch.int32)
         num = num - full
 
     def mask_mod(b, h, q_idx, c):

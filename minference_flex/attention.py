@@ -113,7 +113,11 @@ class AttentionPlan:
         main = self.main
         partial = int(main.kv_num_blocks.sum()) if main is not None else 0
         full = int(main.full_kv_num_blocks.sum()) if main is not None else 0
-        vertical = int(self.vertical.kv_num_blocks.sum()) if self.vertical is not None else 0
+        vertical = 0
+        if self.vertical is not None:
+            vertical = int(self.vertical.kv_num_blocks.sum())
+            if self.vertical.full_kv_num_blocks is not None:  # the strip layout's whole column tiles
+                vertical += int(self.vertical.full_kv_num_blocks.sum())
         strips = int(self.strips.visited().sum()) if self.strips is not None else 0
         B, H = self.selection.offsets.shape[:2]
         causal = B * H * self.causal_tiles()
