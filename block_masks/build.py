@@ -243,14 +243,11 @@ def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width:
     )
 
 
-def vertical_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, exclude_offsets: bool = True) -> BlockMask:
+def vertical_block_mask(selection: Selection, tiles: Tiles = Tiles()) -> BlockMask:
     """The BlockMask over the gathered vertical columns ([B, H, V] keys, V = columns.shape[-1]).
 
     Query tile t lists the column tiles holding columns at or before its last position (columns
-    are sorted); a cell is kept if its column is causal and, with ``exclude_offsets``, its offset is
-    not already kept (the main mask computes it). Without (the strip layout: the strips skip the
-    vertical columns instead), a column tile wholly at or before the tile's first position is full:
-    no mask at all, and only the one or two tiles crossing the diagonal are partial.
+    are sorted); a cell is kept if its column is causal and its offset is not already kept.
     """
     geo = TileGeometry.of(selection, tiles)
     columns, offsets = selection.columns, selection.offsets
@@ -264,30 +261,20 @@ def vertical_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, exclude
     # At least two entries per row, so that a budget under one tile does not give the compiler a
     # size-1 dimension to specialise on (and recompile for).
     width = max(2, n_tiles)
-    rank = torch.arange(width, dtype=torch.int32, device=device)
+    idx = torch.arange(width, dtype=torch.int32, device=device).clamp(max=n_tiles - 1)
+    idx = idx.expand(B, H, geo.n_q_tiles, width).contiguous()
     base = torch.full((), geo.base, dtype=torch.int32, device=device)  # a fill, not a host copy
     last_col = V - 1
-    full = None
-    if exclude_offsets:
-        kept_offset = offset_lookup(offsets)
-    else:
-        first_pos = geo.base + torch.arange(geo.n_q_tiles, device=device) * tiles.q
-        at_or_before = torch.searchsorted(columns, first_pos.expand(B, H, -1).contiguous(), right=True)
-        # Whole tiles of such columns; the last tile may hold fewer than T (the kernel bounds it by V).
-        full = torch.where(at_or_before == V, n_tiles, at_or_before // T).to(torch.int32)
-        num = num - full
+    kept_offset = offset_lookup(offsets)
 
     def mask_mod(b, h, q_idx, c):
         col = columns[b, h, c.clamp(0, last_col)]
         o = q_idx + base - col
-        return (o >= 0) & ~kept_offset(b, h, o) if exclude_offsets else o >= 0
+        return (o >= 0) & ~kept_offset(b, h, o)
 
-    first = 0 if full is None else full[..., None]
     return BlockMask.from_kv_blocks(
         kv_num_blocks=num,
-        kv_indices=(first + rank).clamp(max=n_tiles - 1).expand(B, H, geo.n_q_tiles, width).contiguous(),
-        full_kv_num_blocks=full,
-        full_kv_indices=None if full is None else rank.clamp(max=n_tiles - 1).expand(B, H, geo.n_q_tiles, width).contiguous(),
+        kv_indices=idx,
         BLOCK_SIZE=(tiles.q, T),
         mask_mod=mask_mod,
         seq_lengths=(selection.nq + geo.pad, V),

@@ -12,9 +12,9 @@ is a diagonal), so the metadata grows with the kept offsets, not with the prompt
 
 The kernel computes, per diagonal strip, exactly the cells whose offset is kept (within the strip's
 cluster) and whose key is no sink (a bit test on the strip's ``words``), and in the sink strips
-(keys 0 .. sink-1) every causal cell, leaving out the keys of the head's vertical columns: each cell
-of the diagonals and sinks is computed once, here or in the vertical part (which computes its
-columns whole, so that its tiles need no mask). Block-sparse blocks are not here.
+(keys 0 .. sink-1) every causal cell:
+each cell of the diagonals and sinks is computed once. Vertical columns and block-sparse blocks are
+not here.
 """
 from __future__ import annotations
 
@@ -46,8 +46,6 @@ class Strips:
             the kernel's per-cell test is a shift of a word it loads once per strip.
     sink:   [Hq] int32 sink tokens (A-shape heads; 0 elsewhere).
     q_start: position of query row 0 (Nk - Nq); nq, nk: query and key lengths.
-    columns: [B, Hq, W] int32, the vertical columns as a bitset (key c is bit c % 32 of word
-            c // 32): the kernel skips their keys; None when the selection has no vertical columns.
     """
 
     sigma: Tensor
@@ -57,7 +55,6 @@ class Strips:
     q_start: int
     nq: int
     nk: int
-    columns: Tensor | None = None
 
     def visited(self) -> Tensor:
         """[B, Hq] int64: strips the kernel computes per head (diagonal and sink strips)."""
@@ -71,15 +68,6 @@ def pack_bits(flags: Tensor) -> Tensor:
     weights = torch.pow(2, torch.arange(32, device=flags.device, dtype=torch.int64))
     value = (flags.unflatten(-1, (-1, 32)).to(torch.int64) * weights).sum(-1)
     return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)  # same 32 bits, signed
-
-
-def column_bits(columns: Tensor, nk: int) -> Tensor:
-    """columns [B, H, V] (sorted key indices, padding >= nk) -> [B, H, ceil(nk / 32)] int32 bitset."""
-    B, H, _ = columns.shape
-    width = -(-nk // 32) * 32
-    flags = torch.zeros(B, H, width + 1, dtype=torch.bool, device=columns.device)
-    flags.scatter_(-1, columns.long().clamp(max=width), True)                     # padding lands at width
-    return pack_bits(flags[..., :width])
 
 
 def strip_words(offsets: Tensor, sigma: Tensor, owned: Tensor) -> Tensor:
@@ -143,17 +131,16 @@ def slash_strips(selection: Selection) -> Strips:
     B, H, _ = offsets.shape
     last_pos = selection.q_offset + STRIP * torch.arange(n_q_blocks, device=offsets.device) + STRIP - 1
     counts = torch.searchsorted(sigma, last_pos.to(torch.int32).expand(B, H, n_q_blocks).contiguous(), right=True)
-    columns = None if selection.columns is None else column_bits(selection.columns, selection.nk)
     return Strips(sigma=sigma, counts=counts.to(torch.int32), words=strip_words(offsets, sigma, owned),
-                  sink=selection.sink, q_start=selection.q_offset, nq=selection.nq, nk=selection.nk, columns=columns)
+                  sink=selection.sink, q_start=selection.q_offset, nq=selection.nq, nk=selection.nk)
 
 
 def strip_cells(strips: Strips) -> Tensor:
     """How often the strip kernel computes each cell: [B, Hq, Nq, Nk] int32 (dense: tests and
     emulation only). Every kept diagonal or sink cell must come out exactly 1, every other cell 0.
 
-    Built from the strips themselves (their tops, words and column bits), not from the Selection, so
-    a gap or an overlap in the cover shows up. Row r of a block counts, through the strip with top sigma, the
+    Built from the strips themselves (their tops and words), not from the Selection, so a gap or an
+    overlap in the cover shows up. Row r of a block counts, through the strip with top sigma, the
     offsets sigma - (STRIP - 1) + t for t in r .. r + STRIP - 1 whose bit t is set; a strip a block
     does not run only reaches keys before 0.
     """
@@ -178,8 +165,4 @@ def strip_cells(strips: Strips) -> Tensor:
     row = (torch.arange(nq, device=device) % STRIP)[:, None].expand(nq, nk)
     reached = by_row[:, :, (o + T).clamp(0, nk + T), row]
     sink = j < strips.sink[:, None, None].long()                                  # [H, 1, Nk]
-    cells = torch.where(sink | (o < 0), 0, reached) + (sink & (o >= 0)).to(torch.int32)
-    if strips.columns is not None:
-        in_column = ((strips.columns[..., j // 32] >> (j % 32)) & 1).bool()      # [B, H, Nk]
-        cells = cells.masked_fill(in_column[:, :, None, :], 0)
-    return cells
+    return torch.where(sink | (o < 0), 0, reached) + (sink & (o >= 0)).to(torch.int32)

@@ -113,11 +113,7 @@ class AttentionPlan:
         main = self.main
         partial = int(main.kv_num_blocks.sum()) if main is not None else 0
         full = int(main.full_kv_num_blocks.sum()) if main is not None else 0
-        vertical = 0
-        if self.vertical is not None:
-            vertical = int(self.vertical.kv_num_blocks.sum())
-            if self.vertical.full_kv_num_blocks is not None:  # the strip layout's whole column tiles
-                vertical += int(self.vertical.full_kv_num_blocks.sum())
+        vertical = int(self.vertical.kv_num_blocks.sum()) if self.vertical is not None else 0
         strips = int(self.strips.visited().sum()) if self.strips is not None else 0
         B, H = self.selection.offsets.shape[:2]
         causal = B * H * self.causal_tiles()
@@ -164,7 +160,7 @@ def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold
     return AttentionPlan(
         selection=selection,
         main=main,
-        vertical=vertical_block_mask(selection, tiles, exclude_offsets=not strips) if split else None,
+        vertical=vertical_block_mask(selection, tiles) if split else None,
         pad=TileGeometry.of(selection, tiles).pad,
         scale=scale,
         tiles=tiles,
@@ -207,8 +203,7 @@ def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, 
         flex_parts.append(flex(q, gather_columns(key, columns), gather_columns(value, columns), plan.vertical,
                                plan.scale, compiled=compiled, kernel_options=options, lse=True))
     parts += [(out[:, :, plan.pad:], None if lse is None else lse[..., plan.pad:]) for out, lse in flex_parts]
-    out = parts[0][0] if n_parts == 1 else merge(parts)
-    return out.to(query.dtype)
+    return parts[0][0].to(query.dtype) if n_parts == 1 else merge(parts, query.dtype)
 
 
 def sparse_attention(query: Tensor, key: Tensor, value: Tensor, patterns: Sequence, *,

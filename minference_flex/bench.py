@@ -151,7 +151,8 @@ def plot_report(report: dict, path) -> dict[str, tuple[list[int], list[float]]]:
 
     configs = {run["config"] for r in results for run in r["runs"] if "error" not in run}
     for r in results:
-        add("SDPA causal", r["length"], r["sdpa_ms"])
+        if r["sdpa_ms"] is not None:
+            add("SDPA causal", r["length"], r["sdpa_ms"])
         if "flex_dense_ms" in r:
             add("FlexAttention dense causal", r["length"], r["flex_dense_ms"])
         for run in r["runs"]:
@@ -213,8 +214,8 @@ def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs
     """One length: SDPA, FlexAttention dense and, per configuration, the minference_flex runs.
     ``inputs``: "structured" (``structured_qkv`` in ``geometry``) or "smollm2" (the first ``n``
     positions of layer ``layer`` of ``capture``, a dict of ``load_capture``). ``device="cpu"`` with ``eager`` is the
-    smoke-test mode (wall-clock times, eager kernels). ``skip`` leaves out the "flex" dense baseline and
-    the "dense-pattern" run (each takes ~25-35 s a call at 1M tokens)."""
+    smoke-test mode (wall-clock times, eager kernels). ``skip`` leaves out the "sdpa" baseline, the "flex"
+    dense baseline and the "dense-pattern" run (each takes 20-35 s a call at 1M tokens)."""
     if inputs == "smollm2":
         q, k, v = smollm2_qkv(capture, n, device=device, layer=layer)
     else:
@@ -223,7 +224,9 @@ def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs
     timer = dict(reps=reps, device=device, warmup=(3 if cuda else 1) if warmup is None else warmup)
     rows = sample_rows(n, 64, q.device)
     res = {"length": n}
-    if cuda:
+    if "sdpa" in skip:
+        res["sdpa_ms"] = None
+    elif cuda:
         res["sdpa_ms"] = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                                  **timer)
     else:  # the CPU flash kernel wants K/V repeated to the query heads; repeat once, outside the timing
@@ -296,7 +299,7 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
         run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v, compiled=compiled), **timer)
         run["total_ms"] = time_ms(lambda: run_plan(plan_attention(q, k, patterns, **plan_options),
                                                    q, k, v, compiled=compiled), **timer)
-        run["speedup_vs_sdpa"] = sdpa_ms / run["total_ms"]
+        run["speedup_vs_sdpa"] = sdpa_ms / run["total_ms"] if sdpa_ms else None
         runs.append(run)
         del plan, sel, out
     return runs
@@ -304,6 +307,10 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
 
 def _ms(value: float | None) -> str:
     return f"{value:8.2f}" if value is not None else f"{'-':>8}"
+
+
+def _speedup(value: float | None) -> str:
+    return f"{value:6.2f}x" if value is not None else f"{'-':>7}"
 
 
 def main(argv=None) -> dict:
@@ -325,8 +332,9 @@ def main(argv=None) -> dict:
                         "BlockMask tiles QxK and optional kernel options: 64x64:num_warps=4,num_stages=3")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=None, help="untimed runs before each timing (default 3 on CUDA)")
-    p.add_argument("--skip", nargs="+", default=[], choices=["flex", "dense-pattern"],
-                   help="leave out the FlexAttention dense baseline and/or the dense-pattern run (long at 1M tokens)")
+    p.add_argument("--skip", nargs="+", default=[], choices=["sdpa", "flex", "dense-pattern"],
+                   help="leave out baselines: SDPA, FlexAttention dense, the dense-pattern run (each 20-35 s a "
+                        "call at 1M tokens)")
     p.add_argument("--out", type=Path, default=Path("results"), help="folder for bench.json (default results)")
     p.add_argument("--plot", type=Path, default=None, metavar="PATH.png",
                    help="also write a PNG of time against prompt length (needs matplotlib: pip install '.[plot]')")
@@ -385,10 +393,11 @@ def main(argv=None) -> dict:
             if "error" in run:
                 print(f"{r['length']:>8} {run['config']:>24} failed: {run['error'][:120]}")
                 continue
-            print(f"{r['length']:>8} {run['config']:>24} {str(tuple(run['budgets'])):>11} {r['sdpa_ms']:8.2f} "
+            print(f"{r['length']:>8} {run['config']:>24} {str(tuple(run['budgets'])):>11} {_ms(r['sdpa_ms'])} "
                   f"{_ms(r.get('flex_dense_ms'))} {_ms(run['dense_pattern_ms'])} "
                   f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} {run['total_ms']:8.2f} "
-                  f"{run['speedup_vs_sdpa']:6.2f}x {run['tiles']['fraction']:6.3f} {run['recall']:6.3f} {run['rel_err']:8.1e}")
+                  f"{_speedup(run['speedup_vs_sdpa'])} {run['tiles']['fraction']:6.3f} {run['recall']:6.3f} "
+                  f"{run['rel_err']:8.1e}")
     return report
 
 

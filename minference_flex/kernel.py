@@ -12,6 +12,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from block_masks import visited_cells
 
+from .merge_kernel import HAS_TRITON, merge_pair
+
 try:  # torch >= 2.9; older versions return the log-sum-exp through return_lse
     from torch.nn.attention.flex_attention import AuxRequest
 except ImportError:  # pragma: no cover - exercised on old torch only
@@ -186,9 +188,18 @@ def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale
     return out, (aux.lse if AuxRequest is not None else aux)
 
 
-def merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """Combine attentions over disjoint key sets, given as (out [..., M, D], lse [..., M]) pairs,
-    into one (float32). A part empty for a row (lse -inf) adds nothing to it."""
+def merge(parts: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
+    """Combine attentions over disjoint key sets, given as (out [B, H, M, D], lse [B, H, M]) pairs,
+    into one in ``dtype``. A part empty for a row (lse -inf) adds nothing to it.
+
+    On CUDA outside ``torch.compile`` the Triton kernel of ``merge_kernel`` merges pair by pair
+    without float32 copies of the parts; elsewhere (and inside a compiled graph, which fuses it) the
+    definition below."""
+    if parts[0][0].is_cuda and HAS_TRITON and not torch.compiler.is_compiling():
+        merged = parts[0]
+        for i, part in enumerate(parts[1:], start=2):
+            merged = merge_pair(merged, part, dtype if i == len(parts) else torch.float32)
+        return merged[0]
     lse = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
     lse = torch.where(torch.isinf(lse), 0.0, lse)  # a row empty everywhere stays 0, not nan
-    return sum(out.float() * torch.exp(part_lse - lse).unsqueeze(-1) for out, part_lse in parts)
+    return sum(out.float() * torch.exp(part_lse - lse).unsqueeze(-1) for out, part_lse in parts).to(dtype)
