@@ -105,11 +105,11 @@ class CostModel:
 #: heads, 8 KV heads, head dim 128, batch 1), numbers of docs/performance.md. Re-calibrate here.
 H100 = CostModel(
     sdpa_fixed_ms=0.02,
-    sdpa_cell_ms=6.2e-12,        # SDPA causal 13.64 ms at N = 32768
-    plan_fixed_ms=2.967,         # estimation + mask building: 4.6 ms at 32768,
-    plan_token_ms=1.558e-6,      # 9.5 ms at 131072 (a line through both)
-    strip_tile_ms=9.5e-6,        # ~10 ns per strip at 128K (1000, 6096)
-    flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles, dense 5.5 ns, partial tiles more
+    sdpa_cell_ms=6.0e-12,        # SDPA causal 13.30 ms at N = 32768 (7.0e-12 at 131072: SDPA is underestimated)
+    plan_fixed_ms=2.967,         # estimation + mask building: 4.6 ms at 32768 (measured 3.4-3.7),
+    plan_token_ms=1.558e-6,      # 9.5 ms at 131072 (8.0-8.6), 55 ms at 1M (49.7); SmolLM2 128K 4.8 (5.0-5.3)
+    strip_tile_ms=7.5e-6,        # kernel time per strip at 32K-128K, vertical part and merge included: 7.1-7.4 ns
+    flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles, dense 5.3 ns, partial tiles more
 )
 
 
