@@ -13,6 +13,9 @@ a file written by ``minference-flex capture`` (geometry smollm2-135m; a length N
 positions of the capture, which must hold at least N). ``--plot PATH.png`` draws the times of SDPA,
 FlexAttention dense and minference_flex (one line per budget) against the prompt length.
 
+``--compile-counts`` counts compilations instead of timing (CUDA): dynamo graphs and strip-kernel
+builds across 10 prompt lengths and 10 budget sets (``compile_counts``).
+
 ``--device cpu --eager`` runs the whole benchmark on the CPU with the eager kernel emulation: a
 smoke test of the script at small lengths (timings there mean nothing).
 """
@@ -32,7 +35,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from block_masks import Tiles, select, token_cells
 
-from .attention import plan_attention, plan_selection, run_plan
+from .attention import plan_attention, plan_selection, run_plan, sparse_attention
 from .bench_inputs import structured_qkv
 from .config import parse_patterns
 from .layer_demo import row_stats, sample_rows
@@ -305,6 +308,43 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
     return runs
 
 
+#: Prompt lengths and budget sets of ``--compile-counts`` (issue 4: at most 2 compilations across 10
+#: lengths, one across 10 budget sets).
+COUNT_LENGTHS = (4096, 5000, 6144, 7777, 8192, 9001, 10240, 12345, 14000, 16384)
+COUNT_BUDGETS = ((100, 800), (200, 1000), (300, 1500), (500, 2000), (1000, 6096), (50, 300), (64, 512), (128, 256),
+                 (700, 900), (400, 4000))
+
+
+def compile_counts(geometry: dict) -> dict:
+    """Compilations ``mf.sparse_attention`` triggers on CUDA: dynamo graphs (the FlexAttention kernel)
+    and builds of the strip kernel, for a first call, then 10 prompt lengths (budgets (1000, 6096)),
+    then 10 budget sets (8192 tokens), every head vertical_and_slash, structured inputs."""
+    from torch._dynamo.utils import counters
+
+    from . import strip_kernel
+
+    def builds() -> int:  # Triton keeps one compiled kernel per specialisation, per device
+        return sum(len(cache[0]) for cache in strip_kernel._strip_forward.device_caches.values())
+
+    Hq = geometry["Hq"]
+    q, k, v = structured_qkv(Hq, geometry["Hkv"], max(COUNT_LENGTHS), geometry["D"], device="cuda")
+
+    def run(n: int, budgets: tuple[int, int]) -> None:
+        sparse_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], [["vertical_and_slash", *budgets]] * Hq)
+
+    counts = {}
+    for name, calls in (("first call", [(3000, (1000, 6096))]),
+                        ("10 lengths", [(n, (1000, 6096)) for n in COUNT_LENGTHS]),
+                        ("10 budget sets", [(8192, b) for b in COUNT_BUDGETS])):
+        graphs, kernels = counters["stats"]["unique_graphs"], builds()
+        for n, budgets in calls:
+            run(n, budgets)
+        torch.cuda.synchronize()
+        counts[name] = dict(dynamo_graphs=counters["stats"]["unique_graphs"] - graphs,
+                            strip_kernel_builds=builds() - kernels)
+    return counts
+
+
 def _ms(value: float | None) -> str:
     return f"{value:8.2f}" if value is not None else f"{'-':>8}"
 
@@ -331,6 +371,8 @@ def main(argv=None) -> dict:
                    help="strips (default: the strip kernel for the diagonals), or FlexAttention alone with "
                         "BlockMask tiles QxK and optional kernel options: 64x64:num_warps=4,num_stages=3")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--compile-counts", action="store_true",
+                   help="instead of timing: count the compilations across 10 prompt lengths and 10 budget sets")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs before each timing (default 3 on CUDA)")
     p.add_argument("--skip", nargs="+", default=[], choices=["sdpa", "flex", "dense-pattern"],
                    help="leave out baselines: SDPA, FlexAttention dense, the dense-pattern run (each 20-35 s a "
@@ -366,6 +408,14 @@ def main(argv=None) -> dict:
                       **{key: capture[key] for key in ("model", "text", "start", "model_dtype", "rope")
                          if key in capture})
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.compile_counts:
+        report = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, geometry=geometry,
+                      lengths=COUNT_LENGTHS, budgets=COUNT_BUDGETS, counts=compile_counts(GEOMETRIES[geometry]))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compile_counts.json").write_text(json.dumps(report, indent=1))
+        for name, c in report["counts"].items():
+            print(f"{name:>15}: {c['dynamo_graphs']} dynamo graphs, {c['strip_kernel_builds']} strip kernel builds")
+        return report
     budgets = [tuple(int(x) for x in s.split(",")) for s in args.budgets]
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     report = dict(card=card, torch=torch.__version__, geometry=geometry, inputs=args.inputs, inputs_detail=inputs,
