@@ -4,8 +4,8 @@ Why not FlexAttention for the diagonals: FlexAttention's key tiles are aligned, 
 diagonal crosses two tiles of every query tile, and the kept cells of such a partial tile are found
 by ``mask_mod`` with a gather per cell, which made a partial tile cost 1.8x a full one on the H100
 (docs/performance.md). Here a strip starts at any key, so an isolated diagonal costs one strip, its
-cells are found with a shift of four words loaded once per strip, and a strip whose cells all count
-skips the mask.
+cells are found from four words loaded once per strip (a 64-bit window per row, a shift per cell),
+and a strip whose cells all count skips the mask.
 
 One program per (query block of STRIP rows, batch x query head); query head h reads key/value head
 h // group. It returns the output over the strip cells and their log-sum-exp, to be merged with the

@@ -108,7 +108,8 @@ def test_sdpa_and_plan_times_match_the_calibration():
 
 def test_kernel_time_scales_with_head_dim_and_takes_tensors():
     assert H100.kernel_ms(1000, 0, 256) == pytest.approx(2 * H100.kernel_ms(1000, 0, 128))
-    assert H100.kernel_ms(0, 1000, 32) == pytest.approx(0.75 * H100.kernel_ms(0, 1000, 128))
+    assert H100.kernel_ms(0, 1000, 32) == pytest.approx(H100.min_dim_factor * H100.kernel_ms(0, 1000, 128))
+    assert H100.min_dim_factor < 1
     assert H100.kernel_ms(1000, 500, 64) == pytest.approx(H100.kernel_ms(1000, 0, 64) + H100.kernel_ms(0, 500, 64))
     t = H100.kernel_ms(torch.tensor(1000), torch.tensor(500.0), 128)
     assert isinstance(t, torch.Tensor) and float(t) == pytest.approx(H100.kernel_ms(1000, 500, 128), rel=1e-6)
@@ -144,7 +145,7 @@ def test_check_compares_the_plans_kernel_time_with_sdpa():
     sdpa = H100.sdpa_ms(1, 4, 512, 512, 32)
     per_tile = sdpa / (strips + flex)   # the kernel costs exactly SDPA's time at this tile cost
     for factor, expected in [(0.9, True), (1.1, False)]:
-        tile_ms = factor * per_tile / 0.75  # head dim 32: 0.75 of the D=128 cost
+        tile_ms = factor * per_tile / H100.min_dim_factor  # head dim 32: the smallest factor
         cost = dataclasses.replace(H100, strip_tile_ms=tile_ms, flex_tile_ms=tile_ms)
         assert bool(kernel_beats_sdpa(cost, plan, 32)) is expected
 
