@@ -331,7 +331,7 @@ def test_check_plans_and_picks_by_the_tile_count(fallback_on_cpu):
     tiles = float(sum(plan_tiles(plan)))
     assert tile_bounds(1, 200, 200, patterns).low < 0.9 * tiles
     for factor, expected in [(0.9, "check-sparse"), (1.1, "check-sdpa")]:
-        cost = checking(factor * 1000 / tiles / 0.75)  # head dim 16: a tile costs 0.75 of the D=128 cost
+        cost = checking(factor * 1000 / tiles / CostModel.min_dim_factor)  # head dim 16: the smallest factor
         assert choose(cost, 1, 200, 200, 16, patterns) == "check"
         fallback_on_cpu(cost)
         mf_hf.DISPATCH_COUNTS.clear()
