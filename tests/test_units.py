@@ -294,7 +294,7 @@ def test_chunked_prefill_rows_match_full_prompt(Nq, pats):
 
 def test_block_sparse_chunk_uses_only_its_queries():
     """A chunk that starts mid-block pools only its own queries of that block."""
-    Nk, bs, D = 256, 64, 32
+    Nk, D = 256, 32
     g = torch.Generator().manual_seed(9)
     u, w = torch.nn.functional.normalize(torch.randn(2, D, generator=g), dim=1)
     w = torch.nn.functional.normalize(w - (w @ u) * u, dim=0)  # orthogonal to u
