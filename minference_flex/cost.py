@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 TILE_CELLS = TILE * STRIP
 #: Head dim the kernel coefficients are given for.
 REFERENCE_HEAD_DIM = 128
+#: ``sdpa_dims(64)``, measured on the H100 (SmolLM2 geometry: 2.64 ms at 32K and 42.49 ms at 128K
+#: for 9 heads of dim 64; Llama-3-8B: 13.30 ms at 32K for 32 heads of dim 128).
+SDPA_DIMS_AT_64 = 90.0
 #: The most a layer may lose against SDPA by planning and then falling back (a fraction of SDPA's time).
 MAX_LOSS = 0.05
 
@@ -56,7 +59,7 @@ class CostModel:
     """Coefficients of the time model of one attention layer call (milliseconds).
 
     - SDPA (causal flash attention): ``sdpa_fixed_ms + sdpa_cell_ms * batch * heads * causal cells
-      * head_dim``;
+      * sdpa_dims(head_dim)`` (``sdpa_cell_ms`` per cell and dim at head dim 128);
     - planning (estimation and mask building): ``plan_fixed_ms + plan_token_ms * batch * query heads
       * keys``;
     - the sparse kernel: ``strip_tile_ms`` per 64x64 strip and ``flex_tile_ms`` per 64x64 area of
@@ -76,7 +79,7 @@ class CostModel:
         """Causal SDPA with the queries at the last ``n_queries`` of ``n_keys`` positions."""
         q0 = n_keys - n_queries
         causal_cells = (n_keys * (n_keys + 1) - q0 * (q0 + 1)) // 2
-        return self.sdpa_fixed_ms + self.sdpa_cell_ms * (batch * q_heads * causal_cells * head_dim)
+        return self.sdpa_fixed_ms + self.sdpa_cell_ms * (batch * q_heads * causal_cells) * sdpa_dims(head_dim)
 
     def plan_ms(self, batch: int, q_heads: int, n_keys: int, head_dim: int) -> float:
         """``plan_attention``: estimation and mask building. ``head_dim`` is not used: the estimation
@@ -111,6 +114,18 @@ H100 = CostModel(
     strip_tile_ms=7.5e-6,        # kernel time per strip at 32K-128K, vertical part and merge included: 7.1-7.4 ns
     flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles, dense 5.3 ns, partial tiles more
 )
+
+
+def sdpa_dims(head_dim: int) -> float:
+    """The head dim as SDPA's time sees it, in dims of head dim 128's cost per dim: the head dim
+    itself from 128 on; 90 at 64 (on the H100 SDPA spends 8.5e-12 ms per cell and dim at head dim
+    64 against 6.0e-12 at 128: 64 * 8.5 / 6.0 = 90.7, rounded down); linear between; below 64
+    (not measured) proportional to the head dim, which rates SDPA no slower than at 64."""
+    if head_dim >= REFERENCE_HEAD_DIM:
+        return head_dim
+    if head_dim >= 64:
+        return SDPA_DIMS_AT_64 + (head_dim - 64) * (REFERENCE_HEAD_DIM - SDPA_DIMS_AT_64) / 64
+    return SDPA_DIMS_AT_64 * head_dim / 64
 
 
 # --------------------------------------------------------------------------- tile bounds

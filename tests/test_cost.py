@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounter
 import minference_flex as mf
 from block_masks import select, slash_strips
 from minference_flex.config import parse_patterns
-from minference_flex.cost import H100, MAX_LOSS, CostModel, choose, kernel_beats_sdpa, plan_tiles, tile_bounds
+from minference_flex.cost import H100, MAX_LOSS, CostModel, choose, kernel_beats_sdpa, plan_tiles, sdpa_dims, tile_bounds
 from tests.strategies import cases, examples
 
 VS = "vertical_and_slash"
@@ -100,6 +100,10 @@ def test_cell_bound_is_exact_for_dense_heads():
 
 def test_sdpa_and_plan_times_match_the_calibration():
     assert H100.sdpa_ms(1, 32, 32768, 32768, 128) == pytest.approx(13.30, rel=0.02)
+    # SmolLM2 geometry (9 heads of dim 64), measured 2.64 and 42.49 ms: SDPA is not underrated by more than 15%
+    assert 0.85 * 2.64 <= H100.sdpa_ms(1, 9, 32768, 32768, 64) <= 2.64
+    assert 0.85 * 42.49 <= H100.sdpa_ms(1, 9, 131072, 131072, 64) <= 42.49
+    assert sdpa_dims(32) < sdpa_dims(64) < sdpa_dims(96) < sdpa_dims(128) == 128
     assert H100.plan_ms(1, 32, 32768, 128) == pytest.approx(4.6, rel=0.01)
     assert H100.plan_ms(1, 32, 131072, 128) == pytest.approx(9.5, rel=0.01)
     # the last 1000 queries of 32768 keys cost a thin slice of the full prefill
