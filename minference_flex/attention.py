@@ -84,9 +84,9 @@ class AttentionPlan:
     kernel_options: dict | None = None
     strips: Strips | None = None
 
-    def visited_tiles(self) -> Tensor:
-        """[B, Hq] int64: tiles the kernel visits per head (partial and full tiles of the main mask,
-        the tiles of the gathered vertical columns and the strips, each strip one 64x64 tile)."""
+    def flex_tiles(self) -> Tensor:
+        """[B, Hq] int64: tiles the FlexAttention parts visit per head (partial and full tiles of the
+        main mask, the tiles of the gathered vertical columns), at the plan's tile size."""
         B, H = self.selection.offsets.shape[:2]
         visited = torch.zeros(B, H, dtype=torch.int64, device=self.selection.offsets.device)
         for mask in (self.main, self.vertical):
@@ -94,9 +94,13 @@ class AttentionPlan:
                 visited = visited + mask.kv_num_blocks.sum(-1, dtype=torch.int64)
                 if mask.full_kv_num_blocks is not None:
                     visited = visited + mask.full_kv_num_blocks.sum(-1, dtype=torch.int64)
-        if self.strips is not None:
-            visited = visited + self.strips.visited()
         return visited
+
+    def visited_tiles(self) -> Tensor:
+        """[B, Hq] int64: tiles the kernel visits per head: ``flex_tiles`` and the strips, each strip
+        one 64x64 tile."""
+        visited = self.flex_tiles()
+        return visited + self.strips.visited() if self.strips is not None else visited
 
     def causal_tiles(self) -> int:
         """Tiles one head of dense causal attention visits at the same tile size and alignment."""

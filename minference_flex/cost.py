@@ -254,13 +254,7 @@ def plan_tiles(plan: AttentionPlan) -> tuple[Tensor | int, Tensor | float]:
     """(strips, FlexAttention tiles as 64x64 equivalents) the kernel visits for a plan, summed over
     batch and heads: 0-d device tensors, read without a host sync."""
     strips = plan.strips.visited().sum() if plan.strips is not None else 0
-    flex = 0
-    for mask in (plan.main, plan.vertical):
-        if mask is not None:
-            flex = flex + mask.kv_num_blocks.sum(dtype=torch.int64)
-            if mask.full_kv_num_blocks is not None:
-                flex = flex + mask.full_kv_num_blocks.sum(dtype=torch.int64)
-    return strips, flex * (plan.tiles.q * plan.tiles.kv / TILE_CELLS)
+    return strips, plan.flex_tiles().sum() * (plan.tiles.q * plan.tiles.kv / TILE_CELLS)
 
 
 def kernel_beats_sdpa(cost: CostModel, plan: AttentionPlan, head_dim: int) -> Tensor | bool:
