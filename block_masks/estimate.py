@@ -24,6 +24,7 @@ from .pattern import (
     VERTICAL_SLASH,
     Pattern,
 )
+from .score_kernel import HAS_TRITON, vertical_slash_scores_triton
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,11 @@ def vertical_slash_scores(query: Tensor, key: Tensor, scale: float) -> tuple[Ten
 
     query [B, Hq, Nq, D], key [B, Hkv, Nk, D]. Returns (vertical, slash), both [B, Hq, Nk] float32:
     vertical[j] = sum_r P[r, j], slash[o] = sum_r P[r, p_r - o], with P the causal softmax of the last
-    queries computed in float32.
+    queries computed in float32. On CUDA two Triton passes compute the same (``score_kernel``); this
+    PyTorch code is their definition and the CPU path.
     """
+    if query.is_cuda and HAS_TRITON:
+        return vertical_slash_scores_triton(query, key, scale)
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
     m = min(LAST_Q, Nq)

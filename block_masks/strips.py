@@ -26,6 +26,7 @@ from torch import Tensor
 from .build import compact
 from .estimate import Selection
 from .pattern import TILE
+from .strip_build_kernel import HAS_TRITON, strip_layout_triton
 
 #: Rows and keys of one strip (the kernel's tile).
 STRIP = TILE
@@ -124,14 +125,20 @@ def strip_tops(offsets: Tensor, max_kept: int) -> tuple[Tensor, Tensor]:
 
 
 def slash_strips(selection: Selection) -> Strips:
-    """The strip layout of a Selection's kept offsets and sinks (no host sync)."""
+    """The strip layout of a Selection's kept offsets and sinks (no host sync). On CUDA one Triton
+    program per head builds it (``strip_build_kernel``); ``strip_tops`` and ``strip_words`` are its
+    definition and the CPU path."""
     offsets = selection.offsets
-    sigma, owned = strip_tops(offsets, selection.max_offsets)
+    if offsets.is_cuda and HAS_TRITON:
+        sigma, _, words = strip_layout_triton(offsets, selection.max_offsets, STRIP, NO_STRIP)
+    else:
+        sigma, owned = strip_tops(offsets, selection.max_offsets)
+        words = strip_words(offsets, sigma, owned)
     n_q_blocks = -(-selection.nq // STRIP)
     B, H, _ = offsets.shape
     last_pos = selection.q_offset + STRIP * torch.arange(n_q_blocks, device=offsets.device) + STRIP - 1
     counts = torch.searchsorted(sigma, last_pos.to(torch.int32).expand(B, H, n_q_blocks).contiguous(), right=True)
-    return Strips(sigma=sigma, counts=counts.to(torch.int32), words=strip_words(offsets, sigma, owned),
+    return Strips(sigma=sigma, counts=counts.to(torch.int32), words=words,
                   sink=selection.sink, q_start=selection.q_offset, nq=selection.nq, nk=selection.nk)
 
 

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 import minference_flex as mf
 from block_masks import Selection, select
-from block_masks.strips import NO_STRIP, STRIP, slash_strips, strip_cells, strip_tops
+from block_masks.strip_build_kernel import CHUNK, strip_layout_triton
+from block_masks.strips import NO_STRIP, STRIP, slash_strips, strip_cells, strip_tops, strip_words
 from minference_flex.config import parse_patterns
 from minference_flex.strip_kernel import strip_attention
 from tests.naive import reference_attention
@@ -64,6 +65,30 @@ def test_chain_length_per_cluster(offsets):
     expected = sum((b - a + STRIP - 1) // STRIP + 1 for a, b in clusters)
     assert int((tops != NO_STRIP).sum()) == expected
     assert int((tops != NO_STRIP).sum()) <= len(offsets)
+
+
+@interpreted
+@settings(max_examples=examples(20))
+@given(gaps=st.lists(st.one_of(st.integers(1, 8), st.integers(STRIP - 2, STRIP + 2), st.integers(100, 130)),
+                     min_size=40, max_size=60),
+       spare=st.integers(0, 3), chunk=st.sampled_from([16, 32, CHUNK]))
+def test_triton_strip_builder_matches_the_definition(gaps, spare, chunk):
+    """The one-program-per-head builder gives the tops, owned ranges and words of ``strip_tops`` and
+    ``strip_words``. Head 0 keeps the offsets the gaps lay out (clusters split exactly at STRIP),
+    head 1 every offset up to 500, head 2 none; small chunks put many clusters across chunk borders."""
+    kept = torch.tensor(gaps).cumsum(0) - gaps[0]
+    Nk = int(kept[-1]) + 1 + gaps[-1] % 7
+    offsets = torch.zeros(1, 3, Nk, dtype=torch.bool)
+    offsets[0, 0, kept] = True
+    offsets[0, 1, :500] = True
+    K = Nk if spare == 0 else int(offsets.sum(-1).max())
+    tops, owned = strip_tops(offsets, K)
+    words = strip_words(offsets, tops, owned)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t_tops, t_owned, t_words = (t.cpu() for t in strip_layout_triton(offsets.to(device), K, STRIP, NO_STRIP, chunk))
+    assert torch.equal(t_tops, tops)
+    real = tops != NO_STRIP
+    assert torch.equal(t_owned[real], owned[real]) and torch.equal(t_words[real], words[real])
 
 
 @settings(max_examples=examples(40))

@@ -1,0 +1,136 @@
+"""``strips.strip_tops`` and ``strips.strip_words`` in one Triton program per head, on CUDA.
+
+The PyTorch definition takes about 130 small kernel launches, so on the GPU building the strips is
+bound by launches (about 2 ms at any length). Here one program walks its head's kept offsets in
+chunks, three times, with running values carried from chunk to chunk:
+
+1. compact the kept offsets into a sorted list (scratch);
+2. find the clusters (neighbours under STRIP apart); at each cluster's last offset, record the
+   cluster's end, strip count and the number of strips of all earlier clusters, keyed by the index
+   of the cluster's first offset (scratch);
+3. the offset of rank t in its cluster writes the cluster's strip t (top = end - STRIP * t), at its
+   place in the ascending list, with its owned range and its four words cut from the kept offsets.
+
+The output is the same as the definition's for every real strip (padding strips: top NO_STRIP,
+owned and words 0).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU installs without Triton use the PyTorch definition
+    triton = None
+
+HAS_TRITON = triton is not None
+
+#: Offsets per chunk when compacting (step 1: a flag each) and when walking the kept list (steps 2-3).
+COMPACT = 2048
+CHUNK = 256
+
+if triton is not None:
+
+    @triton.jit
+    def _max(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _clusters(xs, i, n_kept, a_carry, s_carry, STRIP: tl.constexpr):
+        """Kept offsets x of list entries i, whether each starts / ends a cluster, and each one's
+        cluster start value a and start index s (running maxima carried over from earlier chunks)."""
+        live = i < n_kept
+        x = tl.load(xs + i, mask=live, other=0)
+        before = tl.load(xs + i - 1, mask=live & (i > 0), other=0)
+        after = tl.load(xs + i + 1, mask=i + 1 < n_kept, other=0)
+        start = live & ((i == 0) | (x - before >= STRIP))
+        end = live & ((i + 1 >= n_kept) | (after - x >= STRIP))
+        a = tl.maximum(tl.associative_scan(tl.where(start, x, -1), 0, _max), a_carry)
+        s = tl.maximum(tl.associative_scan(tl.where(start, i, -1), 0, _max), s_carry)
+        return x, live, end, a, s
+
+    @triton.jit(do_not_specialize=["Nk", "K"])
+    def _build(Off, Xs, RecB, RecN, RecBase, Sigma, Owned, Words, Nk, K,
+               STRIP: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr):
+        bh = tl.program_id(0).to(tl.int64)
+        off_row = Off + bh * Nk
+        xs = Xs + bh * K
+        lane = tl.arange(0, CHUNK)
+
+        # 1. The kept offsets, ascending.
+        n_kept = tl.zeros((), tl.int32)
+        for o0 in range(0, Nk, COMPACT):
+            o = o0 + tl.arange(0, COMPACT)
+            f = tl.load(off_row + o, mask=o < Nk, other=0).to(tl.int32)
+            pos = n_kept + tl.cumsum(f, 0) - 1
+            tl.store(xs + pos, o, mask=(f != 0) & (pos < K))
+            n_kept += tl.sum(f, 0)
+        n_kept = tl.minimum(n_kept, K)
+        tl.debug_barrier()
+
+        # 2. One record per cluster, at the index of its first offset.
+        a_carry = tl.full((), -1, tl.int32)
+        s_carry = tl.full((), -1, tl.int32)
+        before = tl.zeros((), tl.int32)
+        for i0 in range(0, n_kept, CHUNK):
+            i = i0 + lane
+            x, live, end, a, s = _clusters(xs, i, n_kept, a_carry, s_carry, STRIP)
+            n = tl.where(end, (x - a + STRIP - 1) // STRIP + 1, 0)
+            upto = before + tl.cumsum(n, 0)
+            tl.store(RecB + bh * K + s, x, mask=end)
+            tl.store(RecN + bh * K + s, n, mask=end)
+            tl.store(RecBase + bh * K + s, upto - n, mask=end)
+            a_carry = tl.max(a, 0)
+            s_carry = tl.max(s, 0)
+            before += tl.sum(n, 0)
+        tl.debug_barrier()
+
+        # 3. Strip t of each cluster, written by the cluster's offset of rank t.
+        a_carry = tl.full((), -1, tl.int32)
+        s_carry = tl.full((), -1, tl.int32)
+        bit = tl.arange(0, 32)
+        for i0 in range(0, n_kept, CHUNK):
+            i = i0 + lane
+            x, live, end, a, s = _clusters(xs, i, n_kept, a_carry, s_carry, STRIP)
+            b = tl.load(RecB + bh * K + s, mask=live, other=0)
+            n = tl.load(RecN + bh * K + s, mask=live, other=0)
+            first = tl.load(RecBase + bh * K + s, mask=live, other=0)
+            t = i - s
+            emit = live & (t < n)
+            top = b - STRIP * t
+            p = bh * K + first + n - 1 - t
+            tl.store(Sigma + p, top, mask=emit)
+            tl.store(Owned + 2 * p, a, mask=emit)
+            tl.store(Owned + 2 * p + 1, b, mask=emit)
+            for w in tl.static_range(4):
+                # Bit j of word w: offset top - (STRIP - 1) + 32 * w + j, if kept and in [a, b].
+                j = 32 * w + bit[None, :]
+                o = top[:, None] - (STRIP - 1) + j
+                ok = emit[:, None] & (j < 2 * STRIP - 1) & (o >= a[:, None]) & (o <= b[:, None]) & (o < Nk)
+                f = tl.load(off_row + o, mask=ok, other=0).to(tl.uint32)
+                word = tl.sum(f << bit[None, :].to(tl.uint32), 1)
+                tl.store(Words + 4 * p + w, word.to(tl.int32, bitcast=True), mask=emit)
+            a_carry = tl.max(a, 0)
+            s_carry = tl.max(s, 0)
+
+
+def strip_layout_triton(offsets: Tensor, max_kept: int, strip: int, no_strip: int,
+                        chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+    """(tops [B, H, S] int32, owned [B, H, S, 2] int32, words [B, H, S, 4] int32) of the kept
+    ``offsets`` [B, H, Nk] bool, as ``strips.strip_tops`` and ``strips.strip_words`` define them,
+    with S = max(1, min(Nk, max_kept)). ``chunk`` (a power of two) only changes the speed."""
+    if triton is None:
+        raise ValueError("the strip builder needs Triton")
+    B, H, Nk = offsets.shape
+    K = max(1, min(Nk, max_kept))
+    device = offsets.device
+    offsets = offsets.contiguous()
+    scratch = torch.empty(4, B * H, K, dtype=torch.int32, device=device)
+    tops = torch.full((B, H, K), no_strip, dtype=torch.int32, device=device)
+    owned = torch.zeros(B, H, K, 2, dtype=torch.int32, device=device)
+    words = torch.zeros(B, H, K, 4, dtype=torch.int32, device=device)
+    _build[(B * H,)](offsets.view(torch.int8), scratch[0], scratch[1], scratch[2], scratch[3], tops, owned, words,
+                     Nk, K, STRIP=strip, COMPACT=COMPACT, CHUNK=chunk, num_warps=4)
+    return tops, owned, words
