@@ -47,7 +47,8 @@ if triton is not None:
         cols = j0 + tl.arange(0, KEYS)
         k = tl.load(K + kvbase + cols[:, None].to(tl.int64) * skn + d[None, :],
                     mask=(cols[:, None] < Nk) & (d[None, :] < DIM), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * qk_scale
+        # qk_scale may arrive as float64 (torch.compile passes Python floats so): keep scores float32.
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale).to(tl.float32)
         ok = row_ok[:, None] & (cols[None, :] <= pos[:, None]) & (cols[None, :] < Nk)
         return tl.where(ok, s, float("-inf")), cols
 

@@ -131,6 +131,6 @@ def strip_layout_triton(offsets: Tensor, max_kept: int, strip: int, no_strip: in
     tops = torch.full((B, H, K), no_strip, dtype=torch.int32, device=device)
     owned = torch.zeros(B, H, K, 2, dtype=torch.int32, device=device)
     words = torch.zeros(B, H, K, 4, dtype=torch.int32, device=device)
-    _build[(B * H,)](offsets.view(torch.int8), scratch[0], scratch[1], scratch[2], scratch[3], tops, owned, words,
+    _build[(B * H,)](offsets, scratch[0], scratch[1], scratch[2], scratch[3], tops, owned, words,
                      Nk, K, STRIP=strip, COMPACT=COMPACT, CHUNK=chunk, num_warps=4)
     return tops, owned, words
