@@ -84,7 +84,7 @@ if triton is not None:
         tl.store(Mx + out, mx)
         tl.store(Se + out, se)
 
-    @triton.jit(do_not_specialize=["Nq", "Nk"])
+    @triton.jit(do_not_specialize=["Nq", "Nk", "n_chunks"])
     def _vertical_slash(Q, K, Mx, Se, Vert, Slash, sqb, sqh, sqm, skb, skh, skn, n_heads, group, Nq, Nk, m,
                         n_chunks, qk_scale, DIM: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
                         KEYS: tl.constexpr, MAX_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):

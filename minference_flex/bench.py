@@ -13,8 +13,8 @@ a file written by ``minference-flex capture`` (geometry smollm2-135m; a length N
 positions of the capture, which must hold at least N). ``--plot PATH.png`` draws the times of SDPA,
 FlexAttention dense and minference_flex (one line per budget) against the prompt length.
 
-``--compile-counts`` counts compilations instead of timing (CUDA): dynamo graphs and strip-kernel
-builds across 10 prompt lengths and 10 budget sets (``compile_counts``).
+``--compile-counts`` counts compilations instead of timing (CUDA): dynamo graphs and builds of
+our Triton kernels across 10 prompt lengths and 10 budget sets (``compile_counts``).
 
 ``--device cpu --eager`` runs the whole benchmark on the CPU with the eager kernel emulation: a
 smoke test of the script at small lengths (timings there mean nothing).
@@ -317,14 +317,20 @@ COUNT_BUDGETS = ((100, 800), (200, 1000), (300, 1500), (500, 2000), (1000, 6096)
 
 def compile_counts(geometry: dict) -> dict:
     """Compilations ``mf.sparse_attention`` triggers on CUDA: dynamo graphs (the FlexAttention kernel)
-    and builds of the strip kernel, for a first call, then 10 prompt lengths (budgets (1000, 6096)),
-    then 10 budget sets (8192 tokens), every head vertical_and_slash, structured inputs."""
+    and builds of each of our Triton kernels, for a first call, then 10 prompt lengths (budgets
+    (1000, 6096)), then 10 budget sets (8192 tokens), every head vertical_and_slash, structured inputs."""
     from torch._dynamo.utils import counters
 
-    from . import strip_kernel
+    from block_masks import score_kernel, strip_build_kernel
 
-    def builds() -> int:  # Triton keeps one compiled kernel per specialisation, per device
-        return sum(len(cache[0]) for cache in strip_kernel._strip_forward.device_caches.values())
+    from . import merge_kernel, strip_kernel
+
+    kernels = {"strip kernel": strip_kernel._strip_forward, "merge": merge_kernel._merge_pair,
+               "scores pass 1": score_kernel._row_stats, "scores pass 2": score_kernel._vertical_slash,
+               "strip builder": strip_build_kernel._build}
+
+    def builds() -> dict[str, int]:  # Triton keeps one compiled kernel per specialisation, per device
+        return {name: sum(len(cache[0]) for cache in fn.device_caches.values()) for name, fn in kernels.items()}
 
     Hq = geometry["Hq"]
     q, k, v = structured_qkv(Hq, geometry["Hkv"], max(COUNT_LENGTHS), geometry["D"], device="cuda")
@@ -336,12 +342,13 @@ def compile_counts(geometry: dict) -> dict:
     for name, calls in (("first call", [(3000, (1000, 6096))]),
                         ("10 lengths", [(n, (1000, 6096)) for n in COUNT_LENGTHS]),
                         ("10 budget sets", [(8192, b) for b in COUNT_BUDGETS])):
-        graphs, kernels = counters["stats"]["unique_graphs"], builds()
+        graphs, before = counters["stats"]["unique_graphs"], builds()
         for n, budgets in calls:
             run(n, budgets)
         torch.cuda.synchronize()
+        after = builds()
         counts[name] = dict(dynamo_graphs=counters["stats"]["unique_graphs"] - graphs,
-                            strip_kernel_builds=builds() - kernels)
+                            triton_builds={kernel: after[kernel] - before[kernel] for kernel in kernels})
     return counts
 
 
@@ -414,7 +421,8 @@ def main(argv=None) -> dict:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compile_counts.json").write_text(json.dumps(report, indent=1))
         for name, c in report["counts"].items():
-            print(f"{name:>15}: {c['dynamo_graphs']} dynamo graphs, {c['strip_kernel_builds']} strip kernel builds")
+            built = ", ".join(f"{kernel} {n}" for kernel, n in c["triton_builds"].items())
+            print(f"{name:>15}: {c['dynamo_graphs']} dynamo graphs; Triton builds: {built}")
         return report
     budgets = [tuple(int(x) for x in s.split(",")) for s in args.budgets]
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

@@ -19,7 +19,8 @@ HAS_TRITON = triton is not None
 
 if triton is not None:
 
-    @triton.jit
+    # Not specialised on the row count or the strides that follow it: one build for every length.
+    @triton.jit(do_not_specialize=["M", "t1b", "t1h", "t2b", "t2h"])
     def _merge_pair(O1, L1, O2, L2, Out, Lse, n_heads, M,
                     s1b, s1h, s1m, t1b, t1h, s2b, s2h, s2m, t2b, t2h, sob, soh, som,
                     DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):

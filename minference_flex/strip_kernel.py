@@ -54,8 +54,9 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i * alpha + tl.sum(p, 1), acc
 
-    # Lengths are not specialised on (divisibility by 16, equality to 1): one build for every length.
-    @triton.jit(do_not_specialize=["Nq", "Nk", "q_start"])
+    # Lengths and the strides that follow them or the budgets are not specialised on (divisibility by
+    # 16, equality to 1): one build for every length and budget.
+    @triton.jit(do_not_specialize=["Nq", "Nk", "q_start", "ssb", "ssh", "scb", "sch"])
     def _strip_forward(Q, K, V, Out, Lse, Sigma, Words, Counts, Sink,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                        ssb, ssh, scb, sch, n_heads, group, Nq, Nk, q_start, qk_scale,
