@@ -10,8 +10,9 @@ tokens of real prose (the pydoc topic texts, as ``minference-flex capture`` uses
 (``attn_implementation="sdpa"``, then ``"minference_flex"`` with ``--patterns`` on every head,
 ``--min-sparse-len`` and the backend's SDPA fallback on, as users get it: on CUDA a layer call whose
 sparse kernel the cost model predicts slower runs SDPA; ``dispatch`` in the JSON counts the layer
-calls per way they went, warm-up included), runs one untimed warm-up (on the sparse side it
-compiles the kernel), then ``--reps`` timed runs of what the first token costs: the prefill forward
+calls per way they went, warm-up and layer timing included), runs one untimed warm-up (on the sparse
+side it compiles the kernel), then ``--reps`` rounds of one timed run per side in turn (interleaved)
+of what the first token costs: the prefill forward
 over the prompt (KV cache built, as ``generate`` does, and only the last position's logits,
 ``logits_to_keep=1``) and the argmax of those logits. Timing: CUDA events around the call on CUDA (after a synchronize), wall clock on
 the CPU; reported is the median, with every run. On CUDA also the peak allocated memory of the timed
@@ -49,58 +50,76 @@ def first_token(model, input_ids: torch.Tensor) -> torch.Tensor:
     return logits[0, -1].argmax()
 
 
-def time_first_token(model, input_ids: torch.Tensor, reps: int) -> dict:
-    """One warm-up, then ``reps`` timed ``first_token`` calls: {"ms": median, "runs_ms", "token",
-    "peak_bytes" (CUDA: peak allocated during the timed runs, else None)}."""
-    cuda = input_ids.device.type == "cuda"
-    token = int(first_token(model, input_ids))  # warm-up: compiles the sparse kernel, fills caches
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    tokens = []
-    times = timed_runs(lambda: tokens.append(first_token(model, input_ids)), reps, "cuda" if cuda else "cpu")
-    for tok in tokens:
-        if int(tok) != token:
-            log.warning("first token changed between runs: %d then %d", token, int(tok))
-    peak = torch.cuda.max_memory_allocated() if cuda else None
-    return {"ms": statistics.median(times), "runs_ms": [round(t, 3) for t in times], "token": token,
-            "peak_bytes": peak}
-
-
 def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: int, hay: Haystack | None = None,
              context: int | None = None, layer_times: bool = False) -> list[dict]:
     """Both sides at every length of ``lengths`` on an already loaded model; one record per length.
-    ``layer_times`` (CUDA): after the timed runs, ``reps`` more prefills per side time every layer's
-    attention call (``LayerTimes``), and the record gets each layer's minference_flex / sdpa ratio."""
+
+    Per side one untimed warm-up (it compiles the sparse kernel and fills caches), then ``reps``
+    rounds, each timing one first token per side in turn (interleaved, so that drift of the machine
+    hits both sides alike; at 4K tokens this model's forward is bound by the host). ``layer_times``
+    (CUDA): ``reps`` more interleaved rounds time every layer's attention call (``LayerTimes``), and
+    the record gets each layer's minference_flex / sdpa ratio of the medians."""
     hay = hay or Haystack.build(tokenizer)
+    cuda = model.device.type == "cuda"
     records = []
     for n in lengths:
         ids = torch.tensor([hay.text_ids(hay.boundaries[0], n)], device=model.device)
+        impls = {}
+
+        def switch(side: str) -> str:
+            impls[side] = use_side(model, "dense" if side == "sdpa" else "sparse", patterns, min_sparse_len,
+                                   sdpa_fallback=True)
+            return impls[side]
+
+        sides = {side: {"runs_ms": [], "peak_bytes": None, "dispatch": {}} for side in SIDES}
+        tokens = {}
+        hf.DISPATCH_COUNTS.clear()
+        for side in SIDES:
+            log.info("length %d, %s: warm-up", n, switch(side))
+            tokens[side] = int(first_token(model, ids))
+        log.info("length %d: %d rounds of one timed run per side", n, reps)
+        for _ in range(reps):
+            for side in SIDES:
+                switch(side)
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                out = []
+                sides[side]["runs_ms"] += timed_runs(lambda: out.append(first_token(model, ids)), 1,
+                                                     "cuda" if cuda else "cpu")
+                if int(out[0]) != tokens[side]:
+                    log.warning("%s: first token changed between runs: %d then %d", side, tokens[side], int(out[0]))
+                if cuda:
+                    peak = torch.cuda.max_memory_allocated()
+                    sides[side]["peak_bytes"] = max(sides[side]["peak_bytes"] or 0, peak)
+        if layer_times:
+            timers = {side: LayerTimes(switch(side)) for side in SIDES}
+            for _ in range(reps):
+                for side in SIDES:
+                    switch(side)
+                    with timers[side]:
+                        first_token(model, ids)
+            for side in SIDES:
+                sides[side]["layer_ms"] = timers[side].medians()
         rec = {"length": n, "context": context, "sides": {}}
         for side in SIDES:
-            impl = use_side(model, "dense" if side == "sdpa" else "sparse", patterns, min_sparse_len,
-                            sdpa_fallback=True)
-            log.info("length %d, %s: warm-up and %d timed runs", n, impl, reps)
-            hf.DISPATCH_COUNTS.clear()
-            res = time_first_token(model, ids, reps)
-            res["backend"] = impl
-            res["dispatch"] = dict(hf.DISPATCH_COUNTS)
-            res["token_text"] = tokenizer.decode([res["token"]])
-            if layer_times:
-                with LayerTimes(impl) as timer:
-                    for _ in range(reps):
-                        first_token(model, ids)
-                res["layer_ms"] = timer.medians()
+            res = sides[side]
+            res["ms"] = statistics.median(res["runs_ms"])
+            res["runs_ms"] = [round(t, 3) for t in res["runs_ms"]]
+            res["token"] = tokens[side]
+            res["token_text"] = tokenizer.decode([tokens[side]])
+            res["backend"] = impls[side]
             rec["sides"][side] = res
-            if model.device.type == "cuda":
-                torch.cuda.empty_cache()
+        # Every backend decision of the sparse side (warm-up and timed runs; the dense side runs none).
+        rec["sides"]["minference_flex"]["dispatch"] = dict(hf.DISPATCH_COUNTS)
         dense, sparse = rec["sides"]["sdpa"], rec["sides"]["minference_flex"]
         rec["speedup"] = dense["ms"] / sparse["ms"]
         rec["same_first_token"] = dense["token"] == sparse["token"]
         if layer_times:
             rec["layer_ratio"] = {layer: sparse["layer_ms"][layer] / ms for layer, ms in dense["layer_ms"].items()}
         records.append(rec)
+        if cuda:
+            torch.cuda.empty_cache()
     model.set_attn_implementation("sdpa")
     return records
 
@@ -127,7 +146,7 @@ def format_table(report: dict) -> str:
             lines.append(f"{'':>7} per-layer attention minference_flex / sdpa: worst {worst:.3f} (layer {layer}), "
                          f"best {best:.3f}")
     lines.append(f"TTFT: prefill forward (KV cache, last-position logits) + argmax, median of {report['reps']} "
-                 f"after one warm-up per side and length")
+                 f"interleaved rounds (one run per side each) after one warm-up per side and length")
     return "\n".join(lines)
 
 
