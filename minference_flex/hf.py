@@ -141,6 +141,8 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
             layers.append(heads)
     setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": int(min_sparse_len),
                                    "sdpa_fallback": sdpa_fallback})
+    for heads in layers:
+        _parsed(heads, num_heads)
 
 
 def get_patterns(model) -> list[dict[str, list]]:
@@ -205,12 +207,17 @@ def _layer_config(module) -> LayerConfig:
         # changes: every compiled model would compile a second time on its second call.
         parsed = tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
         return LayerConfig(parsed, min_sparse_len, sdpa_fallback)
+    return LayerConfig(_parsed(heads, count), min_sparse_len, sdpa_fallback)
+
+
+def _parsed(heads: dict, count: int) -> tuple[Pattern, ...]:
+    """One layer's stored head dict as Patterns, cached on the dict's identity (``set_patterns``
+    fills the cache, so that no forward pays for parsing)."""
     cached = _parsed_cache.get(id(heads))
     if cached is None or cached[0] is not heads:
-        parsed = tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
-        cached = (heads, parsed)
+        cached = (heads, tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count)))
         _parsed_cache[id(heads)] = cached
-    return LayerConfig(cached[1], min_sparse_len, sdpa_fallback)
+    return cached[1]
 
 
 # --------------------------------------------------------------------------- attention
