@@ -53,12 +53,18 @@ if triton is not None:
         return tl.where(ok, s, float("-inf")), cols
 
     @triton.jit
-    def _load_rows(Q, b, h, sqb, sqh, sqm, Nq, m, d, DIM: tl.constexpr, ROWS: tl.constexpr):
+    def _program_rows(Q, bh, n_heads, group, sqb, sqh, sqm, skb, skh, Nq, Nk, m,
+                      DIM: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+        """The program's query rows (the last m of head bh % n_heads), which are real (row_ok), their
+        positions, the head dims and the offset of the head's keys."""
+        b = (bh // n_heads).to(tl.int64)
+        h = (bh % n_heads).to(tl.int64)
+        d = tl.arange(0, HEAD_DIM)
         r = tl.arange(0, ROWS)
         row_ok = r < m
         q = tl.load(Q + b * sqb + h * sqh + (Nq - m + r)[:, None].to(tl.int64) * sqm + d[None, :],
                     mask=row_ok[:, None] & (d[None, :] < DIM), other=0.0)
-        return q, r, row_ok
+        return q, r, row_ok, Nk - m + r, d, b * skb + (h // group) * skh
 
     @triton.jit(do_not_specialize=["Nq", "Nk", "chunk"])
     def _row_stats(Q, K, Mx, Se, sqb, sqh, sqm, skb, skh, skn, n_heads, group, Nq, Nk, m, chunk, qk_scale,
@@ -66,12 +72,8 @@ if triton is not None:
                    MAX_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
         c = tl.program_id(0)
         bh = tl.program_id(1)
-        b = (bh // n_heads).to(tl.int64)
-        h = (bh % n_heads).to(tl.int64)
-        d = tl.arange(0, HEAD_DIM)
-        q, r, row_ok = _load_rows(Q, b, h, sqb, sqh, sqm, Nq, m, d, DIM, ROWS)
-        pos = Nk - m + r
-        kvbase = b * skb + (h // group) * skh
+        q, r, row_ok, pos, d, kvbase = _program_rows(Q, bh, n_heads, group, sqb, sqh, sqm, skb, skh, Nq, Nk, m,
+                                                     DIM, HEAD_DIM, ROWS)
         mx = tl.full([ROWS], float("-inf"), tl.float32)
         se = tl.zeros([ROWS], tl.float32)
         for j0 in range(c * chunk, tl.minimum((c + 1) * chunk, Nk), KEYS):
@@ -90,11 +92,8 @@ if triton is not None:
                         KEYS: tl.constexpr, MAX_CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
         t = tl.program_id(0)
         bh = tl.program_id(1)
-        b = (bh // n_heads).to(tl.int64)
-        h = (bh % n_heads).to(tl.int64)
-        d = tl.arange(0, HEAD_DIM)
-        q, r, row_ok = _load_rows(Q, b, h, sqb, sqh, sqm, Nq, m, d, DIM, ROWS)
-        pos = Nk - m + r
+        q, r, row_ok, pos, d, kvbase = _program_rows(Q, bh, n_heads, group, sqb, sqh, sqm, skb, skh, Nq, Nk, m,
+                                                     DIM, HEAD_DIM, ROWS)
         # Each row's log-sum-exp (log2 domain) from the chunk statistics of pass 1.
         ch = tl.arange(0, MAX_CHUNKS)
         stats = (bh * MAX_CHUNKS + ch[:, None]) * ROWS + r[None, :]
@@ -104,8 +103,7 @@ if triton is not None:
         top = tl.where(top == float("-inf"), 0.0, top)
         lse = top + tl.math.log2(tl.sum(se * tl.math.exp2(mx - top[None, :]), 0))
         j0 = t * KEYS
-        s, cols = _tile_scores(q, K, b * skb + (h // group) * skh, skn, j0, Nk, pos, row_ok, d, DIM, KEYS,
-                               qk_scale, PRECISION)
+        s, cols = _tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
         # 0 where the cell is masked; padding rows (lse -inf) would give nan.
         p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
         out = bh.to(tl.int64) * Nk
