@@ -205,17 +205,21 @@ def _layer_config(module) -> LayerConfig:
         # Parsed while tracing, into constants of the graph (dynamo guards on the configuration).
         # Going through the cache would also guard on the cache's contents, which the first call
         # changes: every compiled model would compile a second time on its second call.
-        parsed = tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
-        return LayerConfig(parsed, min_sparse_len, sdpa_fallback)
+        return LayerConfig(_parse_layer(heads, count), min_sparse_len, sdpa_fallback)
     return LayerConfig(_parsed(heads, count), min_sparse_len, sdpa_fallback)
 
 
+def _parse_layer(heads: dict, count: int) -> tuple[Pattern, ...]:
+    """One layer's stored head dict (head string -> entry) as one Pattern per head."""
+    return tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
+
+
 def _parsed(heads: dict, count: int) -> tuple[Pattern, ...]:
-    """One layer's stored head dict as Patterns, cached on the dict's identity (``set_patterns``
-    fills the cache, so that no forward pays for parsing)."""
+    """``_parse_layer``, cached on the dict's identity (``set_patterns`` fills the cache, so that no
+    forward pays for parsing)."""
     cached = _parsed_cache.get(id(heads))
     if cached is None or cached[0] is not heads:
-        cached = (heads, tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count)))
+        cached = (heads, _parse_layer(heads, count))
         _parsed_cache[id(heads)] = cached
     return cached[1]
 
