@@ -163,8 +163,11 @@ def test_chunked_prefill_on_a_cache(pattern):
     x = ids(260)
     one_shot = model(x).logits[:, -1]
     cache = DynamicCache(config=model.config)
-    model(x[:, :170], cache=cache, use_cache=True)
-    chunked = model(x[:, 170:], cache=cache, use_cache=True).logits[:, -1]
+    # past_key_values: the name every transformers 5.x takes (5.24 renames it cache and keeps the
+    # alias; 5.17 silently ignored cache=, and the second chunk ran with no history).
+    model(x[:, :170], past_key_values=cache, use_cache=True)
+    chunked = model(x[:, 170:], past_key_values=cache, use_cache=True).logits[:, -1]
+    assert cache.get_seq_length() == 260
     torch.testing.assert_close(chunked, one_shot, atol=1e-4, rtol=0)
 
 
