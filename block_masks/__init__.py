@@ -9,10 +9,10 @@ from .cells import tile_states, token_cells, visited_cells
 from .estimate import BlockSelection, Selection, block_means, diagonal_sums, select, vertical_slash_scores
 from .pattern import ALIASES, KINDS, TILE, Pattern
 from .recall import attention_recall
-from .strips import STRIP, Strips, slash_strips, strip_cells
+from .strips import STRIP, Strips, strip_layout, strip_cells
 
 __all__ = [
-    "ALIASES", "KINDS", "STRIP", "TILE", "Pattern", "Strips", "slash_strips", "strip_cells", "BlockSelection", "Selection", "TileGeometry", "Tiles",
+    "ALIASES", "KINDS", "STRIP", "TILE", "Pattern", "Strips", "strip_layout", "strip_cells", "BlockSelection", "Selection", "TileGeometry", "Tiles",
     "attention_recall", "block_means", "compact", "diagonal_sums", "gather_columns", "kept_diagonals", "main_block_mask", "select",
     "tile_states", "token_cells", "vertical_block_mask", "vertical_slash_scores", "visited_cells",
 ]

@@ -108,11 +108,11 @@ def offset_lookup(offsets: Tensor):
     return lambda b, h, o: offsets[b, h, o.clamp(0, last)]
 
 
-def column_flags(selection: Selection) -> Tensor:
-    """[B, H, Nk] bool: the kept vertical columns of each head."""
-    B, H, _ = selection.offsets.shape
-    flags = torch.zeros(B, H, selection.nk + 1, dtype=torch.bool, device=selection.offsets.device)
-    return flags.scatter_(-1, selection.columns, True)[..., : selection.nk]
+def column_flags(columns: Tensor, nk: int) -> Tensor:
+    """[B, H, nk] bool: the kept vertical ``columns`` [B, H, V] (entries >= nk are padding) as flags."""
+    B, H, _ = columns.shape
+    flags = torch.zeros(B, H, nk + 1, dtype=torch.bool, device=columns.device)
+    return flags.scatter_(-1, columns.clamp(max=nk), True)[..., :nk]
 
 
 def _main_mask_mod(selection: Selection, base: Tensor, columns: Tensor | None, diagonals: bool):
@@ -212,7 +212,7 @@ def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width:
     if fold_columns and selection.columns is not None:
         # Key tiles holding a vertical column, unless already listed as a sink or diagonal tile
         # (those become partial where needed: only full tiles skip mask_mod, and they keep all).
-        columns = column_flags(selection)
+        columns = column_flags(selection.columns, selection.nk)
         has_col = torch.nn.functional.pad(columns, (0, nkt * T - selection.nk)).view(B, H, nkt, T).any(-1)
         n_col, col_tiles = compact(torch.arange(nkt, device=device).expand(B, H, nkt), has_col, nkt)
         col_kb = col_tiles[:, :, None, :].long()                              # [B, H, 1, nkt]

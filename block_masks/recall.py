@@ -25,7 +25,7 @@ def _column_flags(selection: Selection) -> Tensor:
     """[B, Hq, Nk] bool: the kept columns of every head, A-shape sinks and vertical columns."""
     B, Hq, Nk = selection.offsets.shape
     flags = (torch.arange(Nk, device=selection.offsets.device) < selection.sink[:, None]).expand(B, Hq, Nk)
-    return flags if selection.columns is None else flags | column_flags(selection)
+    return flags if selection.columns is None else flags | column_flags(selection.columns, selection.nk)
 
 
 def _block_mass(tile_mass: Tensor, selection: Selection) -> Tensor:

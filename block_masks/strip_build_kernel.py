@@ -1,10 +1,12 @@
-"""``strips.strip_tops`` and ``strips.strip_words`` in one Triton program per head, on CUDA.
+"""``strips.strip_tops``, ``strips.strip_words`` and ``strips.allowed_offsets`` in one Triton
+program per head, on CUDA.
 
 The PyTorch definition takes about 130 small kernel launches, so on the GPU building the strips is
 bound by launches (about 2 ms at any length). Here one program walks its head's kept offsets in
 chunks, three times, with running values carried from chunk to chunk:
 
-1. compact the kept offsets into a sorted list (scratch);
+1. compact the kept offsets into a sorted list (scratch), and pack the offsets it does not keep 32
+   to a word (the allowed offsets of the vertical columns);
 2. find the clusters (neighbours under STRIP apart); at each cluster's last offset, record the
    cluster's end, strip count and the number of strips of all earlier clusters, keyed by the index
    of the cluster's first offset (scratch);
@@ -51,15 +53,17 @@ if triton is not None:
         s = tl.maximum(tl.associative_scan(tl.where(start, i, -1), 0, _max), s_carry)
         return x, live, end, a, s
 
-    @triton.jit(do_not_specialize=["Nk", "K"])
-    def _build(Off, Xs, RecB, RecN, RecBase, Sigma, Owned, Words, Nk, K,
-               STRIP: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr):
+    @triton.jit(do_not_specialize=["Nk", "K", "n_words"])
+    def _build(Off, Xs, RecB, RecN, RecBase, Sigma, Owned, Words, Allowed, Nk, K, n_words,
+               STRIP: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr, FRONT: tl.constexpr):
+        tl.static_assert(COMPACT % 32 == 0 and FRONT % 32 == 0, "offsets are packed 32 to a word")
         bh = tl.program_id(0).to(tl.int64)
         off_row = Off + bh * Nk
         xs = Xs + bh * K
         lane = tl.arange(0, CHUNK)
+        bit = tl.arange(0, 32)
 
-        # 1. The kept offsets, ascending.
+        # 1. The kept offsets, ascending; the others' bits (FRONT + o) in Allowed.
         n_kept = tl.zeros((), tl.int32)
         for o0 in range(0, Nk, COMPACT):
             o = o0 + tl.arange(0, COMPACT)
@@ -67,6 +71,10 @@ if triton is not None:
             pos = n_kept + tl.cumsum(f, 0) - 1
             tl.store(xs + pos, o, mask=(f != 0) & (pos < K))
             n_kept += tl.sum(f, 0)
+            free = ((f == 0) & (o < Nk)).to(tl.uint32).reshape(COMPACT // 32, 32)
+            packed = tl.sum(free << bit[None, :].to(tl.uint32), 1)
+            w = (FRONT + o0) // 32 + tl.arange(0, COMPACT // 32)
+            tl.store(Allowed + bh * n_words + w, packed.to(tl.int32, bitcast=True), mask=w < n_words)
         n_kept = tl.minimum(n_kept, K)
         tl.debug_barrier()
 
@@ -90,7 +98,6 @@ if triton is not None:
         # 3. Strip t of each cluster, written by the cluster's offset of rank t.
         a_carry = tl.full((), -1, tl.int32)
         s_carry = tl.full((), -1, tl.int32)
-        bit = tl.arange(0, 32)
         for i0 in range(0, n_kept, CHUNK):
             i = i0 + lane
             x, live, end, a, s = _clusters(xs, i, n_kept, a_carry, s_carry, STRIP)
@@ -116,11 +123,12 @@ if triton is not None:
             s_carry = tl.max(s, 0)
 
 
-def strip_layout_triton(offsets: Tensor, max_kept: int, strip: int, no_strip: int,
-                        chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor]:
-    """(tops [B, H, S] int32, owned [B, H, S, 2] int32, words [B, H, S, 4] int32) of the kept
-    ``offsets`` [B, H, Nk] bool, as ``strips.strip_tops`` and ``strips.strip_words`` define them,
-    with S = max(1, min(Nk, max_kept)). ``chunk`` (a power of two) only changes the speed."""
+def strip_layout_triton(offsets: Tensor, max_kept: int, strip: int, no_strip: int, front: int,
+                        chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(tops [B, H, S] int32, owned [B, H, S, 2] int32, words [B, H, S, 4] int32, allowed [B, H, W]
+    int32) of the kept ``offsets`` [B, H, Nk] bool, as ``strips.strip_tops``, ``strips.strip_words``
+    and ``strips.allowed_offsets`` (with ``front`` zero bits) define them, with
+    S = max(1, min(Nk, max_kept)). ``chunk`` (a power of two) only changes the speed."""
     if triton is None:
         raise ValueError("the strip builder needs Triton")
     B, H, Nk = offsets.shape
@@ -131,6 +139,8 @@ def strip_layout_triton(offsets: Tensor, max_kept: int, strip: int, no_strip: in
     tops = torch.full((B, H, K), no_strip, dtype=torch.int32, device=device)
     owned = torch.zeros(B, H, K, 2, dtype=torch.int32, device=device)
     words = torch.zeros(B, H, K, 4, dtype=torch.int32, device=device)
-    _build[(B * H,)](offsets, scratch[0], scratch[1], scratch[2], scratch[3], tops, owned, words,
-                     Nk, K, STRIP=strip, COMPACT=COMPACT, CHUNK=chunk, num_warps=4)
-    return tops, owned, words
+    n_words = (Nk + front) // 32 + 4
+    allowed = torch.zeros(B, H, n_words, dtype=torch.int32, device=device)
+    _build[(B * H,)](offsets, scratch[0], scratch[1], scratch[2], scratch[3], tops, owned, words, allowed,
+                     Nk, K, n_words, STRIP=strip, COMPACT=COMPACT, CHUNK=chunk, FRONT=front, num_warps=4)
+    return tops, owned, words, allowed

@@ -1,4 +1,4 @@
-"""Strips: the kept diagonals and sinks of every head, laid out for the strip kernel.
+"""Strips: the kept diagonals, sinks and vertical columns of every head, laid out for the strip kernel.
 
 A *strip* is STRIP query rows by STRIP consecutive keys whose key range may start at any position.
 For the query block whose first row sits at position i0, the strip with top offset ``sigma`` holds
@@ -12,9 +12,10 @@ is a diagonal), so the metadata grows with the kept offsets, not with the prompt
 
 The kernel computes, per diagonal strip, exactly the cells whose offset is kept (within the strip's
 cluster) and whose key is no sink (a bit test on the strip's ``words``), and in the sink strips
-(keys 0 .. sink-1) every causal cell:
-each cell of the diagonals and sinks is computed once. Vertical columns and block-sparse blocks are
-not here.
+(keys 0 .. sink-1) every causal cell. The vertical columns come in blocks of STRIP gathered keys
+after them: a column's cell counts if it is causal and its offset is not kept (the diagonal strips
+compute those), a bit test on the head's ``allowed`` offsets. Each cell of the diagonals, sinks and
+columns is computed once. Block-sparse blocks are not here.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .build import compact
+from .build import column_flags, compact
 from .estimate import Selection
 from .pattern import TILE
 from .strip_build_kernel import HAS_TRITON, strip_layout_triton
@@ -32,6 +33,9 @@ from .strip_build_kernel import HAS_TRITON, strip_layout_triton
 STRIP = TILE
 #: Strip tops of padding entries: past every query block, so never counted.
 NO_STRIP = 2**30
+#: Zero bits in front of offset 0 in ``Strips.allowed``: a column's window of STRIP offsets starts
+#: at i0 - column, which the kernel clamps to -ALLOWED_FRONT (a window wholly before offset 0).
+ALLOWED_FRONT = 128
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class Strips:
             key c of a strip hold offset sigma + r - c, that is t = r - c + STRIP - 1 for every strip:
             the kernel's per-cell test is a shift of a word it loads once per strip.
     sink:   [Hq] int32 sink tokens (A-shape heads; 0 elsewhere).
+    columns: [B, Hq, V] int64 vertical columns ascending, entries >= nk are padding (V >= 1).
+    col_counts: [B, Hq, n_q_blocks] int32, columns at or before the last position of query block t.
+    allowed: [B, Hq, W] int32, bit ALLOWED_FRONT + o set iff 0 <= o < nk and offset o is not kept:
+            the offsets a column's cell may have (``allowed_offsets``; W = 1 when no head has columns).
     q_start: position of query row 0 (Nk - Nq); nq, nk: query and key lengths.
     """
 
@@ -53,15 +61,21 @@ class Strips:
     counts: Tensor
     words: Tensor
     sink: Tensor
+    columns: Tensor
+    col_counts: Tensor
+    allowed: Tensor
     q_start: int
     nq: int
     nk: int
 
     def visited(self) -> Tensor:
-        """[B, Hq] int64: strips the kernel computes per head (diagonal and sink strips)."""
+        """[B, Hq] int64: 64x64 blocks the kernel computes per head (diagonal strips, sink strips,
+        blocks of STRIP gathered columns)."""
         i0 = self.q_start + STRIP * torch.arange(self.counts.shape[-1], device=self.counts.device)
         sink_strips = (torch.minimum(self.sink.long()[:, None], i0 + STRIP) + STRIP - 1) // STRIP  # [Hq, nqb]
-        return self.counts.sum(-1, dtype=torch.int64) + sink_strips.sum(-1)
+        column_blocks = (self.col_counts.long() + STRIP - 1) // STRIP
+        return (self.counts.sum(-1, dtype=torch.int64) + sink_strips.sum(-1)
+                + column_blocks.sum(-1))
 
 
 def pack_bits(flags: Tensor) -> Tensor:
@@ -69,6 +83,17 @@ def pack_bits(flags: Tensor) -> Tensor:
     weights = torch.pow(2, torch.arange(32, device=flags.device, dtype=torch.int64))
     value = (flags.unflatten(-1, (-1, 32)).to(torch.int64) * weights).sum(-1)
     return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)  # same 32 bits, signed
+
+
+def allowed_offsets(offsets: Tensor) -> Tensor:
+    """[B, H, (Nk + ALLOWED_FRONT) // 32 + 4] int32: bit ALLOWED_FRONT + o set iff 0 <= o < Nk and
+    ``offsets`` [B, H, Nk] bool does not keep offset o (``Strips.allowed``). Three words past the
+    last offset let the kernel read a 96-bit window at any offset below Nk."""
+    B, H, Nk = offsets.shape
+    width = 32 * ((Nk + ALLOWED_FRONT) // 32 + 4)
+    flags = torch.cat([offsets.new_zeros(B, H, ALLOWED_FRONT), ~offsets,
+                       offsets.new_zeros(B, H, width - ALLOWED_FRONT - Nk)], -1)
+    return pack_bits(flags)
 
 
 def strip_words(offsets: Tensor, sigma: Tensor, owned: Tensor) -> Tensor:
@@ -124,32 +149,44 @@ def strip_tops(offsets: Tensor, max_kept: int) -> tuple[Tensor, Tensor]:
     return top.to(torch.int32), owned.to(torch.int32).contiguous()
 
 
-def slash_strips(selection: Selection) -> Strips:
-    """The strip layout of a Selection's kept offsets and sinks (no host sync). On CUDA one Triton
-    program per head builds it (``strip_build_kernel``); ``strip_tops`` and ``strip_words`` are its
+def strip_layout(selection: Selection) -> Strips:
+    """The strip layout of a Selection's kept offsets, sinks and vertical columns (no host sync). On
+    CUDA one Triton program per head builds the strips and the allowed offsets
+    (``strip_build_kernel``); ``strip_tops``, ``strip_words`` and ``allowed_offsets`` are its
     definition and the CPU path."""
     offsets = selection.offsets
+    B, H, Nk = offsets.shape
     if offsets.is_cuda and HAS_TRITON:
-        sigma, _, words = strip_layout_triton(offsets, selection.max_offsets, STRIP, NO_STRIP)
+        sigma, _, words, allowed = strip_layout_triton(offsets, selection.max_offsets, STRIP, NO_STRIP,
+                                                       ALLOWED_FRONT)
     else:
         sigma, owned = strip_tops(offsets, selection.max_offsets)
         words = strip_words(offsets, sigma, owned)
+        allowed = allowed_offsets(offsets)
     n_q_blocks = -(-selection.nq // STRIP)
-    B, H, _ = offsets.shape
     last_pos = selection.q_offset + STRIP * torch.arange(n_q_blocks, device=offsets.device) + STRIP - 1
     counts = torch.searchsorted(sigma, last_pos.to(torch.int32).expand(B, H, n_q_blocks).contiguous(), right=True)
-    return Strips(sigma=sigma, counts=counts.to(torch.int32), words=words,
-                  sink=selection.sink, q_start=selection.q_offset, nq=selection.nq, nk=selection.nk)
+    columns = selection.columns
+    if columns is None:  # no head has columns: one padding column, none counted
+        columns = torch.full((B, H, 1), Nk, dtype=torch.int64, device=offsets.device)
+        allowed = allowed[..., :1].contiguous()
+    # Columns are sorted and padding (Nk) is past every position: count those up to the block's last row.
+    col_counts = torch.searchsorted(columns, last_pos.clamp(max=Nk - 1).expand(B, H, n_q_blocks).contiguous(),
+                                    right=True)
+    return Strips(sigma=sigma, counts=counts.to(torch.int32), words=words, sink=selection.sink,
+                  columns=columns, col_counts=col_counts.to(torch.int32), allowed=allowed,
+                  q_start=selection.q_offset, nq=selection.nq, nk=selection.nk)
 
 
 def strip_cells(strips: Strips) -> Tensor:
     """How often the strip kernel computes each cell: [B, Hq, Nq, Nk] int32 (dense: tests and
-    emulation only). Every kept diagonal or sink cell must come out exactly 1, every other cell 0.
+    emulation only). Every kept diagonal, sink or column cell must come out exactly 1, every other 0.
 
-    Built from the strips themselves (their tops and words), not from the Selection, so a gap or an
-    overlap in the cover shows up. Row r of a block counts, through the strip with top sigma, the
-    offsets sigma - (STRIP - 1) + t for t in r .. r + STRIP - 1 whose bit t is set; a strip a block
-    does not run only reaches keys before 0.
+    Built from the strips themselves (their tops, words, column counts and allowed bits), not from
+    the Selection, so a gap or an overlap in the cover shows up. Row r of a block counts, through the
+    strip with top sigma, the offsets sigma - (STRIP - 1) + t for t in r .. r + STRIP - 1 whose bit t
+    is set; a strip a block does not run only reaches keys before 0. A row counts the first
+    ``col_counts`` columns of its block where the allowed bit of its offset is set.
     """
     sigma, words = strips.sigma, strips.words
     B, H, S = sigma.shape
@@ -172,4 +209,18 @@ def strip_cells(strips: Strips) -> Tensor:
     row = (torch.arange(nq, device=device) % STRIP)[:, None].expand(nq, nk)
     reached = by_row[:, :, (o + T).clamp(0, nk + T), row]
     sink = j < strips.sink[:, None, None].long()                                  # [H, 1, Nk]
-    return torch.where(sink | (o < 0), 0, reached) + (sink & (o >= 0)).to(torch.int32)
+    diagonals = torch.where(sink | (o < 0), 0, reached) + (sink & (o >= 0)).to(torch.int32)
+    return diagonals + _column_cells(strips, o)
+
+
+def _column_cells(strips: Strips, o: Tensor) -> Tensor:
+    """[B, Hq, Nq, Nk] int32: the column cells of ``strip_cells`` (o: [Nq, Nk] offsets)."""
+    columns, counts = strips.columns, strips.col_counts
+    rank = torch.arange(columns.shape[-1], device=columns.device)
+    counted = torch.where(rank < counts[..., None], columns[..., None, :], strips.nk)   # [B, H, nqb, V]
+    flags = column_flags(counted.flatten(1, 2), strips.nk).view(*counts.shape, strips.nk)
+    per_row = flags[:, :, torch.arange(strips.nq, device=o.device) // STRIP]             # [B, H, Nq, Nk]
+    bit = (o + ALLOWED_FRONT).clamp(min=0)
+    word = strips.allowed[..., (bit >> 5).clamp(max=strips.allowed.shape[-1] - 1)]
+    allowed = ((word >> (bit & 31)) & 1) != 0
+    return (per_row & allowed).to(torch.int32)

@@ -18,7 +18,7 @@ from block_masks import (
     gather_columns,
     main_block_mask,
     select,
-    slash_strips,
+    strip_layout,
     strip_cells,
     token_cells,
     vertical_block_mask,
@@ -68,11 +68,11 @@ class AttentionPlan:
     """Everything one sparse attention call needs besides the tensors: the per-head selection and
     up to three parts over disjoint cells, merged through their log-sum-exp:
 
-    - ``strips``: the kept diagonals and sinks, for the strip kernel (CUDA), or None;
+    - ``strips``: the kept diagonals, sinks and vertical columns, for the strip kernel (CUDA), or None;
     - ``main``: a BlockMask over queries padded by ``pad`` rows in front, of the block-sparse
       blocks (with ``strips``) or of everything but the gathered vertical columns (without), or None;
-    - ``vertical``: the BlockMask over the gathered vertical columns, when some head has them and
-      they are not folded into ``main``.
+    - ``vertical``: without ``strips``, the BlockMask over the gathered vertical columns, when some
+      head has them and they are not folded into ``main``.
     """
 
     selection: Selection
@@ -97,8 +97,8 @@ class AttentionPlan:
         return visited
 
     def visited_tiles(self) -> Tensor:
-        """[B, Hq] int64: tiles the kernel visits per head: ``flex_tiles`` and the strips, each strip
-        one 64x64 tile."""
+        """[B, Hq] int64: tiles the kernel visits per head: ``flex_tiles`` and the strip kernel's
+        64x64 blocks (strips and blocks of gathered columns)."""
         visited = self.flex_tiles()
         return visited + self.strips.visited() if self.strips is not None else visited
 
@@ -111,7 +111,8 @@ class AttentionPlan:
 
     def tile_counts(self) -> dict:
         """Tiles the kernel visits (``partial`` and ``full`` tiles of the main mask, ``vertical``
-        tiles of gathered columns, ``strips``, ``visited`` in all), the ``causal`` tiles of dense
+        tiles of gathered columns in FlexAttention, ``strips``: the strip kernel's strips and column
+        blocks, ``visited`` in all), the ``causal`` tiles of dense
         attention at the same tile size, and the visited ``fraction`` of them. Reads counts back
         from the device (a host sync): for reports, not for the hot path."""
         main = self.main
@@ -131,7 +132,7 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
                    tiles: Tiles = Tiles(), kernel_options: dict | None = None) -> AttentionPlan:
     """Estimate each head's pattern from the prompt and build the kernel's metadata (no host sync).
 
-    ``strips`` computes the kept diagonals and sinks with the strip kernel (``block_masks.strips``;
+    ``strips`` computes the kept diagonals, sinks and vertical columns with the strip kernel (``block_masks.strips``;
     the default on CUDA) instead of FlexAttention tiles. ``full_width`` pads the tile lists to every
     key tile and ``fold_columns`` puts the vertical columns into the main mask instead of a gathered
     second part, as the compiled CPU kernel requires (it returns no log-sum-exp to merge parts with).
@@ -156,8 +157,8 @@ def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold
     if bad:
         raise ValueError(f"block_sparse block sizes {bad} are not multiples of the query tile {tiles.q}")
     if strips and fold_columns:
-        raise ValueError("strips=True computes the vertical columns as a separate part: it needs fold_columns=False")
-    split = selection.columns is not None and not fold_columns
+        raise ValueError("strips=True computes the vertical columns in the strip kernel: it needs fold_columns=False")
+    split = selection.columns is not None and not fold_columns and not strips
     main = None
     if not strips or selection.blocks:
         main = main_block_mask(selection, tiles, full_width=full_width, fold_columns=fold_columns, diagonals=not strips)
@@ -169,7 +170,7 @@ def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold
         scale=scale,
         tiles=tiles,
         kernel_options=kernel_options,
-        strips=slash_strips(selection) if strips else None,
+        strips=strip_layout(selection) if strips else None,
     )
 
 

@@ -262,7 +262,10 @@ def plan_bytes(plan) -> int:
     """Bytes of a plan's kernel metadata: the strips and the BlockMasks' tile lists."""
     tensors = []
     if plan.strips is not None:
-        tensors += [plan.strips.sigma, plan.strips.counts, plan.strips.words]
+        st = plan.strips
+        tensors += [st.sigma, st.counts, st.words, st.col_counts, st.allowed]
+        if plan.selection.columns is not None:  # else one padding column per head, made here
+            tensors.append(st.columns)
     for mask in (plan.main, plan.vertical):
         if mask is not None:
             tensors += [t for t in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,

@@ -7,8 +7,8 @@ the strip kernel, or the 64x64-equivalent area of a FlexAttention tile.
 
 The model is linear in a few counts and calibrated on one device only (``H100``). The bounds of the
 kernel time are derived for the layout ``sparse_attention`` runs on CUDA (``plan_attention`` with
-``strips=True``): kept diagonals and sinks in strips, gathered vertical columns and block-sparse
-blocks in 64x64 FlexAttention tiles.
+``strips=True``): kept diagonals, sinks and gathered vertical columns in the strip kernel's 64x64
+blocks, block-sparse blocks in 64x64 FlexAttention tiles.
 
 Every function here takes Python integers or, under ``torch.compile`` with dynamic shapes, SymInts:
 the arithmetic uses ``torch.sym_min`` / ``torch.sym_max`` and integer division, so only the final
@@ -170,7 +170,8 @@ def tile_bounds(batch: int, n_queries: int, n_keys: int, patterns: Sequence[Patt
       kept offsets are one run 0 .. w-1 (dense, A-shape window), at most (i0 + 126) // 32 + 1 in
       general (clusters are >= 64 offsets apart, so at most 2 strips per 64 offsets);
     - sink strips (A-shape): exactly ceil(min(sink, i0 + 64) / 64);
-    - gathered vertical tiles: at most min(ceil(columns / 64), A + 1) per query tile;
+    - blocks of gathered vertical columns (strip kernel): at most min(ceil(columns / 64),
+      (i0 + 127) // 64) per query block (only columns at or before its last row count);
     - block-sparse tiles: at most min(blocks * block_size / 64, A + 1) per query tile.
 
     The low bound counts kept cells: every 64x64 tile holds at most 4096 cells and every kept cell
@@ -214,8 +215,8 @@ def tile_bounds(batch: int, n_queries: int, n_keys: int, patterns: Sequence[Patt
             # forced offsets in every row, the others placed where they cover the fewest rows
             cells = _row_cells(q0, nk, FORCED_OFFSETS) + _sum_min(torch.sym_max(kept - FORCED_OFFSETS, 0), nq)
             most = torch.sym_max(kept - (FORCED_OFFSETS - 3), 3)
-            h_strips = _sum_capped(n_blocks, 2, (q0 + 2 * STRIP - 2) // (STRIP // 2) + 1, most)
-            h_flex = per_tile(_ceil_div(columns, TILE))
+            h_strips = (_sum_capped(n_blocks, 2, (q0 + 2 * STRIP - 2) // (STRIP // 2) + 1, most)
+                        + _sum_capped(n_blocks, 1, (q0 + 2 * STRIP - 1) // STRIP, _ceil_div(columns, STRIP)))
         else:  # BLOCK_SPARSE
             kept_blocks = max(a, 1)
             cells = _row_cells(q0, nk, block_size * (kept_blocks - 1) + 1)

@@ -1,11 +1,13 @@
-"""The strip kernel: a Triton forward attention over the strips of ``block_masks.strips``.
+"""The strip kernel: a Triton forward attention over the strips and columns of ``block_masks.strips``.
 
 Why not FlexAttention for the diagonals: FlexAttention's key tiles are aligned, so an isolated kept
 diagonal crosses two tiles of every query tile, and the kept cells of such a partial tile are found
 by ``mask_mod`` with a gather per cell, which made a partial tile cost 1.8x a full one on the H100
 (docs/performance.md). Here a strip starts at any key, so an isolated diagonal costs one strip, its
 cells are found from four words loaded once per strip (a 64-bit window per row, a shift per cell),
-and a strip whose cells all count skips the mask.
+and a strip whose cells all count skips the mask. The vertical columns run in the same program, in
+blocks of gathered keys (their cells found from one 64-bit window of allowed offsets per column), so
+the kept cells of a vertical-slash head need no second kernel and no merge.
 
 One program per (query block of STRIP rows, batch x query head); query head h reads key/value head
 h // group. It returns the output over the strip cells and their log-sum-exp, to be merged with the
@@ -18,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from block_masks.strips import STRIP, Strips
+from block_masks.strips import ALLOWED_FRONT, STRIP, Strips
 
 try:
     import triton
@@ -56,11 +58,14 @@ if triton is not None:
 
     # Lengths and the strides that follow them or the budgets are not specialised on (divisibility by
     # 16, equality to 1): one build for every length and budget.
-    @triton.jit(do_not_specialize=["Nq", "Nk", "q_start", "ssb", "ssh", "scb", "sch"])
-    def _strip_forward(Q, K, V, Out, Lse, Sigma, Words, Counts, Sink,
+    @triton.jit(do_not_specialize=["Nq", "Nk", "q_start", "ssb", "ssh", "scb", "sch", "svcb", "svch",
+                                   "sncb", "snch", "sab", "sah"])
+    def _strip_forward(Q, K, V, Out, Lse, Sigma, Words, Counts, Sink, Columns, ColCounts, Allowed,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                       ssb, ssh, scb, sch, n_heads, group, Nq, Nk, q_start, qk_scale,
-                       DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+                       ssb, ssh, scb, sch, svcb, svch, sncb, snch, sab, sah,
+                       n_heads, group, Nq, Nk, q_start, qk_scale,
+                       DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FRONT: tl.constexpr,
+                       PRECISION: tl.constexpr):
         tl.static_assert(BLOCK == 64, "the cell test below reads 64-bit windows of the strip words")
         qb = tl.program_id(0)
         bh = tl.program_id(1)
@@ -123,6 +128,31 @@ if triton is not None:
             keep = (cols[None, :] < sink) & (pos[:, None] >= cols[None, :])
             m_i, l_i, acc = _softmax_step(tl.where(keep, qk, float("-inf")), v, m_i, l_i, acc, PRECISION)
 
+        # Vertical columns, in blocks of BLOCK gathered keys (sorted; the first n_cols are at or
+        # before the block's last row). Column c's cell in row r has offset i0 + r - c and counts if
+        # that offset is allowed (causal, not kept: the strips compute kept offsets): bit
+        # FRONT + i0 - c + r of the head's allowed words, from one 64-bit window per column.
+        n_cols = tl.load(ColCounts + b * sncb + h * snch + qb)
+        col_row = Columns + b * svcb + h * svch
+        allowed_row = Allowed + b * sab + h * sah
+        row_shift = (lane % 32).to(tl.uint32)
+        for c0 in range(0, n_cols, BLOCK):
+            j = c0 + lane
+            cols = tl.load(col_row + j, mask=j < n_cols, other=Nk).to(tl.int64)
+            qk, v = _strip_scores(q, k_base, v_base, cols, dims, skn, svn, Nk, qk_scale, PRECISION)
+            first = tl.maximum(i0 - cols, -FRONT) + FRONT   # a window wholly before offset 0 reads zeros
+            word = allowed_row + (first >> 5)
+            a0 = tl.load(word).to(tl.uint32, bitcast=True).to(tl.uint64)
+            a1 = tl.load(word + 1).to(tl.uint32, bitcast=True).to(tl.uint64)
+            a2 = tl.load(word + 2).to(tl.uint32, bitcast=True).to(tl.uint64)
+            shift = (first & 31).to(tl.uint64)
+            low = (a0 | (a1 << 32)) >> shift
+            window = tl.where(shift == 0, low, low | (a2 << (64 - shift)))
+            half = tl.where(lane[:, None] >= 32, (window >> 32).to(tl.uint32)[None, :],
+                            (window & 0xFFFFFFFF).to(tl.uint32)[None, :])
+            keep = ((half >> row_shift[:, None]) & 1) != 0
+            m_i, l_i, acc = _softmax_step(tl.where(keep, qk, float("-inf")), v, m_i, l_i, acc, PRECISION)
+
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -132,10 +162,10 @@ if triton is not None:
 
 
 def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float) -> tuple[Tensor, Tensor]:
-    """Attention of query [B, Hq, Nq, D] over the strip cells of key/value [B, Hkv, Nk, D].
+    """Attention of query [B, Hq, Nq, D] over the strip and column cells of key/value [B, Hkv, Nk, D].
 
     Returns (out [B, Hq, Nq, D] in the query dtype, lse [B, Hq, Nq] float32, -inf for rows with no
-    strip cell). Runs the Triton kernel on CUDA (on CPU only under ``TRITON_INTERPRET=1``).
+    such cell). Runs the Triton kernel on CUDA (on CPU only under ``TRITON_INTERPRET=1``).
     """
     if triton is None:
         raise ValueError("the strip kernel needs Triton: install it, or plan with strips=False")
@@ -150,16 +180,18 @@ def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, s
     out = torch.empty_like(query)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=query.device)
     sigma, counts, words = strips.sigma, strips.counts, strips.words
-    if not (sigma.is_contiguous() and words.is_contiguous()):
-        raise ValueError("strip tops and words must be contiguous (as slash_strips makes them)")
+    columns, col_counts, allowed = strips.columns, strips.col_counts, strips.allowed
+    if not all(t.is_contiguous() for t in (sigma, words, columns, allowed)):
+        raise ValueError("strip tops, words, columns and allowed offsets must be contiguous (as strip_layout makes them)")
     grid = (triton.cdiv(Nq, STRIP), B * Hq)
     _strip_forward[grid](
-        query, key, value, out, lse, sigma, words, counts, strips.sink,
+        query, key, value, out, lse, sigma, words, counts, strips.sink, columns, col_counts, allowed,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        sigma.stride(0), sigma.stride(1), counts.stride(0), counts.stride(1),
+        sigma.stride(0), sigma.stride(1), counts.stride(0), counts.stride(1), columns.stride(0), columns.stride(1),
+        col_counts.stride(0), col_counts.stride(1), allowed.stride(0), allowed.stride(1),
         Hq, Hq // Hkv, Nq, Nk, strips.q_start, scale * math.log2(math.e),
-        DIM=D, HEAD_DIM=max(16, triton.next_power_of_2(D)), BLOCK=STRIP,
+        DIM=D, HEAD_DIM=max(16, triton.next_power_of_2(D)), BLOCK=STRIP, FRONT=ALLOWED_FRONT,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )

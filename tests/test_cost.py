@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounter
 
 import minference_flex as mf
-from block_masks import select, slash_strips
+from block_masks import select, strip_layout
 from minference_flex.config import parse_patterns
 from minference_flex.cost import H100, MAX_LOSS, CostModel, choose, kernel_beats_sdpa, plan_tiles, sdpa_dims, tile_bounds
 from tests.strategies import cases, examples
@@ -59,7 +59,7 @@ def test_vertical_slash_strip_bound_holds_for_any_kept_offsets(nk, extra, data):
     selection = select(q, k, (pattern,), 0.25)
     offsets = torch.zeros(1, 1, nk, dtype=torch.bool)
     offsets[0, 0, kept] = True
-    strips = slash_strips(dataclasses.replace(selection, offsets=offsets, max_offsets=nk))
+    strips = strip_layout(dataclasses.replace(selection, offsets=offsets, max_offsets=nk))
     assert int(strips.visited().sum()) <= tile_bounds(1, nq, nk, (pattern,)).strips
 
 
@@ -72,7 +72,7 @@ def test_vertical_slash_strip_bound_at_its_worst():
     selection = select(q, k, (pattern,), 0.25)
     offsets = torch.zeros(1, 1, nk, dtype=torch.bool)
     offsets[0, 0, kept] = True
-    strips = int(slash_strips(dataclasses.replace(selection, offsets=offsets, max_offsets=nk)).visited().sum())
+    strips = int(strip_layout(dataclasses.replace(selection, offsets=offsets, max_offsets=nk)).visited().sum())
     bound = tile_bounds(1, nk, nk, (pattern,)).strips
     causal_tiles = (nk // 64) * (nk // 64 + 1) // 2
     assert causal_tiles < strips <= bound

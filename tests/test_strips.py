@@ -1,5 +1,5 @@
-"""The strip layout covers exactly the kept diagonals and sinks; the strip kernel (Triton, run by
-Triton's interpreter on CPU) and plans with strips match the float64 reference."""
+"""The strip layout covers exactly the kept diagonals, sinks and vertical columns; the strip kernel
+(Triton, run by Triton's interpreter on CPU) and plans with strips match the float64 reference."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 import minference_flex as mf
 from block_masks import Selection, select
 from block_masks.strip_build_kernel import CHUNK, strip_layout_triton
-from block_masks.strips import NO_STRIP, STRIP, slash_strips, strip_cells, strip_tops, strip_words
+from block_masks.build import column_flags
+from block_masks.strips import ALLOWED_FRONT, NO_STRIP, STRIP, allowed_offsets, strip_cells, strip_layout, strip_tops, strip_words
 from minference_flex.config import parse_patterns
 from minference_flex.strip_kernel import strip_attention
 from tests.naive import reference_attention
@@ -25,21 +26,25 @@ interpreted = pytest.mark.skipif(
     reason="the strip kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1 (tests/conftest.py)")
 
 
-def diagonal_and_sink_cells(selection) -> torch.Tensor:
-    """[B, H, Nq, Nk]: causal cells with a kept offset or a sink key (independent of the strips)."""
+def strip_kernel_cells(selection) -> torch.Tensor:
+    """[B, H, Nq, Nk]: causal cells with a kept offset, a sink key or a kept column (independent of
+    the strips)."""
     p = selection.q_offset + torch.arange(selection.nq)[:, None]
     j = torch.arange(selection.nk)
     o = p - j
-    return (selection.offsets[:, :, o.clamp(min=0)] | (j < selection.sink[:, None, None])) & (o >= 0)
+    kept = selection.offsets[:, :, o.clamp(min=0)] | (j < selection.sink[:, None, None])
+    if selection.columns is not None:
+        kept = kept | column_flags(selection.columns, selection.nk)[:, :, None, :]
+    return kept & (o >= 0)
 
 
 @settings(max_examples=examples(80))
 @given(case=cases(max_nk=300))
-def test_strips_cover_exactly_the_kept_diagonals_and_sinks(case):
+def test_strips_cover_exactly_the_kept_diagonals_sinks_and_columns(case):
     q, k = case.tensors(value=False)
     selection = select(q, k, parse_patterns(case.patterns, case.Hq), case.effective_scale)
-    strips = slash_strips(selection)
-    assert torch.equal(strip_cells(strips), diagonal_and_sink_cells(selection).to(torch.int32))
+    strips = strip_layout(selection)
+    assert torch.equal(strip_cells(strips), strip_kernel_cells(selection).to(torch.int32))
     # No more strips than kept offsets, ascending, padding past every block.
     kept = selection.offsets.sum(-1)
     real = strips.sigma != NO_STRIP
@@ -85,10 +90,12 @@ def test_triton_strip_builder_matches_the_definition(gaps, spare, chunk):
     tops, owned = strip_tops(offsets, K)
     words = strip_words(offsets, tops, owned)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    t_tops, t_owned, t_words = (t.cpu() for t in strip_layout_triton(offsets.to(device), K, STRIP, NO_STRIP, chunk))
+    t_tops, t_owned, t_words, t_allowed = (
+        t.cpu() for t in strip_layout_triton(offsets.to(device), K, STRIP, NO_STRIP, ALLOWED_FRONT, chunk))
     assert torch.equal(t_tops, tops)
     real = tops != NO_STRIP
     assert torch.equal(t_owned[real], owned[real]) and torch.equal(t_words[real], words[real])
+    assert torch.equal(t_allowed, allowed_offsets(offsets))
 
 
 @settings(max_examples=examples(40))
@@ -112,7 +119,7 @@ def test_plan_with_strips_matches_reference(case):
        dtype=st.sampled_from([torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]))
 def test_strip_kernel_matches_reference(case, dtype):
     """The Triton kernel itself against float64 over the strip cells (which the test above proves
-    equal to the kept diagonals and sinks). On CPU Triton's interpreter runs it, in float32 only:
+    equal to the kept diagonals, sinks and columns). On CPU Triton's interpreter runs it, in float32 only:
     the interpreter mis-converts float32 to bfloat16 (seen with triton 3.9)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (t.to(device) for t in case.tensors(dtype))
@@ -134,7 +141,8 @@ def test_strip_kernel_matches_reference(case, dtype):
 @st.composite
 def offset_sets(draw, max_nk: int = 700):
     """A Selection of 2 heads with offsets drawn directly (head 0: scattered diagonals and a sink,
-    head 1: runs), so that clusters lie close to each other and chains of neighbours share keys."""
+    head 1: runs, and some columns), so that clusters lie close to each other, chains of neighbours
+    share keys and columns cross kept diagonals."""
     nk = draw(st.integers(1, max_nk))
     nq = draw(st.integers(1, nk))
     kept = draw(st.lists(st.integers(0, nk - 1), max_size=120, unique=True))
@@ -144,15 +152,20 @@ def offset_sets(draw, max_nk: int = 700):
     for start, length in runs:
         offsets[0, 1, start:start + length] = True
     sink = torch.tensor([draw(st.integers(0, nk)), 0], dtype=torch.int32)
+    cols = draw(st.lists(st.integers(0, nk - 1), max_size=150, unique=True))
+    columns = None
+    if cols:  # head 1's columns; head 0 only padding (as for a head of another kind)
+        columns = torch.full((1, 2, len(cols)), nk, dtype=torch.int64)
+        columns[0, 1] = torch.tensor(sorted(cols))
     return Selection(nq=nq, nk=nk, offsets=offsets, sink=sink, block_sparse=torch.zeros(2, dtype=torch.bool),
-                     columns=None, blocks=(), max_sink=int(sink.max()), max_offsets=nk)
+                     columns=columns, blocks=(), max_sink=int(sink.max()), max_offsets=nk)
 
 
 @settings(max_examples=examples(60))
 @given(selection=offset_sets())
 def test_strips_of_random_offset_sets(selection):
-    """Every kept diagonal and sink cell is computed exactly once, nothing else."""
-    assert torch.equal(strip_cells(slash_strips(selection)), diagonal_and_sink_cells(selection).to(torch.int32))
+    """Every kept diagonal, sink and column cell is computed exactly once, nothing else."""
+    assert torch.equal(strip_cells(strip_layout(selection)), strip_kernel_cells(selection).to(torch.int32))
 
 
 @interpreted
@@ -164,10 +177,11 @@ def test_strip_kernel_on_random_offset_sets(selection, seed):
     q = torch.randn(1, 2, selection.nq, 16, generator=g)
     k, v = torch.randn(2, 1, 1, selection.nk, 16, generator=g)
     on_device = dataclasses.replace(selection, offsets=selection.offsets.to(device), sink=selection.sink.to(device),
-                                    block_sparse=selection.block_sparse.to(device))
-    strips = slash_strips(on_device)
+                                    block_sparse=selection.block_sparse.to(device),
+                                    columns=None if selection.columns is None else selection.columns.to(device))
+    strips = strip_layout(on_device)
     out, _ = strip_attention(q.to(device), k.to(device), v.to(device), strips, 0.25)
-    ref = reference_attention(q, k, v, diagonal_and_sink_cells(selection), 0.25)
+    ref = reference_attention(q, k, v, strip_kernel_cells(selection), 0.25)
     torch.testing.assert_close(out.cpu().double(), ref.nan_to_num(0), atol=1e-5, rtol=1e-5)
 
 
@@ -182,7 +196,7 @@ def test_strip_kernel_counts_shared_keys_once():
     selection = Selection(nq=nk, nk=nk, offsets=offsets, sink=torch.zeros(2, dtype=torch.int32),
                           block_sparse=torch.zeros(2, dtype=torch.bool), columns=None, blocks=(), max_sink=0,
                           max_offsets=nk)
-    assert slash_strips(selection).sigma[0, 0, :4].tolist() == [-24, 40, 47, 111]
+    assert strip_layout(selection).sigma[0, 0, :4].tolist() == [-24, 40, 47, 111]
     test_strip_kernel_on_random_offset_sets.hypothesis.inner_test(selection, seed=3)
 
 

@@ -163,9 +163,17 @@ def test_tile_counts_match_the_listed_tiles(Nq, Nk):
     first = (Nk - Nq - plan.pad) // 64
     n_q_tiles, n_k_tiles = -(-(Nq + plan.pad) // 64), -(-Nk // 64)
     assert counts["causal"] == 4 * sum(min(first + t + 1, n_k_tiles) for t in range(n_q_tiles))
-    # The strip layout: strips plus the vertical part's tiles (all partial).
+    # The strip layout: strips and blocks of 64 gathered columns in the strip kernel, block-sparse
+    # tiles in FlexAttention, no vertical part.
     plan = mf.plan_attention(q, k, pats, fold_columns=False, full_width=False, strips=True)
     counts = plan.tile_counts()
-    assert counts["vertical"] == int((tile_states(plan.vertical) == 1).sum()) > 0
+    assert plan.vertical is None and counts["vertical"] == 0
+    st = plan.strips
+    i0 = Nk - Nq + 64 * torch.arange(-(-Nq // 64))
+    sink_strips = -(-torch.minimum(st.sink.long()[:, None], i0 + 64) // 64)
+    columns = plan.selection.columns[0]                                      # [H, V], padding Nk
+    col_blocks = -(-(columns[:, None, :] <= (i0 + 63).clamp(max=Nk - 1)[None, :, None]).sum(-1) // 64)
+    assert counts["strips"] == int(st.counts.sum() + sink_strips.sum() + col_blocks.sum())
+    assert col_blocks.sum() > 0
     assert counts["visited"] == int(plan.visited_tiles().sum()) == counts["strips"] + counts["partial"] + \
-        counts["full"] + counts["vertical"]
+        counts["full"]
