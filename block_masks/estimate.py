@@ -70,28 +70,47 @@ class Selection:
 
 @dataclass(frozen=True)
 class HeadTables:
-    """Per-head pattern parameters as device tensors [Hq] (built once per pattern list)."""
+    """Per-head pattern parameters as device tensors [Hq] (built once per pattern list), with what
+    ``select`` derives from them alone, so that a call spends no kernel launches on it."""
 
     kind: Tensor  # index into KIND_CODES
     a: Tensor
     b: Tensor
     block_size: Tensor
+    vertical_slash: Tensor   # bool
+    block_sparse: Tensor     # bool
+    window: Tensor           # offsets 0 .. window - 1 kept by construction: all (DENSE_WINDOW) for dense
+                             # heads, the local window for A-shape heads, none elsewhere
+    sink: Tensor             # int32 sink tokens of A-shape heads (not yet capped at the length), 0 elsewhere
+    columns: Tensor          # vertical columns kept per vertical-slash head (at least FORCED_COLUMNS), 0 elsewhere
+    slashes: Tensor          # diagonal offsets kept per vertical-slash head (at least FORCED_OFFSETS), 0 elsewhere
 
 
 KIND_CODES = {DENSE: 0, A_SHAPE: 1, VERTICAL_SLASH: 2, BLOCK_SPARSE: 3}
+#: ``HeadTables.window`` of dense heads: past any prompt length.
+DENSE_WINDOW = 2**62
 
 
 @lru_cache(maxsize=256)
 def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTables:
     """Cached so that the host-to-device copy happens once per (patterns, device), not per call."""
-    def t(values):
-        return torch.tensor(values, dtype=torch.int64, device=device)
+    def t(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    def of_kind(kind, value, dtype=torch.int64):  # value(p) for the heads of this kind, 0 elsewhere
+        return t([value(p) if p.kind == kind else 0 for p in patterns], dtype)
 
     return HeadTables(
         kind=t([KIND_CODES[p.kind] for p in patterns]),
         a=t([p.a for p in patterns]),
         b=t([p.b for p in patterns]),
         block_size=t([p.block_size for p in patterns]),
+        vertical_slash=t([p.kind == VERTICAL_SLASH for p in patterns], torch.bool),
+        block_sparse=t([p.kind == BLOCK_SPARSE for p in patterns], torch.bool),
+        window=t([DENSE_WINDOW if p.kind == DENSE else max(p.b, 1) if p.kind == A_SHAPE else 0 for p in patterns]),
+        sink=of_kind(A_SHAPE, lambda p: p.a, torch.int32),
+        columns=of_kind(VERTICAL_SLASH, lambda p: max(p.a, FORCED_COLUMNS)),
+        slashes=of_kind(VERTICAL_SLASH, lambda p: max(p.b, FORCED_OFFSETS)),
     )
 
 
@@ -196,13 +215,12 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
     device = query.device
     tables = head_tables(patterns, device)
     kinds = {p.kind for p in patterns}
-    pos = torch.arange(Nk, device=device)
 
-    # Offsets that are kept by construction: all for dense heads, the local window for A-shape.
-    local = torch.where(tables.kind == KIND_CODES[DENSE], Nk, 0)
-    local = torch.where(tables.kind == KIND_CODES[A_SHAPE], tables.b.clamp(min=1), local)
-    offsets = (pos < local[:, None]).expand(B, Hq, Nk)
-    sink = torch.where(tables.kind == KIND_CODES[A_SHAPE], tables.a.clamp(max=Nk), 0).to(torch.int32)
+    # Offsets kept by construction (dense heads, A-shape windows), and the A-shape sinks.
+    offsets = None
+    if kinds & {DENSE, A_SHAPE}:
+        offsets = (torch.arange(Nk, device=device) < tables.window[:, None]).expand(B, Hq, Nk)
+    sink = tables.sink.clamp(max=Nk) if A_SHAPE in kinds else tables.sink
     # Bounds over the Python budgets first, then clamped to the length (symbolic under torch.compile).
     max_sink = min(max([0] + [p.a for p in patterns if p.kind == A_SHAPE]), Nk)
     windows = max([0] + [max(p.b, 1) for p in patterns if p.kind == A_SHAPE])
@@ -210,25 +228,25 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
 
     columns = None
     if VERTICAL_SLASH in kinds:
-        vs = tables.kind == KIND_CODES[VERTICAL_SLASH]
         vertical, slash = vertical_slash_scores(query, key, scale)
         vertical[..., :FORCED_COLUMNS] = float("inf")
         slash[..., :FORCED_OFFSETS] = float("inf")
         vs_patterns = [p for p in patterns if p.kind == VERTICAL_SLASH]
         n_cols = min(Nk, max(max(p.a, FORCED_COLUMNS) for p in vs_patterns))
         n_offs = min(Nk, max(max(p.b, FORCED_OFFSETS) for p in vs_patterns))
-        col_counts = torch.where(vs, tables.a.clamp(min=FORCED_COLUMNS, max=Nk), 0)
-        off_counts = torch.where(vs, tables.b.clamp(min=FORCED_OFFSETS, max=Nk), 0)
-        col_idx, col_valid = _top(vertical, n_cols, col_counts)
+        # Ranks run below n_cols / n_offs <= Nk, so budgets past the length need no capping.
+        col_idx, col_valid = _top(vertical, n_cols, tables.columns)
         columns = torch.where(col_valid, col_idx, Nk).sort(dim=-1).values
-        off_idx, off_valid = _top(slash, n_offs, off_counts)
-        offsets = offsets | torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device).scatter_(-1, off_idx, off_valid)
+        off_idx, off_valid = _top(slash, n_offs, tables.slashes)
+        slashes = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device).scatter_(-1, off_idx, off_valid)
+        offsets = slashes if offsets is None else offsets | slashes
         max_offsets = max(max_offsets, n_offs)
+    if offsets is None:  # block-sparse heads only
+        offsets = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device)
 
     blocks = []
-    bs_heads = tables.kind == KIND_CODES[BLOCK_SPARSE]
     for size in sorted({p.block_size for p in patterns if p.kind == BLOCK_SPARSE}):
-        in_group = bs_heads & (tables.block_size == size)
+        in_group = tables.block_sparse & (tables.block_size == size)
         max_a = max(p.a for p in patterns if p.kind == BLOCK_SPARSE and p.block_size == size)
         blocks.append(block_sparse_selection(query, key, tables, size, in_group, max_a))
 
@@ -237,7 +255,7 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
         nk=Nk,
         offsets=offsets.contiguous(),
         sink=sink,
-        block_sparse=bs_heads,
+        block_sparse=tables.block_sparse,
         columns=columns,
         blocks=tuple(blocks),
         max_sink=max_sink,

@@ -11,7 +11,9 @@ chunks, three times, with running values carried from chunk to chunk:
    cluster's end, strip count and the number of strips of all earlier clusters, keyed by the index
    of the cluster's first offset (scratch);
 3. the offset of rank t in its cluster writes the cluster's strip t (top = end - STRIP * t), at its
-   place in the ascending list, with its owned range and its four words cut from the kept offsets.
+   place in the ascending list, with its owned range and its four words cut from the kept offsets;
+4. for every query block, binary searches count the strips and the vertical columns at or before
+   its last row (``Strips.counts`` and ``Strips.col_counts``).
 
 The output is the same as the definition's for every real strip (padding strips: top NO_STRIP,
 owned and words 0).
@@ -53,8 +55,23 @@ if triton is not None:
         s = tl.maximum(tl.associative_scan(tl.where(start, i, -1), 0, _max), s_carry)
         return x, live, end, a, s
 
-    @triton.jit(do_not_specialize=["Nk", "K", "n_words"])
-    def _build(Off, Xs, RecB, RecN, RecBase, Sigma, Owned, Words, Allowed, Nk, K, n_words,
+    @triton.jit
+    def _count_at_most(row, n, x, steps):
+        """Entries <= x of the ascending row[0 .. n - 1], for each x (binary search; steps >= the
+        bit length of n)."""
+        lo = tl.zeros_like(x)
+        hi = tl.zeros_like(x) + n
+        for _ in range(steps):
+            mid = (lo + hi) // 2
+            active = lo < hi
+            right = tl.load(row + mid, mask=active, other=0) <= x
+            lo = tl.where(active & right, mid + 1, lo)
+            hi = tl.where(active & ~right, mid, hi)
+        return lo
+
+    @triton.jit(do_not_specialize=["Nk", "K", "n_words", "V", "q_offset", "n_qb", "steps_k", "steps_v"])
+    def _build(Off, Xs, RecB, RecN, RecBase, Sigma, Owned, Words, Allowed, Columns, Counts, ColCounts,
+               Nk, K, n_words, V, q_offset, n_qb, steps_k, steps_v,
                STRIP: tl.constexpr, COMPACT: tl.constexpr, CHUNK: tl.constexpr, FRONT: tl.constexpr):
         tl.static_assert(COMPACT % 32 == 0 and FRONT % 32 == 0, "offsets are packed 32 to a word")
         bh = tl.program_id(0).to(tl.int64)
@@ -121,26 +138,42 @@ if triton is not None:
                 tl.store(Words + 4 * p + w, word.to(tl.int32, bitcast=True), mask=emit)
             a_carry = tl.max(a, 0)
             s_carry = tl.max(s, 0)
+        tl.debug_barrier()
+
+        # 4. Per query block: strips with top at or before its last row, columns at or before it.
+        for t0 in range(0, n_qb, CHUNK):
+            t = t0 + lane
+            last = q_offset + STRIP * t + STRIP - 1
+            n_strips = _count_at_most(Sigma + bh * K, K, last, steps_k)
+            n_cols = _count_at_most(Columns + bh * V, V, tl.minimum(last, Nk - 1).to(tl.int64), steps_v)
+            tl.store(Counts + bh * n_qb + t, n_strips, mask=t < n_qb)
+            tl.store(ColCounts + bh * n_qb + t, n_cols.to(tl.int32), mask=t < n_qb)
 
 
-def strip_layout_triton(offsets: Tensor, max_kept: int, strip: int, no_strip: int, front: int,
-                        chunk: int = CHUNK) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(tops [B, H, S] int32, owned [B, H, S, 2] int32, words [B, H, S, 4] int32, allowed [B, H, W]
-    int32) of the kept ``offsets`` [B, H, Nk] bool, as ``strips.strip_tops``, ``strips.strip_words``
-    and ``strips.allowed_offsets`` (with ``front`` zero bits) define them, with
-    S = max(1, min(Nk, max_kept)). ``chunk`` (a power of two) only changes the speed."""
+def strip_layout_triton(offsets: Tensor, columns: Tensor, q_offset: int, nq: int, max_kept: int, strip: int,
+                        no_strip: int, front: int, chunk: int = CHUNK) -> tuple[Tensor, ...]:
+    """(tops [B, H, S], owned [B, H, S, 2], words [B, H, S, 4], allowed [B, H, W], counts
+    [B, H, n_q_blocks], col_counts [B, H, n_q_blocks]), all int32, of the kept ``offsets`` [B, H, Nk]
+    bool and the sorted ``columns`` [B, H, V] int64 (padding Nk) for ``nq`` queries from position
+    ``q_offset``, as ``strips.strip_layout`` defines them (``front`` zero bits before offset 0 in
+    ``allowed``), with S = max(1, min(Nk, max_kept)). ``chunk`` (a power of two) only changes the speed."""
     if triton is None:
         raise ValueError("the strip builder needs Triton")
     B, H, Nk = offsets.shape
+    V = columns.shape[-1]
     K = max(1, min(Nk, max_kept))
+    n_qb = -(-nq // strip)
+    n_words = (Nk + front) // 32 + 4
     device = offsets.device
-    offsets = offsets.contiguous()
+    offsets, columns = offsets.contiguous(), columns.contiguous()
     scratch = torch.empty(4, B * H, K, dtype=torch.int32, device=device)
     tops = torch.full((B, H, K), no_strip, dtype=torch.int32, device=device)
-    owned = torch.zeros(B, H, K, 2, dtype=torch.int32, device=device)
-    words = torch.zeros(B, H, K, 4, dtype=torch.int32, device=device)
-    n_words = (Nk + front) // 32 + 4
-    allowed = torch.zeros(B, H, n_words, dtype=torch.int32, device=device)
-    _build[(B * H,)](offsets, scratch[0], scratch[1], scratch[2], scratch[3], tops, owned, words, allowed,
-                     Nk, K, n_words, STRIP=strip, COMPACT=COMPACT, CHUNK=chunk, FRONT=front, num_warps=4)
-    return tops, owned, words, allowed
+    # One fill for the outputs the program writes only in part, each a contiguous piece of it.
+    zeros = torch.zeros(B * H * (6 * K + n_words), dtype=torch.int32, device=device)
+    owned, words, allowed = zeros.split([B * H * 2 * K, B * H * 4 * K, B * H * n_words])
+    owned, words, allowed = owned.view(B, H, K, 2), words.view(B, H, K, 4), allowed.view(B, H, n_words)
+    counts = torch.empty(2, B, H, n_qb, dtype=torch.int32, device=device)
+    _build[(B * H,)](offsets, scratch[0], scratch[1], scratch[2], scratch[3], tops, owned, words, allowed, columns,
+                     counts[0], counts[1], Nk, K, n_words, V, q_offset, n_qb, K.bit_length(), V.bit_length(),
+                     STRIP=strip, COMPACT=COMPACT, CHUNK=chunk, FRONT=front, num_warps=4)
+    return tops, owned, words, allowed, counts[0], counts[1]

@@ -151,31 +151,32 @@ def strip_tops(offsets: Tensor, max_kept: int) -> tuple[Tensor, Tensor]:
 
 def strip_layout(selection: Selection) -> Strips:
     """The strip layout of a Selection's kept offsets, sinks and vertical columns (no host sync). On
-    CUDA one Triton program per head builds the strips and the allowed offsets
-    (``strip_build_kernel``); ``strip_tops``, ``strip_words`` and ``allowed_offsets`` are its
-    definition and the CPU path."""
+    CUDA one Triton program per head builds it (``strip_build_kernel``); ``strip_tops``,
+    ``strip_words``, ``allowed_offsets`` and the searches below are its definition and the CPU path."""
     offsets = selection.offsets
     B, H, Nk = offsets.shape
+    columns = selection.columns
+    if columns is None:  # no head has columns: one padding column each, never counted
+        columns = torch.full((B, H, 1), Nk, dtype=torch.int64, device=offsets.device)
     if offsets.is_cuda and HAS_TRITON:
-        sigma, _, words, allowed = strip_layout_triton(offsets, selection.max_offsets, STRIP, NO_STRIP,
-                                                       ALLOWED_FRONT)
+        sigma, _, words, allowed, counts, col_counts = strip_layout_triton(
+            offsets, columns, selection.q_offset, selection.nq, selection.max_offsets, STRIP, NO_STRIP, ALLOWED_FRONT)
     else:
         sigma, owned = strip_tops(offsets, selection.max_offsets)
         words = strip_words(offsets, sigma, owned)
         allowed = allowed_offsets(offsets)
-    n_q_blocks = -(-selection.nq // STRIP)
-    last_pos = selection.q_offset + STRIP * torch.arange(n_q_blocks, device=offsets.device) + STRIP - 1
-    counts = torch.searchsorted(sigma, last_pos.to(torch.int32).expand(B, H, n_q_blocks).contiguous(), right=True)
-    columns = selection.columns
-    if columns is None:  # no head has columns: one padding column, none counted
-        columns = torch.full((B, H, 1), Nk, dtype=torch.int64, device=offsets.device)
+        # Query block t counts the strips with top at or before its last row (a strip past it only
+        # reaches keys after the row) and the columns at or before it.
+        n_q_blocks = -(-selection.nq // STRIP)
+        last = selection.q_offset + STRIP * torch.arange(n_q_blocks, device=offsets.device) + STRIP - 1
+        counts = torch.searchsorted(sigma, last.to(torch.int32).expand(B, H, n_q_blocks).contiguous(), right=True)
+        col_counts = torch.searchsorted(columns, last.clamp(max=Nk - 1).expand(B, H, n_q_blocks).contiguous(),
+                                        right=True)
+        counts, col_counts = counts.to(torch.int32), col_counts.to(torch.int32)
+    if selection.columns is None:
         allowed = allowed[..., :1].contiguous()
-    # Columns are sorted and padding (Nk) is past every position: count those up to the block's last row.
-    col_counts = torch.searchsorted(columns, last_pos.clamp(max=Nk - 1).expand(B, H, n_q_blocks).contiguous(),
-                                    right=True)
-    return Strips(sigma=sigma, counts=counts.to(torch.int32), words=words, sink=selection.sink,
-                  columns=columns, col_counts=col_counts.to(torch.int32), allowed=allowed,
-                  q_start=selection.q_offset, nq=selection.nq, nk=selection.nk)
+    return Strips(sigma=sigma, counts=counts, words=words, sink=selection.sink, columns=columns,
+                  col_counts=col_counts, allowed=allowed, q_start=selection.q_offset, nq=selection.nq, nk=selection.nk)
 
 
 def strip_cells(strips: Strips) -> Tensor:

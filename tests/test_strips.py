@@ -76,26 +76,36 @@ def test_chain_length_per_cluster(offsets):
 @settings(max_examples=examples(20))
 @given(gaps=st.lists(st.one_of(st.integers(1, 8), st.integers(STRIP - 2, STRIP + 2), st.integers(100, 130)),
                      min_size=40, max_size=60),
-       spare=st.integers(0, 3), chunk=st.sampled_from([16, 32, CHUNK]))
-def test_triton_strip_builder_matches_the_definition(gaps, spare, chunk):
-    """The one-program-per-head builder gives the tops, owned ranges and words of ``strip_tops`` and
-    ``strip_words``. Head 0 keeps the offsets the gaps lay out (clusters split exactly at STRIP),
-    head 1 every offset up to 500, head 2 none; small chunks put many clusters across chunk borders."""
+       spare=st.integers(0, 3), chunk=st.sampled_from([16, 32, CHUNK]), data=st.data())
+def test_triton_strip_builder_matches_the_definition(gaps, spare, chunk, data):
+    """The one-program-per-head builder gives the tops, owned ranges, words, allowed offsets and
+    per-block counts of the definition. Head 0 keeps the offsets the gaps lay out (clusters split
+    exactly at STRIP), head 1 every offset up to 500, head 2 none; small chunks put many clusters
+    across chunk borders; the columns and the number of queries are drawn."""
     kept = torch.tensor(gaps).cumsum(0) - gaps[0]
     Nk = int(kept[-1]) + 1 + gaps[-1] % 7
+    nq = data.draw(st.integers(1, Nk))
     offsets = torch.zeros(1, 3, Nk, dtype=torch.bool)
     offsets[0, 0, kept] = True
     offsets[0, 1, :500] = True
+    cols = data.draw(st.lists(st.integers(0, Nk - 1), max_size=200, unique=True))
+    columns = torch.full((1, 3, max(1, len(cols))), Nk, dtype=torch.int64)
+    columns[0, 0, :len(cols)] = torch.tensor(sorted(cols), dtype=torch.int64)
+    columns[0, 2, :len(cols) // 2] = torch.tensor(sorted(cols)[:len(cols) // 2], dtype=torch.int64)
     K = Nk if spare == 0 else int(offsets.sum(-1).max())
-    tops, owned = strip_tops(offsets, K)
-    words = strip_words(offsets, tops, owned)
+    selection = Selection(nq=nq, nk=Nk, offsets=offsets, sink=torch.zeros(3, dtype=torch.int32),
+                          block_sparse=torch.zeros(3, dtype=torch.bool), columns=columns, blocks=(), max_sink=0,
+                          max_offsets=K)
+    expected = strip_layout(selection)  # the definition on the CPU
+    _, owned = strip_tops(offsets, K)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    t_tops, t_owned, t_words, t_allowed = (
-        t.cpu() for t in strip_layout_triton(offsets.to(device), K, STRIP, NO_STRIP, ALLOWED_FRONT, chunk))
-    assert torch.equal(t_tops, tops)
+    tops, t_owned, words, allowed, counts, col_counts = (t.cpu() for t in strip_layout_triton(
+        offsets.to(device), columns.to(device), Nk - nq, nq, K, STRIP, NO_STRIP, ALLOWED_FRONT, chunk))
+    assert torch.equal(tops, expected.sigma)
     real = tops != NO_STRIP
-    assert torch.equal(t_owned[real], owned[real]) and torch.equal(t_words[real], words[real])
-    assert torch.equal(t_allowed, allowed_offsets(offsets))
+    assert torch.equal(t_owned[real], owned[real]) and torch.equal(words[real], expected.words[real])
+    assert torch.equal(allowed, expected.allowed)
+    assert torch.equal(counts, expected.counts) and torch.equal(col_counts, expected.col_counts)
 
 
 @settings(max_examples=examples(40))
