@@ -15,7 +15,7 @@ import minference_flex as mf
 from block_masks import Selection, select
 from block_masks.strip_build_kernel import CHUNK, strip_layout_triton
 from block_masks.build import column_flags
-from block_masks.strips import ALLOWED_FRONT, NO_STRIP, STRIP, allowed_offsets, strip_cells, strip_layout, strip_tops, strip_words
+from block_masks.strips import ALLOWED_FRONT, NO_STRIP, STRIP, strip_cells, strip_layout, strip_tops
 from minference_flex.config import parse_patterns
 from minference_flex.strip_kernel import strip_attention
 from tests.naive import reference_attention
