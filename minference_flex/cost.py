@@ -109,10 +109,10 @@ class CostModel:
 H100 = CostModel(
     sdpa_fixed_ms=0.02,
     sdpa_cell_ms=6.0e-12,        # SDPA causal 13.30 ms at N = 32768 (7.0e-12 at 131072: SDPA is underestimated)
-    plan_fixed_ms=2.967,         # estimation + mask building: 4.6 ms at 32768 (measured 3.4-3.7),
-    plan_token_ms=1.558e-6,      # 9.5 ms at 131072 (8.0-8.6), 55 ms at 1M (49.7); SmolLM2 128K 4.8 (5.0-5.3)
-    strip_tile_ms=7.5e-6,        # kernel time per strip at 32K-128K, vertical part and merge included: 7.1-7.4 ns
-    flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles, dense 5.3 ns, partial tiles more
+    plan_fixed_ms=1.0,           # estimation + mask building, host-bound at small sizes (~65 launches): measured
+    plan_token_ms=4.5e-7,        # 0.9-1.2 ms at 32768, 1.9-2.4 at 131072, 13.5-15.5 at 1M; predicted 1.5 / 2.9 / 16.1
+    strip_tile_ms=7.0e-6,        # strip kernel per 64x64 block (strips and column blocks) at 32K-128K: 6.7-6.9 ns
+    flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles (block-sparse heads), dense 5.3 ns, partial tiles more
 )
 
 

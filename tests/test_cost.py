@@ -104,8 +104,9 @@ def test_sdpa_and_plan_times_match_the_calibration():
     assert 0.85 * 2.64 <= H100.sdpa_ms(1, 9, 32768, 32768, 64) <= 2.64
     assert 0.85 * 42.49 <= H100.sdpa_ms(1, 9, 131072, 131072, 64) <= 42.49
     assert sdpa_dims(32) < sdpa_dims(64) < sdpa_dims(96) < sdpa_dims(128) == 128
-    assert H100.plan_ms(1, 32, 32768, 128) == pytest.approx(4.6, rel=0.01)
-    assert H100.plan_ms(1, 32, 131072, 128) == pytest.approx(9.5, rel=0.01)
+    # planning measured 0.9-1.2 ms at 32K, 1.9-2.4 ms at 128K, 13.5-15.5 ms at 1M: never underrated
+    for n, measured in ((32768, 1.22), (131072, 2.39), (1048576, 15.5)):
+        assert measured <= H100.plan_ms(1, 32, n, 128) <= 1.5 * measured
     # the last 1000 queries of 32768 keys cost a thin slice of the full prefill
     assert H100.sdpa_ms(1, 32, 1000, 32768, 128) < 0.07 * H100.sdpa_ms(1, 32, 32768, 32768, 128)
 
@@ -121,10 +122,11 @@ def test_kernel_time_scales_with_head_dim_and_takes_tensors():
 
 @pytest.mark.parametrize("n", [4096, 8192, 16384, 32768])
 def test_short_prompts_run_sdpa(n):
-    """Planning alone is more than MAX_LOSS of SDPA's time at these lengths, whatever the budgets."""
+    """Planning alone is more than MAX_LOSS of SDPA's time at these lengths, so unless the budgets
+    bound the kernel well under SDPA (tiny budgets from 16K on), SDPA runs."""
     for budget in [(1000, 6096), (100, 800), (30, 100)]:
         patterns = (mf.Pattern(VS, *budget),) * 32
-        if n <= 16384 or budget != (30, 100):
+        if n <= 8192 or budget != (30, 100):
             assert choose(H100, 1, n, n, 128, patterns) == "sdpa", budget
 
 
