@@ -206,7 +206,7 @@ def main_block_mask(selection: Selection, tiles: Tiles = Tiles(), *, full_width:
         cand.append(kept.flatten(-2))
         valid.append(g_valid.flatten(-2))
         is_full.append((g_valid & (kept < first_kv[..., None])).flatten(-2))
-        widths = max(widths, kept.shape[-2] * per)
+        widths = max(widths, g.max_kept * per)  # a Python int: no symbolic max under dynamic shapes
 
     columns = None
     if fold_columns and selection.columns is not None:

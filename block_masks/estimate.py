@@ -34,12 +34,15 @@ class BlockSelection:
     kept:  [B, Hq, n_query_blocks, K] int64 key-block numbers, best first.
     valid: [B, Hq, n_query_blocks, K] bool, False for padding and for heads outside the group.
     Query block r is the pattern block ``first_block + r`` (blocks counted from position 0).
+    max_kept: a Python bound of K (the group's largest budget), for mask widths: K itself is
+    symbolic under torch.compile with dynamic shapes.
     """
 
     block_size: int
     first_block: int
     kept: Tensor
     valid: Tensor
+    max_kept: int
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ def block_sparse_selection(
     counts = torch.minimum(tables.a.clamp(min=1)[:, None], q_block + 1)  # [Hq, nPq]
     counts = torch.where(in_group[:, None], counts, 0)
     kept, valid = _top(scores, k, counts)
-    return BlockSelection(block_size, first, kept, valid)
+    return BlockSelection(block_size, first, kept, valid, max(max_a, 1))
 
 
 def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: float) -> Selection:
@@ -221,10 +224,13 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
     if kinds & {DENSE, A_SHAPE}:
         offsets = (torch.arange(Nk, device=device) < tables.window[:, None]).expand(B, Hq, Nk)
     sink = tables.sink.clamp(max=Nk) if A_SHAPE in kinds else tables.sink
-    # Bounds over the Python budgets first, then clamped to the length (symbolic under torch.compile).
+    # Bounds over the Python budgets first, then clamped to the length once (symbolic under
+    # torch.compile: one Min(Nk, constant), which inductor's size hints handle; a max of two such
+    # expressions failed there).
     max_sink = min(max([0] + [p.a for p in patterns if p.kind == A_SHAPE]), Nk)
-    windows = max([0] + [max(p.b, 1) for p in patterns if p.kind == A_SHAPE])
-    max_offsets = Nk if DENSE in kinds else min(windows, Nk)
+    kept_bound = max([0] + [max(p.b, 1) for p in patterns if p.kind == A_SHAPE]
+                     + [max(p.b, FORCED_OFFSETS) for p in patterns if p.kind == VERTICAL_SLASH])
+    max_offsets = Nk if DENSE in kinds else min(kept_bound, Nk)
 
     columns = None
     if VERTICAL_SLASH in kinds:
@@ -240,7 +246,6 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
         off_idx, off_valid = _top(slash, n_offs, tables.slashes)
         slashes = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device).scatter_(-1, off_idx, off_valid)
         offsets = slashes if offsets is None else offsets | slashes
-        max_offsets = max(max_offsets, n_offs)
     if offsets is None:  # block-sparse heads only
         offsets = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device)
 

@@ -109,10 +109,12 @@ def _scale_mod(scale: float, head_dim: int, device: torch.device):
     """None for the default 1/sqrt(D), else a score_mod that rescales by a captured tensor.
 
     The scale is never passed to the compiled kernel as a Python float: dynamo would specialise
-    it, and on the next distinct value recompile it as a symbolic float.
+    it, and on the next distinct value recompile it as a symbolic float. Under a user's
+    torch.compile with dynamic shapes the head dim, and so the ratio, can be symbolic: comparing it
+    would break the graph, so it is always applied then.
     """
     ratio = scale * math.sqrt(head_dim)
-    if math.isclose(ratio, 1.0, rel_tol=1e-12):
+    if not isinstance(ratio, torch.SymFloat) and math.isclose(ratio, 1.0, rel_tol=1e-12):
         return None
     ratio = torch.full((), ratio, dtype=torch.float32, device=device)
 

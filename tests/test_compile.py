@@ -203,3 +203,23 @@ def test_example_model_compiled_on_cpu_matches_reference():
 @pytest.mark.gpu
 def test_example_model_compiled_on_cuda_matches_reference():
     _check_example("cuda", torch.float32, 1024, 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("patterns", [[["vertical_and_slash", 100, 300]] * 8,
+                                      [["vertical_and_slash", 100, 300]] * 4 + [["block_sparse", 8, 0]] * 2
+                                      + [["a_shape", 64, 256]] * 2])
+def test_user_compile_with_dynamic_shapes_on_cuda(patterns):
+    """A user's ``torch.compile(dynamic=True)`` around ``mf.sparse_attention``: one graph for several
+    lengths, each the same as the uncompiled call (the strip kernel, the Triton estimation and, for
+    block-sparse heads, FlexAttention traced with a symbolic length)."""
+    counters.clear()
+    attend = torch.compile(lambda q, k, v: mf.sparse_attention(q, k, v, patterns), dynamic=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n in (4096, 5000, 8192):
+        q = torch.randn(1, 8, n, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = torch.randn(2, 1, 2, n, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+        out = attend(q, k, v)
+        ref = mf.sparse_attention(q, k, v, patterns)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    assert counters["stats"]["unique_graphs"] <= 2
