@@ -56,7 +56,7 @@ if triton is not None:
         return x, live, end, a, s
 
     @triton.jit
-    def _count_at_most(row, n, x, steps):
+    def count_at_most(row, n, x, steps):
         """Entries <= x of the ascending row[0 .. n - 1], for each x (binary search; steps >= the
         bit length of n)."""
         lo = tl.zeros_like(x)
@@ -144,8 +144,8 @@ if triton is not None:
         for t0 in range(0, n_qb, CHUNK):
             t = t0 + lane
             last = q_offset + STRIP * t + STRIP - 1
-            n_strips = _count_at_most(Sigma + bh * K, K, last, steps_k)
-            n_cols = _count_at_most(Columns + bh * V, V, tl.minimum(last, Nk - 1).to(tl.int64), steps_v)
+            n_strips = count_at_most(Sigma + bh * K, K, last, steps_k)
+            n_cols = count_at_most(Columns + bh * V, V, tl.minimum(last, Nk - 1).to(tl.int64), steps_v)
             tl.store(Counts + bh * n_qb + t, n_strips, mask=t < n_qb)
             tl.store(ColCounts + bh * n_qb + t, n_cols.to(tl.int32), mask=t < n_qb)
 

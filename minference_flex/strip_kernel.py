@@ -33,6 +33,7 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 
 if triton is not None:
+    from block_masks.strip_build_kernel import count_at_most
 
     @triton.jit
     def _strip_scores(q, k_base, v_base, cols, dims, skn, svn, Nk, qk_scale, PRECISION: tl.constexpr):
@@ -56,14 +57,49 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return m_new, l_i * alpha + tl.sum(p, 1), acc
 
+    @triton.jit
+    def _diagonal_strip(q, k_base, v_base, Sigma, Words, strip, i0, lane, key_shift, dims, skn, svn, Nk, sink,
+                        qk_scale, m_i, l_i, acc, EDGE: tl.constexpr, PRECISION: tl.constexpr):
+        """One diagonal strip (keys i0 - sigma .. i0 - sigma + BLOCK - 1) into the online softmax.
+        ``EDGE``: the strip may reach a sink or a negative key, which its cells must then skip."""
+        sigma = tl.load(Sigma + strip)
+        w0 = tl.load(Words + strip * 4)
+        w1 = tl.load(Words + strip * 4 + 1)
+        w2 = tl.load(Words + strip * 4 + 2)
+        w3 = tl.load(Words + strip * 4 + 3)
+        start = i0 - sigma
+        cols = start + lane
+        # The loads stay outside the branch below so that the compiler pipelines them across strips
+        # (inside it, they were not: 1.3x slower).
+        qk, v = _strip_scores(q, k_base, v_base, cols, dims, skn, svn, Nk, qk_scale, PRECISION)
+        # A strip whose cells all count (bit 127 is no cell) needs no mask, unless it reaches a sink or
+        # a negative key.
+        masked = (w0 & w1 & w2 & (w3 | -2147483648)) != -1
+        if EDGE:
+            masked = masked | (start < sink)
+        if masked:
+            # Row r tests bits r .. r + 63 of the 128 (cell (r, c) is bit r - c + 63): one 64-bit
+            # window per row, then one 32-bit shift per cell (bits r + 32 .. r + 63 for keys 0..31,
+            # bits r .. r + 31 for keys 32..63). 1.2x faster than picking one of the four words per cell.
+            lo = ((w1.to(tl.int64) << 32) | (w0.to(tl.int64) & 0xFFFFFFFF)).to(tl.uint64, bitcast=True)
+            hi = ((w3.to(tl.int64) << 32) | (w2.to(tl.int64) & 0xFFFFFFFF)).to(tl.uint64, bitcast=True)
+            window = tl.where(lane == 0, lo, (lo >> lane.to(tl.uint64)) | (hi << (64 - lane).to(tl.uint64)))
+            word = tl.where(lane[None, :] >= 32, (window & 0xFFFFFFFF).to(tl.uint32)[:, None],
+                            (window >> 32).to(tl.uint32)[:, None])
+            keep = ((word >> key_shift[None, :]) & 1) != 0
+            if EDGE:
+                keep = keep & (cols[None, :] >= sink) & (cols[None, :] >= 0)
+            qk = tl.where(keep, qk, float("-inf"))
+        return _softmax_step(qk, v, m_i, l_i, acc, PRECISION)
+
     # Lengths and the strides that follow them or the budgets are not specialised on (divisibility by
     # 16, equality to 1): one build for every length and budget.
     @triton.jit(do_not_specialize=["Nq", "Nk", "q_start", "ssb", "ssh", "scb", "sch", "svcb", "svch",
-                                   "sncb", "snch", "sab", "sah"])
+                                   "sncb", "snch", "sab", "sah", "search_steps"])
     def _strip_forward(Q, K, V, Out, Lse, Sigma, Words, Counts, Sink, Columns, ColCounts, Allowed,
                        sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                        ssb, ssh, scb, sch, svcb, svch, sncb, snch, sab, sah,
-                       n_heads, group, Nq, Nk, q_start, qk_scale,
+                       n_heads, group, Nq, Nk, q_start, qk_scale, search_steps,
                        DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FRONT: tl.constexpr,
                        PRECISION: tl.constexpr):
         tl.static_assert(BLOCK == 64, "the cell test below reads 64-bit windows of the strip words")
@@ -92,35 +128,18 @@ if triton is not None:
         # Bit r - c + BLOCK - 1 of a strip's words tells whether its cell (row r, key c) counts.
         key_shift = (31 - lane % 32).to(tl.uint32)
 
-        # Diagonal strips: keys i0 - sigma .. i0 - sigma + BLOCK - 1. The loads stay outside the
-        # branch below so that the compiler pipelines them across strips (inside it, they were not:
-        # 1.3x slower).
+        # Diagonal strips, tops ascending. Those with top <= i0 - sink (the first n_safe, found by a
+        # binary search) reach no sink and no negative key: their cells need only the word test
+        # (dropping the key tests from the masked strips made the kernel 10% faster, H100).
         n = tl.load(Counts + b * scb + h * sch + qb)
-        for s in range(0, n):
-            strip = b * ssb + h * ssh + s
-            sigma = tl.load(Sigma + strip)
-            w0 = tl.load(Words + strip * 4)
-            w1 = tl.load(Words + strip * 4 + 1)
-            w2 = tl.load(Words + strip * 4 + 2)
-            w3 = tl.load(Words + strip * 4 + 3)
-            start = i0 - sigma
-            cols = start + lane
-            qk, v = _strip_scores(q, k_base, v_base, cols, dims, skn, svn, Nk, qk_scale, PRECISION)
-            # A strip whose cells all count (bit 127 is no cell) and that reaches no sink or negative
-            # key needs no mask.
-            if (((w0 & w1 & w2 & (w3 | -2147483648)) != -1) | (start < sink)):
-                # Row r tests bits r .. r + 63 of the 128 (cell (r, c) is bit r - c + 63): one
-                # 64-bit window per row, then one 32-bit shift per cell (bits r + 32 .. r + 63 for
-                # keys 0..31, bits r .. r + 31 for keys 32..63). 1.2x faster than picking one of the
-                # four words per cell.
-                lo = ((w1.to(tl.int64) << 32) | (w0.to(tl.int64) & 0xFFFFFFFF)).to(tl.uint64, bitcast=True)
-                hi = ((w3.to(tl.int64) << 32) | (w2.to(tl.int64) & 0xFFFFFFFF)).to(tl.uint64, bitcast=True)
-                window = tl.where(lane == 0, lo, (lo >> lane.to(tl.uint64)) | (hi << (64 - lane).to(tl.uint64)))
-                word = tl.where(lane[None, :] >= 32, (window & 0xFFFFFFFF).to(tl.uint32)[:, None],
-                                (window >> 32).to(tl.uint32)[:, None])
-                keep = (((word >> key_shift[None, :]) & 1) != 0) & (cols[None, :] >= sink) & (cols[None, :] >= 0)
-                qk = tl.where(keep, qk, float("-inf"))
-            m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, PRECISION)
+        head_strips = b * ssb + h * ssh
+        n_safe = count_at_most(Sigma + head_strips, n, i0 - sink, search_steps)
+        for s in range(0, n_safe):
+            m_i, l_i, acc = _diagonal_strip(q, k_base, v_base, Sigma, Words, head_strips + s, i0, lane, key_shift, dims,
+                                            skn, svn, Nk, sink, qk_scale, m_i, l_i, acc, False, PRECISION)
+        for s in range(n_safe, n):
+            m_i, l_i, acc = _diagonal_strip(q, k_base, v_base, Sigma, Words, head_strips + s, i0, lane, key_shift, dims,
+                                            skn, svn, Nk, sink, qk_scale, m_i, l_i, acc, True, PRECISION)
 
         # Sink strips: keys 0 .. sink - 1, every causal cell.
         n_sink = (tl.minimum(sink, i0 + BLOCK) + BLOCK - 1) // BLOCK
@@ -192,7 +211,7 @@ def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, s
         value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
         sigma.stride(0), sigma.stride(1), counts.stride(0), counts.stride(1), columns.stride(0), columns.stride(1),
         col_counts.stride(0), col_counts.stride(1), allowed.stride(0), allowed.stride(1),
-        Hq, Hq // Hkv, Nq, Nk, strips.q_start, scale * math.log2(math.e),
+        Hq, Hq // Hkv, Nq, Nk, strips.q_start, scale * math.log2(math.e), sigma.shape[-1].bit_length(),
         DIM=D, HEAD_DIM=max(16, triton.next_power_of_2(D)), BLOCK=STRIP, FRONT=ALLOWED_FRONT,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
