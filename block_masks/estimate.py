@@ -117,9 +117,15 @@ def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTabl
     )
 
 
-def _top(scores: Tensor, k: int, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Top-``k`` indices along the last dim, best first, and which ranks are below ``counts``."""
-    idx = scores.topk(k, dim=-1, sorted=True).indices
+def _top(scores: Tensor, k: int, counts: Tensor, ranked: bool = True) -> tuple[Tensor, Tensor]:
+    """Top-``k`` indices along the last dim and which of them a row keeps: its best ``counts``.
+
+    ``ranked=False`` when every count is 0 or at least ``k`` (one budget for all heads): then the
+    order does not matter and the indices come unsorted, which saves a sort of the k (a segmented
+    radix sort of ~16 launches for k = 6096 on CUDA)."""
+    idx = scores.topk(k, dim=-1, sorted=ranked).indices
+    if not ranked:
+        return idx, (counts > 0).unsqueeze(-1).expand_as(idx)
     rank = torch.arange(k, device=scores.device)
     return idx, (rank < counts.unsqueeze(-1)).expand_as(idx)
 
@@ -237,13 +243,15 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
         vertical, slash = vertical_slash_scores(query, key, scale)
         vertical[..., :FORCED_COLUMNS] = float("inf")
         slash[..., :FORCED_OFFSETS] = float("inf")
-        vs_patterns = [p for p in patterns if p.kind == VERTICAL_SLASH]
-        n_cols = min(Nk, max(max(p.a, FORCED_COLUMNS) for p in vs_patterns))
-        n_offs = min(Nk, max(max(p.b, FORCED_OFFSETS) for p in vs_patterns))
-        # Ranks run below n_cols / n_offs <= Nk, so budgets past the length need no capping.
-        col_idx, col_valid = _top(vertical, n_cols, tables.columns)
+        col_budgets = {max(p.a, FORCED_COLUMNS) for p in patterns if p.kind == VERTICAL_SLASH}
+        off_budgets = {max(p.b, FORCED_OFFSETS) for p in patterns if p.kind == VERTICAL_SLASH}
+        n_cols, n_offs = min(Nk, max(col_budgets)), min(Nk, max(off_budgets))
+        # Ranks run below n_cols / n_offs <= Nk, so budgets past the length need no capping; with one
+        # budget for all vertical-slash heads the top-k needs no order (the columns are sorted below,
+        # the offsets scattered).
+        col_idx, col_valid = _top(vertical, n_cols, tables.columns, ranked=len(col_budgets) > 1)
         columns = torch.where(col_valid, col_idx, Nk).sort(dim=-1).values
-        off_idx, off_valid = _top(slash, n_offs, tables.slashes)
+        off_idx, off_valid = _top(slash, n_offs, tables.slashes, ranked=len(off_budgets) > 1)
         slashes = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device).scatter_(-1, off_idx, off_valid)
         offsets = slashes if offsets is None else offsets | slashes
     if offsets is None:  # block-sparse heads only
