@@ -76,11 +76,8 @@ class HeadTables:
     """Per-head pattern parameters as device tensors [Hq] (built once per pattern list), with what
     ``select`` derives from them alone, so that a call spends no kernel launches on it."""
 
-    kind: Tensor  # index into KIND_CODES
     a: Tensor
-    b: Tensor
     block_size: Tensor
-    vertical_slash: Tensor   # bool
     block_sparse: Tensor     # bool
     window: Tensor           # offsets 0 .. window - 1 kept by construction: all (DENSE_WINDOW) for dense
                              # heads, the local window for A-shape heads, none elsewhere
@@ -89,7 +86,6 @@ class HeadTables:
     slashes: Tensor          # diagonal offsets kept per vertical-slash head (at least FORCED_OFFSETS), 0 elsewhere
 
 
-KIND_CODES = {DENSE: 0, A_SHAPE: 1, VERTICAL_SLASH: 2, BLOCK_SPARSE: 3}
 #: ``HeadTables.window`` of dense heads: past any prompt length.
 DENSE_WINDOW = 2**62
 
@@ -104,11 +100,8 @@ def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTabl
         return t([value(p) if p.kind == kind else 0 for p in patterns], dtype)
 
     return HeadTables(
-        kind=t([KIND_CODES[p.kind] for p in patterns]),
         a=t([p.a for p in patterns]),
-        b=t([p.b for p in patterns]),
         block_size=t([p.block_size for p in patterns]),
-        vertical_slash=t([p.kind == VERTICAL_SLASH for p in patterns], torch.bool),
         block_sparse=t([p.kind == BLOCK_SPARSE for p in patterns], torch.bool),
         window=t([DENSE_WINDOW if p.kind == DENSE else max(p.b, 1) if p.kind == A_SHAPE else 0 for p in patterns]),
         sink=of_kind(A_SHAPE, lambda p: p.a, torch.int32),
