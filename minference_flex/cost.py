@@ -111,7 +111,7 @@ H100 = CostModel(
     sdpa_cell_ms=6.0e-12,        # SDPA causal 13.30 ms at N = 32768 (7.0e-12 at 131072: SDPA is underestimated)
     plan_fixed_ms=1.0,           # estimation + mask building, host-bound at small sizes (~65 launches): measured
     plan_token_ms=4.5e-7,        # 0.9-1.2 ms at 32768, 1.9-2.4 at 131072, 13.5-15.5 at 1M; predicted 1.5 / 2.9 / 16.1
-    strip_tile_ms=7.0e-6,        # strip kernel per 64x64 block (strips and column blocks), 32K-128K: 6.1-6.3 ns
+    strip_tile_ms=6.0e-6,        # strip kernel per 64x64 block (strips and column blocks): 5.1-5.4 ns at 32K-128K, 5.6-5.8 at 1M
     flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles (block-sparse heads), dense 5.3 ns, partial tiles more
 )
 
