@@ -402,3 +402,20 @@ def test_accuracy_tools_measure_the_sparse_kernel():
     assert mf_hf._layer_config(model.model.layers[0].self_attn).sdpa_fallback is False
     use_side(model, "sparse", ["stream_llm", 4, 16], 16, sdpa_fallback=True)
     assert mf_hf._layer_config(model.model.layers[0].self_attn).sdpa_fallback is True
+
+
+def test_layer_configuration_follows_the_stored_configuration():
+    """A module keeps its parsed layer configuration between calls, and sees every change made
+    through set_patterns or to the stored values."""
+    model = make()
+    module = model.model.layers[1].self_attn
+    mf.set_patterns(model, ["a_shape", 64, 128], min_sparse_len=64)
+    first = mf_hf._layer_config(module)
+    assert first.patterns[0] == mf.Pattern("a_shape", 64, 128) and first.min_sparse_len == 64
+    assert mf_hf._layer_config(module) is first
+    model.config.minference_flex["min_sparse_len"] = 128
+    model.config.minference_flex["sdpa_fallback"] = False
+    changed = mf_hf._layer_config(module)
+    assert (changed.min_sparse_len, changed.sdpa_fallback, changed.patterns) == (128, False, first.patterns)
+    mf.set_patterns(model, ["vertical_and_slash", 10, 20], min_sparse_len=128)
+    assert mf_hf._layer_config(module).patterns[0] == mf.Pattern("vertical_and_slash", 10, 20)
