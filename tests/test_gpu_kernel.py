@@ -87,3 +87,27 @@ def test_head_dim_and_scale_changes_keep_results_exact():
         out = mf.sparse_attention(q, k, k, patterns, scale=scale)
         ref = reference(q, k, k, mf.token_mask(q, k, patterns, scale=scale), scale or 1 / math.sqrt(D))
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2, (D, scale)
+
+
+def test_log_sum_exp_stays_exact_over_many_strips():
+    """The strip kernel's log-sum-exp of the last rows of a 32K prompt (about 480 strips each)
+    against float64: a per-strip rounding in the rescale of the running sum (the scale applied to an
+    unscaled row maximum) once drifted it by 1e-3 with the output unchanged."""
+    from block_masks.build import column_flags
+    from minference_flex.bench_inputs import structured_qkv
+    from minference_flex.strip_kernel import strip_attention
+
+    N = 32768
+    q, k, v = structured_qkv(4, 1, N, 128, device="cuda")
+    plan = mf.plan_attention(q, k, [["vertical_and_slash", 1000, 6096]] * 4)
+    _, lse = strip_attention(q, k, v, plan.strips, plan.scale)
+    sel = plan.selection
+    rows = torch.arange(N - 64, N, device="cuda")
+    keys = torch.arange(N, device="cuda")
+    offset = rows[:, None] - keys[None, :]
+    flags = column_flags(sel.columns, N)[0]
+    for h in range(4):
+        kept = (offset >= 0) & (sel.offsets[0, h][offset.clamp(min=0)] | flags[h][None, :] | (keys < sel.sink[h]))
+        logits = (q[0, h, rows].double() @ k[0, 0].double().T) * plan.scale
+        ref = logits.masked_fill(~kept, float("-inf")).logsumexp(-1)
+        assert (lse[0, h, rows].double() - ref).abs().max().item() < 1e-4
