@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .hf import text_config
+from .hf import _CONFIG_ATTR, text_config
 from .models import SMOLLM2_DESCRIPTION, SMOLLM2_ORIGINAL_CONTEXT, SMOLLM2_PATTERNS, smollm2
 
 NEEDLE = "The special magic number is {number}."
@@ -151,6 +151,10 @@ def layer_patterns(patterns, num_layers: int, num_heads: int) -> list[list]:
     return [[layer.get(str(h), DEFAULT_PATTERN.to_list()) for h in range(num_heads)] for layer in patterns]
 
 
+#: Where ``use_side`` notes the configuration it stored (in the model's ``__dict__``).
+_SIDE = "_minference_flex_side"
+
+
 def use_side(model, side: str, patterns, min_sparse_len: int, *, sdpa_fallback: bool = False) -> str:
     """Switch the loaded model to dense SDPA or minference_flex; returns the implementation in use.
 
@@ -163,7 +167,13 @@ def use_side(model, side: str, patterns, min_sparse_len: int, *, sdpa_fallback: 
     import minference_flex as mf
 
     model.set_attn_implementation("minference_flex")
-    mf.set_patterns(model, patterns, min_sparse_len=min_sparse_len, sdpa_fallback=sdpa_fallback)
+    # Stored again only when it changes: a new configuration object makes every attention module
+    # parse its layer's configuration again on its next call, and ttft times the calls that follow
+    # a switch (users configure once).
+    wanted = (patterns, min_sparse_len, sdpa_fallback)
+    if getattr(text_config(model), _CONFIG_ATTR, None) is None or model.__dict__.get(_SIDE) != wanted:
+        mf.set_patterns(model, patterns, min_sparse_len=min_sparse_len, sdpa_fallback=sdpa_fallback)
+        model.__dict__[_SIDE] = wanted
     return "minference_flex"
 
 

@@ -402,6 +402,14 @@ def test_accuracy_tools_measure_the_sparse_kernel():
     assert mf_hf._layer_config(model.model.layers[0].self_attn).sdpa_fallback is False
     use_side(model, "sparse", ["stream_llm", 4, 16], 16, sdpa_fallback=True)
     assert mf_hf._layer_config(model.model.layers[0].self_attn).sdpa_fallback is True
+    # Switching back and forth keeps the stored configuration (and the modules' parsed copies) when
+    # nothing changes; a change is stored.
+    stored = model.config.minference_flex
+    assert use_side(model, "dense", None, 16) == "sdpa"
+    use_side(model, "sparse", ["stream_llm", 4, 16], 16, sdpa_fallback=True)
+    assert model.config.minference_flex is stored
+    use_side(model, "sparse", ["stream_llm", 4, 32], 16, sdpa_fallback=True)
+    assert mf_hf._layer_config(model.model.layers[0].self_attn).patterns[0] == mf.Pattern("stream_llm", 4, 32)
 
 
 def test_layer_configuration_follows_the_stored_configuration():
