@@ -20,12 +20,16 @@ cell get output 0 and log-sum-exp -inf.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
 from torch import Tensor
 
 from block_masks.strips import ALLOWED_FRONT, STRIP, Strips
+
+log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -213,7 +217,18 @@ def _tma_operand(t: Tensor) -> Tensor:
     # Under torch.compile the base address is not known; buffers it allocates are aligned.
     if aligned and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0):
         return t
+    if not torch.compiler.is_compiling():
+        _warn_copy(t.dtype, t.shape[-1], tuple(t.stride()), t.data_ptr() % 16)
     return torch.nn.functional.pad(t, (0, -t.shape[-1] % unit)).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_copy(dtype: torch.dtype, head_dim: int, strides: tuple, misalignment: int) -> None:
+    """Say once per layout that ``_tma_operand`` copies keys/values (a slower path is never silent)."""
+    log.warning("strip kernel: keys/values (%s, head dim %d, strides %s, base %d bytes past a 16-byte "
+                "boundary) are not 16-byte aligned for TMA: each call copies them; a contiguous tensor "
+                "whose head dim x element size is a multiple of 16 bytes needs no copy",
+                dtype, head_dim, strides, misalignment)
 
 
 def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float) -> tuple[Tensor, Tensor]:

@@ -212,7 +212,7 @@ def test_strip_kernel_counts_shared_keys_once():
 
 @interpreted
 @pytest.mark.parametrize("layout", ["sequence-major", "unaligned"])
-def test_strip_kernel_reads_any_key_layout(layout):
+def test_strip_kernel_reads_any_key_layout(layout, caplog):
     """Keys and values reach the kernel as TMA tiles: a sequence-major view (aligned strides) is read
     in place, an unaligned base or a head dim of 18 float32 (72-byte rows) through a padded copy;
     every layout gives the float64 result."""
@@ -227,7 +227,9 @@ def test_strip_kernel_reads_any_key_layout(layout):
     patterns = [["vertical_and_slash", 4, 20], ["a_shape", 64, 64], ["vertical_and_slash", 10, 40], ["dense", 0, 0]]
     q, k, v = (t.to(device) for t in (q, k, v))
     plan = mf.plan_attention(q, k, patterns, strips=True, fold_columns=False, full_width=False)
-    out, _ = strip_attention(q, k, v, plan.strips, plan.scale)
+    with caplog.at_level("WARNING", logger="minference_flex.strip_kernel"):
+        out, _ = strip_attention(q, k, v, plan.strips, plan.scale)
+    assert ("not 16-byte aligned" in caplog.text) == (layout == "unaligned")  # a copy is never silent
     cells = strip_cells(plan.strips) > 0
     ref = reference_attention(q.cpu(), k.cpu(), v.cpu(), cells.cpu(), plan.scale)
     torch.testing.assert_close(out.cpu().double(), ref.nan_to_num(0), atol=1e-5, rtol=1e-5)
