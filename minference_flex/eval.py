@@ -151,7 +151,7 @@ def layer_patterns(patterns, num_layers: int, num_heads: int) -> list[list]:
     return [[layer.get(str(h), DEFAULT_PATTERN.to_list()) for h in range(num_heads)] for layer in patterns]
 
 
-#: Where ``use_side`` notes the configuration it stored (in the model's ``__dict__``).
+#: Where ``use_side`` notes what it stored and the stored object (in the model's ``__dict__``).
 _SIDE = "_minference_flex_side"
 
 
@@ -171,9 +171,12 @@ def use_side(model, side: str, patterns, min_sparse_len: int, *, sdpa_fallback: 
     # parse its layer's configuration again on its next call, and ttft times the calls that follow
     # a switch (users configure once).
     wanted = (patterns, min_sparse_len, sdpa_fallback)
-    if getattr(text_config(model), _CONFIG_ATTR, None) is None or model.__dict__.get(_SIDE) != wanted:
+    config = text_config(model)
+    noted = model.__dict__.get(_SIDE)
+    stored = getattr(config, _CONFIG_ATTR, None)
+    if noted is None or noted[0] != wanted or noted[1] is not stored:
         mf.set_patterns(model, patterns, min_sparse_len=min_sparse_len, sdpa_fallback=sdpa_fallback)
-        model.__dict__[_SIDE] = wanted
+        model.__dict__[_SIDE] = (wanted, getattr(config, _CONFIG_ATTR))
     return "minference_flex"
 
 

@@ -410,6 +410,9 @@ def test_accuracy_tools_measure_the_sparse_kernel():
     assert model.config.minference_flex is stored
     use_side(model, "sparse", ["stream_llm", 4, 32], 16, sdpa_fallback=True)
     assert mf_hf._layer_config(model.model.layers[0].self_attn).patterns[0] == mf.Pattern("stream_llm", 4, 32)
+    mf.set_patterns(model, ["dense", 0, 0])  # configured elsewhere in between: use_side stores its own again
+    use_side(model, "sparse", ["stream_llm", 4, 32], 16, sdpa_fallback=True)
+    assert mf_hf._layer_config(model.model.layers[0].self_attn).patterns[0] == mf.Pattern("stream_llm", 4, 32)
 
 
 def test_layer_configuration_follows_the_stored_configuration():
