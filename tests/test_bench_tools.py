@@ -247,3 +247,13 @@ def test_ttft_times_both_sides(smollm2_model, tmp_path, monkeypatch, capsys):
     assert small.config._attn_implementation == "sdpa"  # left as found
     text = capsys.readouterr().out
     assert "sdpa / minference_flex" in text and "minference_flex" in text and "1024" in text
+
+
+def test_ttft_rejects_bad_counts(capsys):
+    from minference_flex import ttft
+
+    for flag in ("--reps", "--layer-reps", "--min-sparse-len"):
+        with pytest.raises(SystemExit):
+            ttft.parse_args(["--device", "cpu", flag, "0"])
+        assert "--layer-reps" in capsys.readouterr().err
+    assert ttft.parse_args(["--device", "cpu"]).layer_reps == 20
