@@ -215,20 +215,23 @@ def _tma_operand(t: Tensor) -> Tensor:
     unit = 16 // t.element_size()
     aligned = t.stride(-1) == 1 and all(stride % unit == 0 for stride in t.stride()[:-1])
     # Under torch.compile the base address is not known; buffers it allocates are aligned.
-    if aligned and (torch.compiler.is_compiling() or t.data_ptr() % 16 == 0):
+    compiling = torch.compiler.is_compiling()
+    misalignment = 0 if compiling else t.data_ptr() % 16
+    if aligned and misalignment == 0:
         return t
-    if not torch.compiler.is_compiling():
-        _warn_copy(t.dtype, t.shape[-1], tuple(t.stride()), t.data_ptr() % 16)
+    if not compiling:
+        _warn_copy(t.dtype, t.shape[-1], aligned, misalignment)
     return torch.nn.functional.pad(t, (0, -t.shape[-1] % unit)).contiguous()
 
 
 @functools.lru_cache(maxsize=64)
-def _warn_copy(dtype: torch.dtype, head_dim: int, strides: tuple, misalignment: int) -> None:
-    """Say once per layout that ``_tma_operand`` copies keys/values (a slower path is never silent)."""
-    log.warning("strip kernel: keys/values (%s, head dim %d, strides %s, base %d bytes past a 16-byte "
-                "boundary) are not 16-byte aligned for TMA: each call copies them; a contiguous tensor "
-                "whose head dim x element size is a multiple of 16 bytes needs no copy",
-                dtype, head_dim, strides, misalignment)
+def _warn_copy(dtype: torch.dtype, head_dim: int, aligned_strides: bool, misalignment: int) -> None:
+    """Say once per layout (not per prompt length) that ``_tma_operand`` copies keys/values: a slower
+    path is never silent."""
+    log.warning("strip kernel: keys/values (%s, head dim %d, %s, base %d bytes past a 16-byte boundary) "
+                "are not 16-byte aligned for TMA: each call copies them; a contiguous tensor whose head dim "
+                "x element size is a multiple of 16 bytes needs no copy", dtype, head_dim,
+                "strides aligned" if aligned_strides else "strides not multiples of 16 bytes", misalignment)
 
 
 def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float) -> tuple[Tensor, Tensor]:
