@@ -16,11 +16,14 @@ from torch import Tensor
 
 from .pattern import (
     A_SHAPE,
+    BLOCK_KINDS,
+    BLOCK_MASS,
     BLOCK_SPARSE,
     DENSE,
     FORCED_COLUMNS,
     FORCED_OFFSETS,
     LAST_Q,
+    TILE,
     VERTICAL_SLASH,
     Pattern,
 )
@@ -51,7 +54,8 @@ class Selection:
 
     A causal cell (p, j) of head h is kept iff j < sink[h], or offsets[b, h, p - j], or j is one of
     columns[b, h], or (block-sparse heads) its key block is kept for its query block.
-    offsets: [B, Hq, Nk] bool; sink: [Hq] int32; block_sparse: [Hq] bool;
+    offsets: [B, Hq, Nk] bool; sink: [Hq] int32; block_sparse: [Hq] bool, the heads that keep whole
+    key blocks (``block_sparse`` and ``block_mass``);
     columns: [B, Hq, V] int64 sorted ascending, entries equal to Nk are padding (None if no head has
     verticals).
     """
@@ -78,7 +82,8 @@ class HeadTables:
 
     a: Tensor
     block_size: Tensor
-    block_sparse: Tensor     # bool
+    block_sparse: Tensor     # bool: keeps whole key blocks (block_sparse, block_mass)
+    block_mass: Tensor       # bool: block_mass heads (their blocks are estimated apart)
     window: Tensor           # offsets 0 .. window - 1 kept by construction: all (DENSE_WINDOW) for dense
                              # heads, the local window for A-shape heads, none elsewhere
     sink: Tensor             # int32 sink tokens of A-shape heads (not yet capped at the length), 0 elsewhere
@@ -102,7 +107,8 @@ def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTabl
     return HeadTables(
         a=t([p.a for p in patterns]),
         block_size=t([p.block_size for p in patterns]),
-        block_sparse=t([p.kind == BLOCK_SPARSE for p in patterns], torch.bool),
+        block_sparse=t([p.kind in BLOCK_KINDS for p in patterns], torch.bool),
+        block_mass=t([p.kind == BLOCK_MASS for p in patterns], torch.bool),
         window=t([DENSE_WINDOW if p.kind == DENSE else max(p.b, 1) if p.kind == A_SHAPE else 0 for p in patterns]),
         sink=of_kind(A_SHAPE, lambda p: p.a, torch.int32),
         columns=of_kind(VERTICAL_SLASH, lambda p: max(p.a, FORCED_COLUMNS)),
@@ -210,6 +216,83 @@ def block_sparse_selection(
     return BlockSelection(block_size, first, kept, valid, max(max_a, 1))
 
 
+#: The most bytes of sampled-row scores a ``block_mass`` estimate holds at once (it works through the
+#: query blocks in chunks of this size, so a long prompt never needs [rows, Nk] scores in one piece).
+MASS_CHUNK_BYTES = 2**28
+
+
+def sampled_rows(q_offset: int, nq: int, rows: int, block: int = TILE) -> Tensor:
+    """[n_blocks, rows] int64 query indices (into the call's Nq queries, which sit at positions
+    q_offset ..) sampled from each query block: in-block rows step - 1, 2 step - 1, .., block - 1
+    (step = block // rows), each clamped to the rows of its block that the call has. Blocks are
+    counted from position 0; the first is the block of position q_offset."""
+    first, last = q_offset // block, (q_offset + nq - 1) // block
+    start = (first + torch.arange(last - first + 1))[:, None] * block
+    step = block // rows
+    pos = start + torch.arange(step - 1, block, step)
+    return torch.minimum(torch.maximum(pos, torch.tensor(q_offset)), torch.tensor(q_offset + nq - 1)) - q_offset
+
+
+def block_mass_estimate(query: Tensor, key: Tensor, scale: float, rows: int) -> Tensor:
+    """Estimated causal softmax mass of every (query block, key block) of 64 positions.
+
+    query [B, H, Nq, D], key [B, H, Nk, D] (one key head per query head). Returns [B, H, n_q_blocks,
+    n_k_blocks] float32: for query block t, the mean over its ``sampled_rows`` r of the exact causal
+    softmax of row r (float32) summed over the keys of each key block (so a row of the result sums
+    to 1; key blocks after the diagonal one hold 0). Works through the query blocks in chunks of at
+    most ``MASS_CHUNK_BYTES`` of scores.
+    """
+    B, H, Nq, D = query.shape
+    Nk = key.shape[2]
+    q_offset = Nk - Nq
+    idx = sampled_rows(q_offset, Nq, rows).to(query.device)
+    n_qb, n_kb = idx.shape[0], -(-Nk // TILE)
+    keys = key.float().transpose(-1, -2)
+    out = torch.empty(B, H, n_qb, n_kb, dtype=torch.float32, device=query.device)
+    chunk = max(1, MASS_CHUNK_BYTES // (4 * B * H * rows * Nk))
+    for c0 in range(0, n_qb, chunk):
+        r = idx[c0:c0 + chunk].flatten()
+        scores = (query[:, :, r].float() * scale) @ keys                       # [B, H, c * rows, Nk]
+        future = torch.arange(Nk, device=query.device) > (q_offset + r)[:, None]
+        probs = scores.masked_fill_(future, float("-inf")).softmax(dim=-1)
+        probs = F.pad(probs, (0, n_kb * TILE - Nk)).view(B, H, -1, rows, n_kb, TILE)
+        out[:, :, c0:c0 + chunk] = probs.sum(dim=(3, 5)) / rows
+    return out
+
+
+def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: float) -> BlockSelection:
+    """The kept key blocks of the ``block_mass`` heads (see ``Pattern``), as one BlockSelection of
+    blocks of 64 listing every key block (``valid`` says which are kept; False for other heads).
+
+    Per query block, key blocks are ranked by estimated mass (``block_mass_estimate``); a block is
+    kept if its mass is > 0 and the blocks ranked above it hold less than a / 1000 of the row's
+    estimated mass (so the kept set is the shortest prefix that reaches it), and the diagonal block
+    and key block 0 are always kept.
+    """
+    B, Hq, Nq, _ = query.shape
+    Hkv, Nk = key.shape[1], key.shape[2]
+    group = Hq // Hkv
+    q_offset = Nk - Nq
+    first = q_offset // TILE
+    n_qb, n_kb = (Nk - 1) // TILE - first + 1, -(-Nk // TILE)
+    valid = torch.zeros(B, Hq, n_qb, n_kb, dtype=torch.bool, device=query.device)
+    q_block = first + torch.arange(n_qb, device=query.device)[:, None]
+    k_block = torch.arange(n_kb, device=query.device)
+    forced = (k_block == q_block) | (k_block == 0)
+    for rows in sorted({p.b for p in patterns if p.kind == BLOCK_MASS}):
+        heads = [h for h, p in enumerate(patterns) if p.kind == BLOCK_MASS and p.b == rows]
+        index = torch.tensor(heads, device=query.device)
+        mass = block_mass_estimate(query[:, index], key[:, index // group], scale, rows)
+        target = torch.tensor([patterns[h].a / 1000 for h in heads], device=query.device)[:, None, None]
+        ranked, order = mass.sort(dim=-1, descending=True)
+        above = ranked.cumsum(-1) - ranked
+        take = (ranked > 0) & (above < target * ranked.sum(-1, keepdim=True))
+        keep = torch.zeros_like(take).scatter_(-1, order, take) | forced
+        valid[:, index] = keep & (k_block <= q_block)
+    kept = torch.arange(n_kb, device=query.device).expand(B, Hq, n_qb, n_kb)
+    return BlockSelection(TILE, first, kept, valid, n_kb)
+
+
 def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: float) -> Selection:
     """Estimate every head's kept cells for this call (no host synchronisation)."""
     B, Hq, Nq, _ = query.shape
@@ -247,14 +330,16 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
         off_idx, off_valid = _top(slash, n_offs, tables.slashes, ranked=len(off_budgets) > 1)
         slashes = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device).scatter_(-1, off_idx, off_valid)
         offsets = slashes if offsets is None else offsets | slashes
-    if offsets is None:  # block-sparse heads only
+    if offsets is None:  # block heads only
         offsets = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device)
 
     blocks = []
     for size in sorted({p.block_size for p in patterns if p.kind == BLOCK_SPARSE}):
-        in_group = tables.block_sparse & (tables.block_size == size)
+        in_group = tables.block_sparse & (tables.block_size == size) & ~tables.block_mass
         max_a = max(p.a for p in patterns if p.kind == BLOCK_SPARSE and p.block_size == size)
         blocks.append(block_sparse_selection(query, key, tables, size, in_group, max_a))
+    if BLOCK_MASS in kinds:
+        blocks.append(block_mass_selection(query, key, patterns, scale))
 
     return Selection(
         nq=Nq,

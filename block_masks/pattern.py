@@ -8,7 +8,10 @@ DENSE = "dense"
 A_SHAPE = "stream_llm"
 VERTICAL_SLASH = "vertical_and_slash"
 BLOCK_SPARSE = "block_sparse"
-KINDS = (DENSE, A_SHAPE, VERTICAL_SLASH, BLOCK_SPARSE)
+BLOCK_MASS = "block_mass"
+KINDS = (DENSE, A_SHAPE, VERTICAL_SLASH, BLOCK_SPARSE, BLOCK_MASS)
+#: Kinds that keep whole key blocks per query block (FlexAttention BlockMask lists).
+BLOCK_KINDS = (BLOCK_SPARSE, BLOCK_MASS)
 ALIASES = {"vertical_slash": VERTICAL_SLASH, "a_shape": A_SHAPE}
 
 #: Query and key tile size of every BlockMask built here; block-sparse blocks are multiples of it.
@@ -18,6 +21,9 @@ TILE = 64
 LAST_Q = 64
 FORCED_COLUMNS = 30
 FORCED_OFFSETS = 100
+
+#: Sampled query rows per block allowed for ``block_mass`` (divisors of TILE).
+SAMPLED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def _budget(name: str, value: object) -> int:
@@ -46,6 +52,11 @@ class Pattern:
       ``p - j < max(b, 1)`` (local window).
     - ``block_sparse``: ``a`` key blocks of ``block_size`` tokens per query block (the diagonal block
       always kept and counted); ``b`` is ignored.
+    - ``block_mass`` (an extension, not in MInference's files): per query block of 64 rows, the fewest
+      64-key blocks whose estimated softmax mass reaches ``a`` thousandths of the row mass (1..1000),
+      the mass estimated exactly from ``b`` evenly spaced rows of the query block (1, 2, 4, .., 64;
+      the block's last row is one of them); the diagonal block and key block 0 are always kept.
+      ``block_size`` must be 64.
     - ``dense``: causal attention; ``a`` and ``b`` are ignored.
     """
 
@@ -68,6 +79,13 @@ class Pattern:
         if bs == 0 or bs % TILE:
             raise ValueError(f"block_size must be a positive multiple of {TILE}, got {bs}")
         object.__setattr__(self, "block_size", bs)
+        if kind == BLOCK_MASS:
+            if not 1 <= self.a <= 1000:
+                raise ValueError(f"block_mass keeps a mass of a thousandths, 1..1000; got a={self.a}")
+            if self.b not in SAMPLED_ROWS:
+                raise ValueError(f"block_mass samples b rows per query block, one of {SAMPLED_ROWS}; got b={self.b}")
+            if bs != TILE:
+                raise ValueError(f"block_mass works on blocks of {TILE}, got block_size={bs}")
 
     @classmethod
     def parse(cls, entry: "Pattern | list | tuple") -> "Pattern":

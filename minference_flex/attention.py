@@ -155,7 +155,7 @@ def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold
     """The kernel metadata of an already estimated Selection (see ``plan_attention``)."""
     bad = sorted({g.block_size for g in selection.blocks if g.block_size % tiles.q})
     if bad:
-        raise ValueError(f"block_sparse block sizes {bad} are not multiples of the query tile {tiles.q}")
+        raise ValueError(f"block sizes {bad} (block_sparse, block_mass heads) are not multiples of the query tile {tiles.q}")
     if strips and fold_columns:
         raise ValueError("strips=True computes the vertical columns in the strip kernel: it needs fold_columns=False")
     split = selection.columns is not None and not fold_columns and not strips

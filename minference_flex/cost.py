@@ -25,7 +25,15 @@ import torch
 from torch import Tensor
 
 from block_masks import STRIP, TILE, Pattern
-from block_masks.pattern import A_SHAPE, BLOCK_SPARSE, DENSE, FORCED_COLUMNS, FORCED_OFFSETS, VERTICAL_SLASH
+from block_masks.pattern import (
+    A_SHAPE,
+    BLOCK_MASS,
+    BLOCK_SPARSE,
+    DENSE,
+    FORCED_COLUMNS,
+    FORCED_OFFSETS,
+    VERTICAL_SLASH,
+)
 
 if TYPE_CHECKING:
     from .attention import AttentionPlan
@@ -61,7 +69,8 @@ class CostModel:
     - SDPA (causal flash attention): ``sdpa_fixed_ms + sdpa_cell_ms * batch * heads * causal cells
       * sdpa_dims(head_dim)`` (``sdpa_cell_ms`` per cell and dim at head dim 128);
     - planning (estimation and mask building): ``plan_fixed_ms + plan_token_ms * batch * query heads
-      * keys``;
+      * keys``, plus ``mass_cell_ms`` per score of the sampled rows of ``block_mass`` heads (each
+      scores all keys, float32);
     - the sparse kernel: ``strip_tile_ms`` per 64x64 strip and ``flex_tile_ms`` per 64x64 area of
       FlexAttention tiles at head dim 128, scaled by ``head_dim / 128`` but never below
       ``min_dim_factor`` (small head dims use the tiles less efficiently).
@@ -73,6 +82,7 @@ class CostModel:
     plan_token_ms: float
     strip_tile_ms: float
     flex_tile_ms: float
+    mass_cell_ms: float
     min_dim_factor: float = 0.85  # measured 0.82 for head dim 64 (SmolLM2) against 128 (Llama-3-8B)
 
     def sdpa_ms(self, batch: int, q_heads: int, n_queries: int, n_keys: int, head_dim: int) -> float:
@@ -85,6 +95,13 @@ class CostModel:
         """``plan_attention``: estimation and mask building. ``head_dim`` is not used: the estimation
         multiplies 64 queries by the keys and the rest does not depend on it (measured at 128 only)."""
         return self.plan_fixed_ms + self.plan_token_ms * (batch * q_heads * n_keys)
+
+    def mass_ms(self, batch: int, n_queries: int, n_keys: int, patterns: Sequence[Pattern]) -> float:
+        """The sampled-row estimate of the ``block_mass`` heads (0 without such heads)."""
+        q0 = n_keys - n_queries
+        n_blocks = (n_keys - 1) // TILE - q0 // TILE + 1
+        rows = sum(p.b for p in patterns if p.kind == BLOCK_MASS)
+        return self.mass_cell_ms * batch * rows * n_blocks * n_keys
 
     def dim_factor(self, head_dim: int) -> float:
         """Kernel time per tile at ``head_dim`` relative to head dim 128."""
@@ -113,6 +130,7 @@ H100 = CostModel(
     plan_token_ms=4.5e-7,        # 0.9-1.2 ms at 32768, 1.9-2.4 at 131072, 13.5-15.5 at 1M; predicted 1.5 / 2.9 / 16.1
     strip_tile_ms=6.0e-6,        # strip kernel per 64x64 block (strips and column blocks): 5.1-5.4 ns at 32K-128K, 5.6-5.8 at 1M
     flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles (block-sparse heads), dense 5.3 ns, partial tiles more
+    mass_cell_ms=1.0e-11,        # block_mass sampled-row scores: not measured (a float32 product, softmax and sums)
 )
 
 
@@ -172,7 +190,8 @@ def tile_bounds(batch: int, n_queries: int, n_keys: int, patterns: Sequence[Patt
     - sink strips (A-shape): exactly ceil(min(sink, i0 + 64) / 64);
     - blocks of gathered vertical columns (strip kernel): at most min(ceil(columns / 64),
       (i0 + 127) // 64) per query block (only columns at or before its last row count);
-    - block-sparse tiles: at most min(blocks * block_size / 64, A + 1) per query tile.
+    - block-sparse tiles: at most min(blocks * block_size / 64, A + 1) per query tile; ``block_mass``
+      tiles: at most A + 1 (every causal tile).
 
     The low bound counts kept cells: every 64x64 tile holds at most 4096 cells and every kept cell
     is computed once, and a row keeps at least min(row length, k) keys (k: the larger of window and
@@ -217,6 +236,9 @@ def tile_bounds(batch: int, n_queries: int, n_keys: int, patterns: Sequence[Patt
             most = torch.sym_max(kept - (FORCED_OFFSETS - 3), 3)
             h_strips = (_sum_capped(n_blocks, 2, (q0 + 2 * STRIP - 2) // (STRIP // 2) + 1, most)
                         + _sum_capped(n_blocks, 1, (q0 + 2 * STRIP - 1) // STRIP, _ceil_div(columns, STRIP)))
+        elif kind == BLOCK_MASS:  # at least the diagonal cell of a row, at most every causal tile
+            cells = _row_cells(q0, nk, 1)
+            h_flex = per_tile(_ceil_div(nk, TILE))
         else:  # BLOCK_SPARSE
             kept_blocks = max(a, 1)
             cells = _row_cells(q0, nk, block_size * (kept_blocks - 1) + 1)
@@ -242,7 +264,7 @@ def choose(cost: CostModel, batch: int, n_queries: int, n_keys: int, head_dim: i
     """
     q_heads = len(patterns)
     sdpa = cost.sdpa_ms(batch, q_heads, n_queries, n_keys, head_dim)
-    plan = cost.plan_ms(batch, q_heads, n_keys, head_dim)
+    plan = cost.plan_ms(batch, q_heads, n_keys, head_dim) + cost.mass_ms(batch, n_queries, n_keys, patterns)
     low, high = cost.kernel_ms_bounds(batch, n_queries, n_keys, patterns, head_dim)
     if plan + high <= sdpa:
         return "sparse"

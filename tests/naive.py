@@ -11,6 +11,10 @@ Semantics (query i sits at position p_i = Nk - Nq + i, offset o = p_i - j):
   0..99 forced; keep top min(Nk, max(a, 30)) columns and top min(Nk, max(b, 100)) offsets;
 - block_sparse(a): top min(max(a, 1), qb + 1) causal key blocks by pooled_q . pooled_k, diagonal
   block always kept and counted;
+- block_mass(a, b): per query block of 64 positions, the mean over b sampled rows (in-block rows
+  64/b - 1, 2*64/b - 1, .., 63, clamped to the rows present) of each row's causal softmax summed per
+  key block of 64; blocks ranked by that mass, kept while mass > 0 and the mass ranked above is
+  < a/1000 of the total; the diagonal block and key block 0 always kept;
 - dense: causal.
 """
 from __future__ import annotations
@@ -34,7 +38,7 @@ def parse(entry):
     else:
         kind, a, b, bs = entry.kind, entry.a, entry.b, entry.block_size
     kind = ALIASES.get(kind, kind)
-    assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "dense"), kind
+    assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "block_mass", "dense"), kind
     return kind, int(a), int(b), int(bs)
 
 
@@ -134,6 +138,43 @@ def _block_sparse_head(q: np.ndarray, k: np.ndarray, a: int, bs: int, rel_tol: f
     return kept, ambiguous
 
 
+def _block_mass_head(q: np.ndarray, k: np.ndarray, a: int, rows: int, scale: float, rel_tol: float):
+    Nq, Nk = q.shape[0], k.shape[0]
+    q0, T = Nk - Nq, 64
+    n_kb = -(-Nk // T)
+    kept = np.zeros((Nq, Nk), dtype=bool)
+    ambiguous = False
+    for qb in range(q0 // T, (Nk - 1) // T + 1):
+        lo, hi = max(qb * T, q0), min(qb * T + T - 1, Nk - 1)
+        step = T // rows
+        sampled = [min(max(qb * T + t, lo), hi) for t in range(step - 1, T, step)]
+        mass = np.zeros(n_kb)
+        for p in sampled:
+            s = np.array([float(np.dot(q[p - q0], k[j])) * scale for j in range(p + 1)])
+            e = np.exp(s - s.max())
+            e /= e.sum()
+            for j in range(p + 1):
+                mass[j // T] += e[j] / rows
+        total = mass.sum()
+        order = sorted(range(qb + 1), key=lambda kb: -mass[kb])
+        blocks, above = {0, qb}, 0.0
+        for t, kb in enumerate(order):
+            take = mass[kb] > 0 and above < a / 1000 * total
+            if take:
+                blocks.add(kb)
+            # near a tie, or near the threshold, or a mass near zero: float32 may decide otherwise
+            near = abs(above - a / 1000 * total) <= rel_tol or 0 < mass[kb] <= rel_tol
+            if t + 1 < len(order):
+                near |= abs(mass[kb] - mass[order[t + 1]]) <= rel_tol and take != (
+                    mass[order[t + 1]] > 0 and above + mass[kb] < a / 1000 * total)
+            ambiguous |= near and kb not in (0, qb)
+            above += mass[kb]
+        key_in_kept_block = np.array([(j // T) in blocks for j in range(Nk)])
+        for p in range(lo, hi + 1):
+            kept[p - q0, : p + 1] = key_in_kept_block[: p + 1]
+    return kept, ambiguous
+
+
 def naive_mask(query: torch.Tensor, key: torch.Tensor, patterns, scale: float | None = None,
                rel_tol: float | None = None):
     """(mask bool [B, Hq, Nq, Nk], ambiguous) for the given inputs, computed in float64.
@@ -164,6 +205,10 @@ def naive_mask(query: torch.Tensor, key: torch.Tensor, patterns, scale: float | 
                     mask[bi, h, i, : p + 1] = (j < a) | ((p - j) < max(b, 1))
             elif kind == "vertical_and_slash":
                 m, amb = _vertical_slash_head(qh, kh, a, b, scale, rel_tol)
+                mask[bi, h] = m
+                ambiguous |= amb
+            elif kind == "block_mass":
+                m, amb = _block_mass_head(qh, kh, a, b, scale, rel_tol)
                 mask[bi, h] = m
                 ambiguous |= amb
             else:

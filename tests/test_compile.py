@@ -137,7 +137,7 @@ def test_sdpa_fallback_under_compile(decision, monkeypatch):
 
     plan_ms = 1.0 if decision == "check" else 1e6   # planning over 5% of SDPA's time: "sdpa"
     cost = CostModel(sdpa_fixed_ms=1000.0, sdpa_cell_ms=0.0, plan_fixed_ms=plan_ms, plan_token_ms=0.0,
-                     strip_tile_ms=1e9, flex_tile_ms=0.0)
+                     strip_tile_ms=1e9, flex_tile_ms=0.0, mass_cell_ms=0.0)
     monkeypatch.setattr(mf_hf, "FALLBACK_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(mf_hf, "COST_MODEL", cost)
     monkeypatch.setattr(mf_hf, "DISPATCH_COUNTS", Counter())

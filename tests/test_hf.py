@@ -261,9 +261,9 @@ def test_compiled_kernel_matches_eager(monkeypatch):
 
 # Cost models that decide one way for any call (times in ms): SDPA costs 1000.
 SDPA_ALWAYS_FASTER = CostModel(sdpa_fixed_ms=1000.0, sdpa_cell_ms=0.0, plan_fixed_ms=1e6, plan_token_ms=0.0,
-                               strip_tile_ms=0.0, flex_tile_ms=0.0)
+                               strip_tile_ms=0.0, flex_tile_ms=0.0, mass_cell_ms=0.0)
 SPARSE_ALWAYS_FASTER = CostModel(sdpa_fixed_ms=1000.0, sdpa_cell_ms=0.0, plan_fixed_ms=0.0, plan_token_ms=0.0,
-                                 strip_tile_ms=0.0, flex_tile_ms=0.0)
+                                 strip_tile_ms=0.0, flex_tile_ms=0.0, mass_cell_ms=0.0)
 
 
 def checking(flex_tile_ms: float) -> CostModel:
@@ -271,7 +271,7 @@ def checking(flex_tile_ms: float) -> CostModel:
     whose check compares ``flex_tile_ms`` times the plan's tiles (all FlexAttention tiles on CPU)
     with SDPA's 1000."""
     return CostModel(sdpa_fixed_ms=1000.0, sdpa_cell_ms=0.0, plan_fixed_ms=1.0, plan_token_ms=0.0,
-                     strip_tile_ms=1e9, flex_tile_ms=flex_tile_ms)
+                     strip_tile_ms=1e9, flex_tile_ms=flex_tile_ms, mass_cell_ms=0.0)
 
 
 @pytest.fixture

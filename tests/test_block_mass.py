@@ -1,0 +1,98 @@
+"""The ``block_mass`` pattern on inputs whose attention concentrates on a few key blocks (random
+inputs attend almost uniformly, so every block would be kept and nothing tested)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import minference_flex as mf
+from block_masks.estimate import block_mass_estimate, sampled_rows
+from tests.naive import causal_mask, naive_mask, reference_attention
+from tests.strategies import LENGTHS, examples
+
+
+@st.composite
+def peaky_cases(draw):
+    """(q, k, v, patterns): keys of random blocks share a direction with the queries, at random
+    strengths, so each query block's mass sits in a few key blocks."""
+    Hkv = draw(st.sampled_from([1, 2]))
+    Hq = Hkv * draw(st.sampled_from([1, 2, 3]))
+    Nk = draw(st.sampled_from([n for n in LENGTHS if n >= 64] + [400, 513]))
+    Nq = draw(st.one_of(st.just(Nk), st.integers(1, Nk)))
+    D = draw(st.sampled_from([16, 32, 64]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    pats = [["block_mass", draw(st.one_of(st.sampled_from([300, 500, 800, 900, 980]), st.integers(1, 1000))),
+             draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64]))] for _ in range(Hq)]
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(Hkv, 1, D, generator=g)
+    strength = torch.randint(0, 4, (Hkv, -(-Nk // 64)), generator=g).float().repeat_interleave(64, 1)[:, :Nk, None]
+    k = torch.randn(1, Hkv, Nk, D, generator=g) + strength * u
+    q = 0.5 * torch.randn(1, Hq, Nq, D, generator=g) + u.repeat_interleave(Hq // Hkv, 0)
+    v = torch.randn(1, Hkv, Nk, D, generator=g)
+    return q, k, v, pats
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(case=peaky_cases())
+def test_block_mass_mask_matches_naive(case):
+    q, k, _, pats = case
+    got = mf.token_mask(q, k, pats)
+    want, ambiguous = naive_mask(q, k, pats)
+    assume(not ambiguous)
+    assert torch.equal(got, want), f"{(got != want).sum().item()} cells differ"
+
+
+@settings(max_examples=examples(30), deadline=None)
+@given(case=peaky_cases())
+def test_block_mass_attention_matches_masked_reference(case):
+    q, k, v, pats = case
+    out = mf.sparse_attention(q, k, v, pats, compiled=False)
+    mask = mf.token_mask(q, k, pats)
+    ref = reference_attention(q, k, v, mask)
+    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-6
+
+
+def test_block_mass_is_sparse_where_the_mass_is_concentrated():
+    """On the peaky inputs a 90% target drops blocks (a check that the tests above test something),
+    a 100% target keeps every block holding mass, and the kept blocks hold at least the target."""
+    q, k, _ = _fixed_peaky()
+    causal = causal_mask(q.shape[2], k.shape[2])
+    m90 = mf.token_mask(q, k, [["block_mass", 900, 8]] * q.shape[1])
+    m100 = mf.token_mask(q, k, [["block_mass", 1000, 64]] * q.shape[1])
+    assert m90.sum() < 0.7 * causal.sum() * q.shape[1]
+    assert torch.equal(m100[0, 0], causal)
+    mass = block_mass_estimate(q, k.repeat_interleave(q.shape[1] // k.shape[1], 1), q.shape[-1] ** -0.5, 8)
+    kept = m90[0, :, ::64, ::64] | m90[0, :, 63::64, ::64]  # any row of a query block tells its key blocks
+    assert ((mass[0] * kept).sum(-1) >= 0.9 - 1e-6).all()
+
+
+def _fixed_peaky():
+    g = torch.Generator().manual_seed(3)
+    Nk, D = 640, 32
+    u = torch.randn(1, 1, D, generator=g)
+    strength = torch.tensor([3.0 if i % 4 == 1 else 0.0 for i in range(Nk // 64)]).repeat_interleave(64)[None, :, None]
+    k = torch.randn(1, 1, Nk, D, generator=g) + strength * u
+    q = 0.5 * torch.randn(1, 2, Nk, D, generator=g) + u
+    return q, k, torch.randn(1, 1, Nk, D, generator=g)
+
+
+@pytest.mark.parametrize("q_offset,nq,rows,want", [
+    (0, 128, 1, [[63], [127]]),
+    (0, 128, 4, [[15, 31, 47, 63], [79, 95, 111, 127]]),
+    (30, 50, 2, [[1, 33], [49, 49]]),       # positions 30..79: block 1's rows clamped to the last
+    (64, 10, 64, [[min(t, 9) for t in range(64)]]),
+])
+def test_sampled_rows(q_offset, nq, rows, want):
+    assert sampled_rows(q_offset, nq, rows).tolist() == want
+
+
+@pytest.mark.parametrize("entry,message", [
+    (["block_mass", 0, 8], "1..1000"), (["block_mass", 1001, 8], "1..1000"), (["block_mass", 900, 3], "one of"),
+])
+def test_block_mass_rejects_bad_parameters(entry, message):
+    with pytest.raises(ValueError, match=message):
+        mf.Pattern.parse(entry)
+    with pytest.raises(ValueError, match="block_size"):
+        mf.Pattern("block_mass", 900, 8, block_size=128)
