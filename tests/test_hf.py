@@ -32,6 +32,7 @@ PATTERN_TYPES = {
     "vertical_and_slash": ["vertical_and_slash", 8, 16],
     "stream_llm": ["stream_llm", 4, 16],
     "block_sparse": ["block_sparse", 1, 0],
+    "block_mass": ["block_mass", 500, 4],
     "dense": ["dense", 0, 0],
 }
 
