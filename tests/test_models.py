@@ -98,3 +98,28 @@ def test_smollm2_dense_retrieval(smollm2_model):
     elapsed = time.perf_counter() - start + getattr(model, "load_seconds", 0.0)
     assert math.isfinite(elapsed)
     print(f"load {model.load_seconds:.1f} s, load + 2K prompt {elapsed:.1f} s, answer {answer!r}")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_tile_oracle_example(tmp_path):
+    """examples/tile_oracle.py on 512 tokens: attention in chunks equals SDPA, keeping every tile
+    with mass (globally or per row until 100%) changes nothing, and a 90% target keeps at least 90%
+    of the estimated mass with fewer tiles."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "tile_oracle.py"
+    spec = importlib.util.spec_from_file_location("tile_oracle", path)
+    oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oracle)
+    out = tmp_path / "oracle.json"
+    oracle.main(["--length", "512", "--rules", "oracle-global:1.0", "oracle:1.0", "oracle:0.9", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["dense_in_chunks"] == pytest.approx(r["sdpa"], rel=1e-4)
+    for rule in ("oracle-global:1.0", "oracle:1.0"):
+        assert r[rule]["perplexity"] == pytest.approx(r["sdpa"], rel=1e-3)
+        assert r[rule]["mass_kept"] == pytest.approx(1.0, abs=1e-4)
+    assert r["oracle:0.9"]["mass_kept"] >= 0.9 - 1e-3
+    assert r["oracle:0.9"]["tiles_kept"] < r["oracle:1.0"]["tiles_kept"]
