@@ -221,16 +221,16 @@ def block_sparse_selection(
 MASS_CHUNK_BYTES = 2**28
 
 
-def sampled_rows(q_offset: int, nq: int, rows: int, block: int = TILE) -> Tensor:
+def sampled_rows(q_offset: int, nq: int, rows: int, block: int = TILE, device=None) -> Tensor:
     """[n_blocks, rows] int64 query indices (into the call's Nq queries, which sit at positions
     q_offset ..) sampled from each query block: in-block rows step - 1, 2 step - 1, .., block - 1
     (step = block // rows), each clamped to the rows of its block that the call has. Blocks are
     counted from position 0; the first is the block of position q_offset."""
     first, last = q_offset // block, (q_offset + nq - 1) // block
-    start = (first + torch.arange(last - first + 1))[:, None] * block
+    start = (first + torch.arange(last - first + 1, device=device))[:, None] * block
     step = block // rows
-    pos = start + torch.arange(step - 1, block, step)
-    return torch.minimum(torch.maximum(pos, torch.tensor(q_offset)), torch.tensor(q_offset + nq - 1)) - q_offset
+    pos = start + torch.arange(step - 1, block, step, device=device)
+    return pos.clamp(min=q_offset, max=q_offset + nq - 1) - q_offset
 
 
 def block_mass_estimate(query: Tensor, key: Tensor, scale: float, rows: int) -> Tensor:
@@ -245,7 +245,7 @@ def block_mass_estimate(query: Tensor, key: Tensor, scale: float, rows: int) -> 
     B, H, Nq, D = query.shape
     Nk = key.shape[2]
     q_offset = Nk - Nq
-    idx = sampled_rows(q_offset, Nq, rows).to(query.device)
+    idx = sampled_rows(q_offset, Nq, rows, device=query.device)
     n_qb, n_kb = idx.shape[0], -(-Nk // TILE)
     keys = key.float().transpose(-1, -2)
     out = torch.empty(B, H, n_qb, n_kb, dtype=torch.float32, device=query.device)
@@ -258,6 +258,18 @@ def block_mass_estimate(query: Tensor, key: Tensor, scale: float, rows: int) -> 
         probs = F.pad(probs, (0, n_kb * TILE - Nk)).view(B, H, -1, rows, n_kb, TILE)
         out[:, :, c0:c0 + chunk] = probs.sum(dim=(3, 5)) / rows
     return out
+
+
+@lru_cache(maxsize=256)
+def _mass_groups(patterns: tuple[Pattern, ...], device: torch.device) -> tuple[tuple[int, Tensor, Tensor], ...]:
+    """(sampled rows, head indices [G], mass targets [G, 1, 1]) of the ``block_mass`` heads, one group
+    per sampled-row count; cached like ``head_tables`` (no host-to-device copy per call)."""
+    groups = []
+    for rows in sorted({p.b for p in patterns if p.kind == BLOCK_MASS}):
+        heads = [h for h, p in enumerate(patterns) if p.kind == BLOCK_MASS and p.b == rows]
+        targets = [patterns[h].a / 1000 for h in heads]
+        groups.append((rows, torch.tensor(heads, device=device), torch.tensor(targets, device=device)[:, None, None]))
+    return tuple(groups)
 
 
 def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: float) -> BlockSelection:
@@ -279,11 +291,8 @@ def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ..
     q_block = first + torch.arange(n_qb, device=query.device)[:, None]
     k_block = torch.arange(n_kb, device=query.device)
     forced = (k_block == q_block) | (k_block == 0)
-    for rows in sorted({p.b for p in patterns if p.kind == BLOCK_MASS}):
-        heads = [h for h, p in enumerate(patterns) if p.kind == BLOCK_MASS and p.b == rows]
-        index = torch.tensor(heads, device=query.device)
+    for rows, index, target in _mass_groups(patterns, query.device):
         mass = block_mass_estimate(query[:, index], key[:, index // group], scale, rows)
-        target = torch.tensor([patterns[h].a / 1000 for h in heads], device=query.device)[:, None, None]
         ranked, order = mass.sort(dim=-1, descending=True)
         above = ranked.cumsum(-1) - ranked
         take = (ranked > 0) & (above < target * ranked.sum(-1, keepdim=True))
