@@ -130,7 +130,7 @@ H100 = CostModel(
     plan_token_ms=4.5e-7,        # 0.9-1.2 ms at 32768, 1.9-2.4 at 131072, 13.5-15.5 at 1M; predicted 1.5 / 2.9 / 16.1
     strip_tile_ms=6.0e-6,        # strip kernel per 64x64 block (strips and column blocks): 5.1-5.4 ns at 32K-128K, 5.6-5.8 at 1M
     flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles (block-sparse heads), dense 5.3 ns, partial tiles more
-    mass_cell_ms=2.0e-11,        # block_mass sampled-row scores (float32 product, softmax, sums): 1.6-2.8e-11 on an H200
+    mass_cell_ms=2.0e-8,         # block_mass sampled-row scores (float32 product, softmax, sums): 1.6-2.8e-8 on an H200
 )
 
 

@@ -136,6 +136,19 @@ def test_long_prompts_with_tiny_budgets_run_sparse(n):
     assert choose(H100, 1, n, n, 128, (mf.Pattern("stream_llm", 64, 512),) * 32) == "sparse"
 
 
+@pytest.mark.parametrize("n", [8192, 32768, 131072, 1 << 20])
+def test_block_mass_estimate_is_priced(n):
+    """The sampled-row estimate: mass_cell_ms per score (rows x query blocks x keys, per head); with
+    it, block_mass layers run SDPA (the estimate alone costs more than SDPA, as measured), and
+    a model without the estimate's price would have chosen otherwise."""
+    patterns = (mf.Pattern("block_mass", 980, 8),) * 32
+    assert H100.mass_ms(1, n, n, patterns) == pytest.approx(H100.mass_cell_ms * 32 * 8 * (n // 64) * n)
+    assert H100.mass_ms(1, n, n, (mf.Pattern(VS, 1000, 6096),) * 32) == 0
+    assert choose(H100, 1, n, n, 128, patterns) == "sdpa"
+    unpriced = dataclasses.replace(H100, mass_cell_ms=0.0)
+    assert choose(unpriced, 1, n, n, 128, patterns) != "sdpa" or n <= 32768  # planning alone decides there
+
+
 def test_long_prompts_with_large_budgets_check():
     """At 128K planning is under MAX_LOSS of SDPA, but the budgets allow a kernel slower than SDPA."""
     patterns = (mf.Pattern(VS, 1000, 6096),) * 32
