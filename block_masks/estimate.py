@@ -27,6 +27,7 @@ from .pattern import (
     VERTICAL_SLASH,
     Pattern,
 )
+from .mass_kernel import block_mass_estimate_triton
 from .score_kernel import HAS_TRITON, vertical_slash_scores_triton
 
 
@@ -240,7 +241,8 @@ def block_mass_estimate(query: Tensor, key: Tensor, scale: float, rows: int) -> 
     n_k_blocks] float32: for query block t, the mean over its ``sampled_rows`` r of the exact causal
     softmax of row r (float32) summed over the keys of each key block (so a row of the result sums
     to 1; key blocks after the diagonal one hold 0). Works through the query blocks in chunks of at
-    most ``MASS_CHUNK_BYTES`` of scores.
+    most ``MASS_CHUNK_BYTES`` of scores. On CUDA ``block_mass_selection`` runs the same in one Triton
+    kernel (``mass_kernel``); this is its definition and the CPU path.
     """
     B, H, Nq, D = query.shape
     Nk = key.shape[2]
@@ -292,7 +294,10 @@ def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ..
     k_block = torch.arange(n_kb, device=query.device)
     forced = (k_block == q_block) | (k_block == 0)
     for rows, index, target in _mass_groups(patterns, query.device):
-        mass = block_mass_estimate(query[:, index], key[:, index // group], scale, rows)
+        if query.is_cuda and HAS_TRITON:
+            mass = block_mass_estimate_triton(query, key, scale, rows, index)
+        else:
+            mass = block_mass_estimate(query[:, index], key[:, index // group], scale, rows)
         ranked, order = mass.sort(dim=-1, descending=True)
         above = ranked.cumsum(-1) - ranked
         take = (ranked > 0) & (above < target * ranked.sum(-1, keepdim=True))

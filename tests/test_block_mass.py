@@ -2,6 +2,8 @@
 inputs attend almost uniformly, so every block would be kept and nothing tested)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 import minference_flex as mf
 from block_masks.estimate import block_mass_estimate, sampled_rows
+from block_masks.mass_kernel import block_mass_estimate_triton
 from tests.naive import causal_mask, naive_mask, reference_attention
 from tests.strategies import LENGTHS, examples
 
@@ -96,3 +99,25 @@ def test_block_mass_rejects_bad_parameters(entry, message):
         mf.Pattern.parse(entry)
     with pytest.raises(ValueError, match="block_size"):
         mf.Pattern("block_mass", 900, 8, block_size=128)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1 (tests/conftest.py)")
+@settings(max_examples=examples(25), deadline=None)
+@given(case=peaky_cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), data=st.data())
+def test_block_mass_kernel_matches_definition(case, dtype, data):
+    """The Triton estimate against the PyTorch definition, for any subset of the query heads."""
+    # Triton's CPU interpreter mis-converts bfloat16 operands of tl.dot (triton 3.9).
+    assume(dtype == torch.float32 or torch.cuda.is_available())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, _, pats = case
+    q, k = q.to(device, dtype), k.to(device, dtype)
+    Hq, group = q.shape[1], q.shape[1] // k.shape[1]
+    heads = data.draw(st.lists(st.integers(0, Hq - 1), min_size=1, max_size=Hq, unique=True))
+    rows = data.draw(st.sampled_from([1, 2, 8, 16, 32, 64]))
+    index = torch.tensor(heads, device=device)
+    scale = q.shape[-1] ** -0.5
+    got = block_mass_estimate_triton(q, k, scale, rows, index)
+    want = block_mass_estimate(q[:, index], k[:, index // group], scale, rows)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
