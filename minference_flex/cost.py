@@ -45,6 +45,8 @@ REFERENCE_HEAD_DIM = 128
 #: ``sdpa_dims(64)``, measured on the H100 (SmolLM2 geometry: 2.64 ms at 32K and 42.49 ms at 128K
 #: for 9 heads of dim 64; Llama-3-8B: 13.30 ms at 32K for 32 heads of dim 128).
 SDPA_DIMS_AT_64 = 90.0
+#: Sampled rows the block_mass estimate kernel computes at least per query block (its dot needs 16).
+MASS_MIN_ROWS = 16
 #: The most a layer may lose against SDPA by planning and then falling back (a fraction of SDPA's time).
 MAX_LOSS = 0.05
 
@@ -69,8 +71,8 @@ class CostModel:
     - SDPA (causal flash attention): ``sdpa_fixed_ms + sdpa_cell_ms * batch * heads * causal cells
       * sdpa_dims(head_dim)`` (``sdpa_cell_ms`` per cell and dim at head dim 128);
     - planning (estimation and mask building): ``plan_fixed_ms + plan_token_ms * batch * query heads
-      * keys``, plus ``mass_cell_ms`` per score of the sampled rows of ``block_mass`` heads (each
-      scores all keys, float32);
+      * keys``, plus ``mass_cell_ms`` per score of the sampled rows of ``block_mass`` heads (rows
+      padded to ``MASS_MIN_ROWS``, each row times all keys);
     - the sparse kernel: ``strip_tile_ms`` per 64x64 strip and ``flex_tile_ms`` per 64x64 area of
       FlexAttention tiles at head dim 128, scaled by ``head_dim / 128`` but never below
       ``min_dim_factor`` (small head dims use the tiles less efficiently).
@@ -100,7 +102,7 @@ class CostModel:
         """The sampled-row estimate of the ``block_mass`` heads (0 without such heads)."""
         q0 = n_keys - n_queries
         n_blocks = (n_keys - 1) // TILE - q0 // TILE + 1
-        rows = sum(p.b for p in patterns if p.kind == BLOCK_MASS)
+        rows = sum(max(p.b, MASS_MIN_ROWS) for p in patterns if p.kind == BLOCK_MASS)  # the kernel pads to 16
         return self.mass_cell_ms * batch * rows * n_blocks * n_keys
 
     def dim_factor(self, head_dim: int) -> float:
@@ -130,7 +132,7 @@ H100 = CostModel(
     plan_token_ms=4.5e-7,        # 0.9-1.2 ms at 32768, 1.9-2.4 at 131072, 13.5-15.5 at 1M; predicted 1.5 / 2.9 / 16.1
     strip_tile_ms=6.0e-6,        # strip kernel per 64x64 block (strips and column blocks): 5.1-5.4 ns at 32K-128K, 5.6-5.8 at 1M
     flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles (block-sparse heads), dense 5.3 ns, partial tiles more
-    mass_cell_ms=2.0e-8,         # block_mass sampled-row scores (float32 product, softmax, sums): 1.6-2.8e-8 on an H200
+    mass_cell_ms=2.5e-9,         # block_mass estimate kernel, per padded sampled score: 1.3-3.4e-9 on an H200
 )
 
 
