@@ -25,7 +25,10 @@ if HAS_TRITON:
 
     from .score_kernel import _tile_scores
 
-    @triton.jit(do_not_specialize=["Nq", "Nk", "q_offset", "first_block", "n_qb"])
+    # Lengths and the strides that follow them are not specialised on: one build per sampled-row
+    # count and head dim, not per prompt length.
+    @triton.jit(do_not_specialize=["Nq", "Nk", "q_offset", "first_block", "n_qb",
+                                   "sqb", "sqh", "skb", "skh", "smb", "smh", "smq"])
     def _block_mass(Q, K, Heads, Mass, sqb, sqh, sqm, skb, skh, skn, smb, smh, smq,
                     n_sel, group, Nq, Nk, q_offset, first_block, n_qb, qk_scale,
                     ROWS: tl.constexpr, PADDED_ROWS: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
