@@ -17,13 +17,13 @@ import torch
 from torch import Tensor
 
 from .pattern import TILE
-from .score_kernel import HAS_TRITON
+from .score_kernel import HAS_TRITON, kernel_operands
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .score_kernel import _tile_scores
+    from .score_kernel import _online_step, _tile_scores
 
     # Lengths and the strides that follow them are not specialised on: one build per sampled-row
     # count and head dim, not per prompt length.
@@ -53,10 +53,7 @@ if HAS_TRITON:
         se = tl.zeros([PADDED_ROWS], tl.float32)
         for j0 in range(0, end, KEYS):
             s, _ = _tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
-            new = tl.maximum(mx, tl.max(s, 1))
-            safe = tl.where(new == float("-inf"), 0.0, new)
-            se = se * tl.math.exp2(mx - safe) + tl.sum(tl.math.exp2(s - safe[:, None]), 1)
-            mx = new
+            mx, se = _online_step(mx, se, s)
         lse = tl.where(row_ok, mx + tl.math.log2(tl.where(row_ok, se, 1.0)), 0.0)
         out = Mass + b * smb + g * smh + t.to(tl.int64) * smq
         for j0 in range(0, end, KEYS):
@@ -70,13 +67,9 @@ def block_mass_estimate_triton(query: Tensor, key: Tensor, scale: float, rows: i
     each reading key head h // (Hq / Hkv) of key [B, Hkv, Nk, D]: the definition's result for
     ``query[:, heads]`` and ``key[:, heads // group]``, [B, G, n_query_blocks, n_key_blocks] float32.
     On CUDA, or on CPU under ``TRITON_INTERPRET=1``."""
-    if not HAS_TRITON:
-        raise ValueError("the block_mass kernel needs Triton")
+    query, key = kernel_operands(query, key, "block_mass kernel")
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
-    if not 1 <= D <= 256:
-        raise ValueError(f"the block_mass kernel supports head dims up to 256, got {D}")
-    query, key = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key))
     q_offset = Nk - Nq
     first = q_offset // TILE
     n_qb, n_kb = (Nk - 1) // TILE - first + 1, -(-Nk // TILE)

@@ -53,6 +53,13 @@ if triton is not None:
         return tl.where(ok, s, float("-inf")), cols
 
     @triton.jit
+    def _online_step(mx, se, s):
+        """One key tile of a running row max and sum of exp2 (log2 domain) of scores ``s``."""
+        new = tl.maximum(mx, tl.max(s, 1))
+        safe = tl.where(new == float("-inf"), 0.0, new)
+        return new, se * tl.math.exp2(mx - safe) + tl.sum(tl.math.exp2(s - safe[:, None]), 1)
+
+    @triton.jit
     def _program_rows(Q, bh, n_heads, group, sqb, sqh, sqm, skb, skh, Nq, Nk, m,
                       DIM: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
         """The program's query rows (the last m of head bh % n_heads), which are real (row_ok), their
@@ -78,10 +85,7 @@ if triton is not None:
         se = tl.zeros([ROWS], tl.float32)
         for j0 in range(c * chunk, tl.minimum((c + 1) * chunk, Nk), KEYS):
             s, _ = _tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
-            new = tl.maximum(mx, tl.max(s, 1))
-            safe = tl.where(new == float("-inf"), 0.0, new)
-            se = se * tl.math.exp2(mx - safe) + tl.sum(tl.math.exp2(s - safe[:, None]), 1)
-            mx = new
+            mx, se = _online_step(mx, se, s)
         out = (bh * MAX_CHUNKS + c) * ROWS + r
         tl.store(Mx + out, mx)
         tl.store(Se + out, se)
@@ -117,16 +121,22 @@ if triton is not None:
         tl.atomic_add(Slash + out + o, diag, mask=(u < 2 * KEYS - 1) & (o >= 0) & (o < Nk), sem="relaxed")
 
 
+def kernel_operands(query: Tensor, key: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """query and key with unit last strides, after checking that Triton and the head dim allow
+    ``what`` (a kernel's name, for the error)."""
+    if triton is None:
+        raise ValueError(f"the {what} needs Triton")
+    if not 1 <= query.shape[-1] <= 256:
+        raise ValueError(f"the {what} supports head dims up to 256, got {query.shape[-1]}")
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (query, key))
+
+
 def vertical_slash_scores_triton(query: Tensor, key: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """``estimate.vertical_slash_scores`` on CUDA (or under ``TRITON_INTERPRET=1``): same arguments,
     same (vertical, slash) [B, Hq, Nk] float32."""
-    if triton is None:
-        raise ValueError("the score kernel needs Triton")
+    query, key = kernel_operands(query, key, "score kernel")
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
-    if not 1 <= D <= 256:
-        raise ValueError(f"the score kernel supports head dims up to 256, got {D}")
-    query, key = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key))
     m = min(ROWS, Nq)
     chunk = KEYS * triton.cdiv(triton.cdiv(Nk, MAX_CHUNKS), KEYS)
     n_chunks = triton.cdiv(Nk, chunk)
