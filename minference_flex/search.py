@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from block_masks import Pattern, attention_recall, select
-from block_masks.pattern import A_SHAPE, BLOCK_SPARSE, VERTICAL_SLASH
+from block_masks.pattern import A_SHAPE, BLOCK_MASS, BLOCK_SPARSE, VERTICAL_SLASH
 
 from .attention import plan_selection
 from .hf import text_config
@@ -331,7 +331,8 @@ def search_patterns(model, tokenizer, texts: Sequence, *, length: int, cost_budg
 
 # --------------------------------------------------------------------------- figure
 
-TYPE_COLOURS = {A_SHAPE: "tab:blue", VERTICAL_SLASH: "tab:orange", BLOCK_SPARSE: "tab:green", "dense": "tab:grey"}
+TYPE_COLOURS = {A_SHAPE: "tab:blue", VERTICAL_SLASH: "tab:orange", BLOCK_SPARSE: "tab:green", BLOCK_MASS: "tab:purple",
+                "dense": "tab:grey"}
 
 
 def plot(result: SearchResult, path) -> None:
@@ -352,9 +353,9 @@ def plot(result: SearchResult, path) -> None:
         for h in range(H):
             p = result.candidates[int(result.choice[layer, h])]
             label = {A_SHAPE: f"{p.a}+{p.b}", VERTICAL_SLASH: f"{p.a}/{p.b}",
-                     BLOCK_SPARSE: f"{p.a}x{p.block_size}"}.get(p.kind, "")
+                     BLOCK_SPARSE: f"{p.a}x{p.block_size}", BLOCK_MASS: f"{p.a / 10:g}%/{p.b}"}.get(p.kind, "")
             left.text(h, layer, label, ha="center", va="center", fontsize=6)
-    left.set_title("chosen pattern (A-shape sink+local, VS columns/diagonals, BS blocks)", fontsize=8)
+    left.set_title("chosen pattern (A-shape sink+local, VS columns/diagonals, BS blocks, mass/rows)", fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in TYPE_COLOURS.values()]
     left.legend(handles, kinds, fontsize=6, loc="upper right", bbox_to_anchor=(1.0, -0.02 - 0.3 / L), ncol=4)
     recall = result.chosen(result.recall).numpy()

@@ -16,7 +16,8 @@ from minference_flex.hooks import wrap_attention
 
 N = 320
 CANDIDATES = [Pattern("stream_llm", 4, 32), Pattern("stream_llm", 16, 128), Pattern("vertical_and_slash", 30, 100),
-              Pattern("vertical_and_slash", 64, 200), Pattern("block_sparse", 1), Pattern("block_sparse", 3)]
+              Pattern("vertical_and_slash", 64, 200), Pattern("block_sparse", 1), Pattern("block_sparse", 3),
+              Pattern("block_mass", 900, 8)]
 
 
 def tiny_model():
@@ -128,7 +129,7 @@ def test_output_is_minference_format_and_round_trips(tmp_path):
     for layer in data:
         assert sorted(layer, key=int) == ["0", "1", "2", "3"]
         for kind, a, b, score in layer.values():
-            assert kind in ("vertical_and_slash", "stream_llm", "block_sparse") and 0 < score <= 1
+            assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "block_mass") and 0 < score <= 1
     model.set_attn_implementation("minference_flex")
     mf.set_patterns(model, path)
     assert mf.get_patterns(model) == data == result.patterns()
@@ -139,9 +140,10 @@ def test_output_is_minference_format_and_round_trips(tmp_path):
 
 def test_figure_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    result = search.SearchResult(candidates=tuple(CANDIDATES), recall=torch.rand(3, 4, 6, dtype=torch.float64),
-                                 cost=torch.rand(3, 4, 6, dtype=torch.float64),
-                                 choice=torch.randint(0, 6, (3, 4)), length=N, cost_budget=0.3, allocate="head",
+    n = len(CANDIDATES)
+    result = search.SearchResult(candidates=tuple(CANDIDATES), recall=torch.rand(3, 4, n, dtype=torch.float64),
+                                 cost=torch.rand(3, 4, n, dtype=torch.float64),
+                                 choice=torch.randint(0, n, (3, 4)), length=N, cost_budget=0.3, allocate="head",
                                  prompts=1, seconds=0.0)
     search.plot(result, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
