@@ -6,8 +6,9 @@ and sums blocks: several full passes over [rows, Nk] scores per chunk (on an H20
 batch x head) holds the block's sampled rows and walks its causal key tiles twice: first the running
 max and sum of exp2 of each row (online softmax, log2 domain), then the tiles again, writing each
 key block's probability mass averaged over the rows. No scores leave the registers; the work is
-2 x rows / 64 of a causal q.k^T. Scores are float32 dot products as in the definition (exact for
-bfloat16/float16 inputs), so only the summation order differs.
+2 x rows / 64 of a causal q.k^T (19.3 ms for that Llama layer on the H200). Scores are float32 dot
+products as in the definition (exact for bfloat16/float16 inputs), so only the summation order
+differs. Rows are padded to 16 (the dot's minimum).
 """
 from __future__ import annotations
 
