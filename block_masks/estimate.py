@@ -26,6 +26,7 @@ from .pattern import (
     TILE,
     VERTICAL_SLASH,
     Pattern,
+    query_blocks,
 )
 from .mass_kernel import block_mass_estimate_triton
 from .score_kernel import HAS_TRITON, vertical_slash_scores_triton
@@ -83,8 +84,8 @@ class HeadTables:
 
     a: Tensor
     block_size: Tensor
-    block_sparse: Tensor     # bool: keeps whole key blocks (block_sparse, block_mass)
-    block_mass: Tensor       # bool: block_mass heads (their blocks are estimated apart)
+    block_sparse: Tensor     # bool: block_sparse heads
+    whole_blocks: Tensor     # bool: heads that keep whole key blocks (block_sparse, block_mass)
     window: Tensor           # offsets 0 .. window - 1 kept by construction: all (DENSE_WINDOW) for dense
                              # heads, the local window for A-shape heads, none elsewhere
     sink: Tensor             # int32 sink tokens of A-shape heads (not yet capped at the length), 0 elsewhere
@@ -108,8 +109,8 @@ def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTabl
     return HeadTables(
         a=t([p.a for p in patterns]),
         block_size=t([p.block_size for p in patterns]),
-        block_sparse=t([p.kind in BLOCK_KINDS for p in patterns], torch.bool),
-        block_mass=t([p.kind == BLOCK_MASS for p in patterns], torch.bool),
+        block_sparse=t([p.kind == BLOCK_SPARSE for p in patterns], torch.bool),
+        whole_blocks=t([p.kind in BLOCK_KINDS for p in patterns], torch.bool),
         window=t([DENSE_WINDOW if p.kind == DENSE else max(p.b, 1) if p.kind == A_SHAPE else 0 for p in patterns]),
         sink=of_kind(A_SHAPE, lambda p: p.a, torch.int32),
         columns=of_kind(VERTICAL_SLASH, lambda p: max(p.a, FORCED_COLUMNS)),
@@ -227,8 +228,8 @@ def sampled_rows(q_offset: int, nq: int, rows: int, block: int = TILE, device=No
     q_offset ..) sampled from each query block: in-block rows step - 1, 2 step - 1, .., block - 1
     (step = block // rows), each clamped to the rows of its block that the call has. Blocks are
     counted from position 0; the first is the block of position q_offset."""
-    first, last = q_offset // block, (q_offset + nq - 1) // block
-    start = (first + torch.arange(last - first + 1, device=device))[:, None] * block
+    first, n_blocks = query_blocks(nq, q_offset + nq, block)
+    start = (first + torch.arange(n_blocks, device=device))[:, None] * block
     step = block // rows
     pos = start + torch.arange(step - 1, block, step, device=device)
     return pos.clamp(min=q_offset, max=q_offset + nq - 1) - q_offset
@@ -262,6 +263,15 @@ def block_mass_estimate(query: Tensor, key: Tensor, scale: float, rows: int) -> 
     return out
 
 
+def ranked_prefix(mass: Tensor, target: Tensor | float) -> Tensor:
+    """[..., n] bool: per row of ``mass`` [..., n], the entries ranked (largest first) such that the
+    entries ranked above hold less than ``target`` (a fraction, broadcast over rows) of the row's
+    total, and with a mass above 0: the shortest ranked prefix that reaches the target."""
+    ranked, order = mass.sort(dim=-1, descending=True)
+    take = (ranked > 0) & (ranked.cumsum(-1) - ranked < target * ranked.sum(-1, keepdim=True))
+    return torch.zeros_like(take).scatter_(-1, order, take)
+
+
 @lru_cache(maxsize=256)
 def _mass_groups(patterns: tuple[Pattern, ...], device: torch.device) -> tuple[tuple[int, Tensor, Tensor], ...]:
     """(sampled rows, head indices [G], mass targets [G, 1, 1]) of the ``block_mass`` heads, one group
@@ -286,9 +296,8 @@ def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ..
     B, Hq, Nq, _ = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
     group = Hq // Hkv
-    q_offset = Nk - Nq
-    first = q_offset // TILE
-    n_qb, n_kb = (Nk - 1) // TILE - first + 1, -(-Nk // TILE)
+    first, n_qb = query_blocks(Nq, Nk)
+    n_kb = -(-Nk // TILE)
     valid = torch.zeros(B, Hq, n_qb, n_kb, dtype=torch.bool, device=query.device)
     q_block = first + torch.arange(n_qb, device=query.device)[:, None]
     k_block = torch.arange(n_kb, device=query.device)
@@ -298,11 +307,7 @@ def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ..
             mass = block_mass_estimate_triton(query, key, scale, rows, index)
         else:
             mass = block_mass_estimate(query[:, index], key[:, index // group], scale, rows)
-        ranked, order = mass.sort(dim=-1, descending=True)
-        above = ranked.cumsum(-1) - ranked
-        take = (ranked > 0) & (above < target * ranked.sum(-1, keepdim=True))
-        keep = torch.zeros_like(take).scatter_(-1, order, take) | forced
-        valid[:, index] = keep & (k_block <= q_block)
+        valid[:, index] = (ranked_prefix(mass, target) | forced) & (k_block <= q_block)
     kept = torch.arange(n_kb, device=query.device).expand(B, Hq, n_qb, n_kb)
     return BlockSelection(TILE, first, kept, valid, n_kb)
 
@@ -349,7 +354,7 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
 
     blocks = []
     for size in sorted({p.block_size for p in patterns if p.kind == BLOCK_SPARSE}):
-        in_group = tables.block_sparse & (tables.block_size == size) & ~tables.block_mass
+        in_group = tables.block_sparse & (tables.block_size == size)
         max_a = max(p.a for p in patterns if p.kind == BLOCK_SPARSE and p.block_size == size)
         blocks.append(block_sparse_selection(query, key, tables, size, in_group, max_a))
     if BLOCK_MASS in kinds:
@@ -360,7 +365,7 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
         nk=Nk,
         offsets=offsets.contiguous(),
         sink=sink,
-        block_sparse=tables.block_sparse,
+        block_sparse=tables.whole_blocks,
         columns=columns,
         blocks=tuple(blocks),
         max_sink=max_sink,

@@ -8,7 +8,7 @@ max and sum of exp2 of each row (online softmax, log2 domain), then the tiles ag
 key block's probability mass averaged over the rows. No scores leave the registers; the work is
 2 x rows / 64 of a causal q.k^T (19.3 ms for that Llama layer on the H200). Scores are float32 dot
 products as in the definition (exact for bfloat16/float16 inputs), so only the summation order
-differs. Rows are padded to 16 (the dot's minimum).
+differs. Rows are padded to ``MIN_ROWS`` (the dot's minimum).
 """
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ import math
 import torch
 from torch import Tensor
 
-from .pattern import TILE
+from .pattern import TILE, query_blocks
+
+#: Sampled rows the kernel computes at least per query block (its dot needs 16 rows).
+MIN_ROWS = 16
 from .score_kernel import HAS_TRITON, kernel_operands
 
 if HAS_TRITON:
@@ -71,16 +74,15 @@ def block_mass_estimate_triton(query: Tensor, key: Tensor, scale: float, rows: i
     query, key = kernel_operands(query, key, "block_mass kernel")
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
-    q_offset = Nk - Nq
-    first = q_offset // TILE
-    n_qb, n_kb = (Nk - 1) // TILE - first + 1, -(-Nk // TILE)
+    first, n_qb = query_blocks(Nq, Nk)
+    n_kb = -(-Nk // TILE)
     G = heads.shape[0]
     mass = torch.zeros(B, G, n_qb, n_kb, dtype=torch.float32, device=query.device)
     _block_mass[(n_qb, B * G)](
         query, key, heads, mass, query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2), mass.stride(0), mass.stride(1), mass.stride(2),
-        G, Hq // Hkv, Nq, Nk, q_offset, first, n_qb, scale * math.log2(math.e),
-        ROWS=rows, PADDED_ROWS=max(16, rows), DIM=D, HEAD_DIM=max(16, triton.next_power_of_2(D)), KEYS=TILE,
+        G, Hq // Hkv, Nq, Nk, Nk - Nq, first, n_qb, scale * math.log2(math.e),
+        ROWS=rows, PADDED_ROWS=max(MIN_ROWS, rows), DIM=D, HEAD_DIM=max(16, triton.next_power_of_2(D)), KEYS=TILE,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
     )
     return mass

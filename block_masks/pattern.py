@@ -22,6 +22,13 @@ LAST_Q = 64
 FORCED_COLUMNS = 30
 FORCED_OFFSETS = 100
 
+def query_blocks(n_queries: int, n_keys: int, block: int = TILE) -> tuple[int, int]:
+    """(first, count) of the blocks of ``block`` positions (counted from position 0) that hold the
+    queries, which are the last ``n_queries`` of ``n_keys`` positions."""
+    first = (n_keys - n_queries) // block
+    return first, (n_keys - 1) // block - first + 1
+
+
 #: Sampled query rows per block allowed for ``block_mass`` (divisors of TILE).
 SAMPLED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 

@@ -27,20 +27,13 @@ import time
 import torch
 
 from block_masks import TILE, block_means
-from block_masks.estimate import block_mass_estimate
+from block_masks.estimate import block_mass_estimate, ranked_prefix
 from minference_flex.eval import Haystack, perplexity
 from minference_flex.hooks import wrap_attention
 from minference_flex.models import smollm2
 
 DEFAULT_RULES = ["oracle-global:0.4", "oracle:0.95", "oracle:0.98", "pooled-count:0.4", "pooled:0.99",
                  "sampled-8:0.98", "sampled-16:0.98"]
-
-
-def ranked_prefix(mass: torch.Tensor, target: float) -> torch.Tensor:
-    """[..., nq, nk] bool: per row, the blocks whose higher-ranked blocks hold < target of the row."""
-    ranked, order = mass.sort(dim=-1, descending=True)
-    take = (ranked > 0) & (ranked.cumsum(-1) - ranked < target * ranked.sum(-1, keepdim=True))
-    return torch.zeros_like(take).scatter_(-1, order, take)
 
 
 def top_count(mass: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from block_masks import STRIP, TILE, Pattern
+from block_masks.mass_kernel import MIN_ROWS as MASS_MIN_ROWS
 from block_masks.pattern import (
     A_SHAPE,
     BLOCK_MASS,
@@ -33,6 +34,7 @@ from block_masks.pattern import (
     FORCED_COLUMNS,
     FORCED_OFFSETS,
     VERTICAL_SLASH,
+    query_blocks,
 )
 
 if TYPE_CHECKING:
@@ -45,8 +47,6 @@ REFERENCE_HEAD_DIM = 128
 #: ``sdpa_dims(64)``, measured on the H100 (SmolLM2 geometry: 2.64 ms at 32K and 42.49 ms at 128K
 #: for 9 heads of dim 64; Llama-3-8B: 13.30 ms at 32K for 32 heads of dim 128).
 SDPA_DIMS_AT_64 = 90.0
-#: Sampled rows the block_mass estimate kernel computes at least per query block (its dot needs 16).
-MASS_MIN_ROWS = 16
 #: The most a layer may lose against SDPA by planning and then falling back (a fraction of SDPA's time).
 MAX_LOSS = 0.05
 
@@ -100,9 +100,8 @@ class CostModel:
 
     def mass_ms(self, batch: int, n_queries: int, n_keys: int, patterns: Sequence[Pattern]) -> float:
         """The sampled-row estimate of the ``block_mass`` heads (0 without such heads)."""
-        q0 = n_keys - n_queries
-        n_blocks = (n_keys - 1) // TILE - q0 // TILE + 1
-        rows = sum(max(p.b, MASS_MIN_ROWS) for p in patterns if p.kind == BLOCK_MASS)  # the kernel pads to 16
+        n_blocks = query_blocks(n_queries, n_keys)[1]
+        rows = sum(max(p.b, MASS_MIN_ROWS) for p in patterns if p.kind == BLOCK_MASS)  # the kernel pads them
         return self.mass_cell_ms * batch * rows * n_blocks * n_keys
 
     def dim_factor(self, head_dim: int) -> float:
