@@ -55,6 +55,8 @@ class Strips:
     allowed: [B, Hq, W] int32, bit ALLOWED_FRONT + o set iff 0 <= o < nk and offset o is not kept:
             the offsets a column's cell may have (``allowed_offsets``; W = 1 when no head has columns).
     q_start: position of query row 0 (Nk - Nq); nq, nk: query and key lengths.
+    has_sinks, has_columns: whether some head may have sink tokens / vertical columns (Python bounds,
+            known without looking at the tensors: a kernel that needs neither can skip their pass).
     """
 
     sigma: Tensor
@@ -67,6 +69,8 @@ class Strips:
     q_start: int
     nq: int
     nk: int
+    has_sinks: bool = True
+    has_columns: bool = True
 
     def visited(self) -> Tensor:
         """[B, Hq] int64: 64x64 blocks the kernel computes per head (diagonal strips, sink strips,
@@ -176,7 +180,8 @@ def strip_layout(selection: Selection) -> Strips:
     if selection.columns is None:
         allowed = allowed[..., :1].contiguous()
     return Strips(sigma=sigma, counts=counts, words=words, sink=selection.sink, columns=columns,
-                  col_counts=col_counts, allowed=allowed, q_start=selection.q_offset, nq=selection.nq, nk=selection.nk)
+                  col_counts=col_counts, allowed=allowed, q_start=selection.q_offset, nq=selection.nq, nk=selection.nk,
+                  has_sinks=selection.max_sink > 0, has_columns=selection.columns is not None)
 
 
 def strip_cells(strips: Strips) -> Tensor:

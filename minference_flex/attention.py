@@ -174,26 +174,31 @@ def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold
     )
 
 
-def _strip_part(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, compiled: bool):
-    """(out, lse) of the strip cells: the Triton kernel, or its eager emulation with ``compiled=False``."""
+def _strip_part(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, compiled: bool,
+                kernel: str = "auto"):
+    """(out, lse) of the strip cells: the strip kernels (``kernel``: see ``strip_attention``), or their
+    eager emulation with ``compiled=False``."""
     if compiled or torch.compiler.is_compiling():
         if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the strip kernel runs on CUDA: on CPU plan with strips=False, "
                              "or run with compiled=False (eager emulation)")
-        return strip_attention(query, key, value, plan.strips, plan.scale)
+        return strip_attention(query, key, value, plan.strips, plan.scale, kernel=kernel)
     cells = strip_cells(plan.strips) > 0
     return flex(query, key, value, cell_mask(cells, (plan.tiles.q, plan.tiles.kv)), plan.scale, compiled=False)
 
 
-def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True) -> Tensor:
-    """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key."""
+def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True,
+             strip_kernel: str = "auto") -> Tensor:
+    """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key.
+    ``strip_kernel`` picks the kernel of the strip part (``strip_kernel.KERNELS``; ``"auto"``: the Hopper
+    kernel of the diagonal strips where it runs, see ``strip_kernel.strip_attention``)."""
     if plan.vertical is not None and compiled and query.device.type == "cpu":
         raise ValueError("the compiled CPU kernel returns no log-sum-exp to merge a separate vertical part: "
                          "plan with fold_columns=True (the CPU default), or run with compiled=False")
     n_parts = sum(part is not None for part in (plan.strips, plan.main, plan.vertical))
     parts = []
     if plan.strips is not None:
-        parts.append(_strip_part(plan, query, key, value, compiled))
+        parts.append(_strip_part(plan, query, key, value, compiled, strip_kernel))
     # The FlexAttention parts run over queries padded by plan.pad rows in front (tile alignment);
     # the strips start anywhere and need no padding.
     needs_pad = plan.pad and (plan.main is not None or plan.vertical is not None)

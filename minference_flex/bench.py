@@ -40,6 +40,7 @@ from .bench_inputs import structured_qkv
 from .config import parse_patterns
 from .layer_demo import row_stats, sample_rows
 from .kernel import compiled_flex
+from .strip_kernel import KERNELS
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,8 @@ def smollm2_qkv(capture, n: int, device="cuda", layer: int | None = None,
 
 def plot_report(report: dict, path) -> dict[str, tuple[list[int], list[float]]]:
     """Write a PNG of the milliseconds against the prompt length (both axes logarithmic) for SDPA
-    causal, FlexAttention dense causal and minference_flex total (one line per budget and
-    configuration), from a report as ``bench.json`` holds it. Returns the plotted series
+    causal, FlexAttention dense causal and minference_flex total (one line per budget, configuration
+    and strip kernel), from a report as ``bench.json`` holds it. Returns the plotted series
     {label: (lengths, ms)}; failed runs are left out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: only --plot needs matplotlib
     from matplotlib.figure import Figure
@@ -153,6 +154,7 @@ def plot_report(report: dict, path) -> dict[str, tuple[list[int], list[float]]]:
         ys.append(ms)
 
     configs = {run["config"] for r in results for run in r["runs"] if "error" not in run}
+    kernels = {run.get("strip_kernel", "auto") for r in results for run in r["runs"] if "error" not in run}
     for r in results:
         if r["sdpa_ms"] is not None:
             add("SDPA causal", r["length"], r["sdpa_ms"])
@@ -164,6 +166,8 @@ def plot_report(report: dict, path) -> dict[str, tuple[list[int], list[float]]]:
             label = f"minference_flex ({run['budgets'][0]}, {run['budgets'][1]})"
             if len(configs) > 1:
                 label += f" {run['config']}"
+            if len(kernels) > 1:
+                label += f" ({run.get('strip_kernel', 'auto')} strips)"
             add(label, r["length"], run["total_ms"])
 
     fig = Figure(figsize=(7, 4.5), dpi=120)
@@ -213,8 +217,10 @@ def parse_config(text: str) -> tuple[Tiles, dict, bool]:
 
 def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs: list[str], reps: int,
                  inputs: str = "structured", capture=None, layer: int | None = None, device: str = "cuda",
-                 eager: bool = False, warmup: int | None = None, skip: tuple[str, ...] = ()) -> dict:
-    """One length: SDPA, FlexAttention dense and, per configuration, the minference_flex runs.
+                 eager: bool = False, warmup: int | None = None, skip: tuple[str, ...] = (),
+                 strip_kernels: tuple[str, ...] = ("auto",)) -> dict:
+    """One length: SDPA, FlexAttention dense and, per configuration (and per strip kernel of
+    ``strip_kernels`` for the strip configuration), the minference_flex runs.
     ``inputs``: "structured" (``structured_qkv`` in ``geometry``) or "smollm2" (the first ``n``
     positions of layer ``layer`` of ``capture``, a dict of ``load_capture``). ``device="cpu"`` with ``eager`` is the
     smoke-test mode (wall-clock times, eager kernels). ``skip`` leaves out the "sdpa" baseline, the "flex"
@@ -247,14 +253,17 @@ def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs
         res["flex_dense_ms"] = time_ms(lambda: flex(q, k, v, causal, None, True), **timer)  # default tiles
     res["runs"] = []
     for config in configs:
-        try:
-            res["runs"].extend(bench_config(q, k, v, config, budgets, rows, timer, res["sdpa_ms"], compiled=not eager,
-                                            dense_pattern="dense-pattern" not in skip))
-        except Exception as exc:  # one failing configuration must not hide the others' numbers
-            log.exception("configuration %s failed", config)
-            res["runs"].append(dict(config=config, error=f"{type(exc).__name__}: {str(exc)[:300]}"))
-        if cuda:
-            torch.cuda.empty_cache()
+        for strip_kernel in strip_kernels if parse_config(config)[2] else ("auto",):
+            try:
+                res["runs"].extend(bench_config(q, k, v, config, budgets, rows, timer, res["sdpa_ms"],
+                                                compiled=not eager, dense_pattern="dense-pattern" not in skip,
+                                                strip_kernel=strip_kernel))
+            except Exception as exc:  # one failing configuration must not hide the others' numbers
+                log.exception("configuration %s (strip kernel %s) failed", config, strip_kernel)
+                res["runs"].append(dict(config=config, strip_kernel=strip_kernel,
+                                        error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+            if cuda:
+                torch.cuda.empty_cache()
     return res
 
 
@@ -275,7 +284,7 @@ def plan_bytes(plan) -> int:
 
 
 def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: float, compiled: bool = True,
-                 dense_pattern: bool = True) -> list[dict]:
+                 dense_pattern: bool = True, strip_kernel: str = "auto") -> list[dict]:
     H = q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
     runs = []
@@ -285,7 +294,7 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
     dense_ms = None
     if dense_pattern:
         dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, **plan_options)
-        dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v, compiled=compiled), **timer)
+        dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v, compiled=compiled, strip_kernel=strip_kernel), **timer)
         del dense_plan
     for a, b in budgets:
         patterns = parse_patterns([["vertical_and_slash", a, b]] * H, H)
@@ -293,18 +302,18 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         plan = plan_attention(q, k, patterns, **plan_options)
-        out = run_plan(plan, q, k, v, compiled=compiled)
+        out = run_plan(plan, q, k, v, compiled=compiled, strip_kernel=strip_kernel)
         peak = torch.cuda.max_memory_allocated() if q.is_cuda else None
         err, recall, cells = row_check(q, k, v, plan, out, rows)
         sel = plan.selection
-        run = dict(config=config, budgets=[a, b], dense_pattern_ms=dense_ms, rel_err=err, recall=recall,
+        run = dict(config=config, strip_kernel=strip_kernel, budgets=[a, b], dense_pattern_ms=dense_ms, rel_err=err, recall=recall,
                    cell_fraction=cells, tiles=plan.tile_counts(), metadata_bytes=plan_bytes(plan),
                    peak_memory_bytes=peak)
         run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), **timer)
         run["build_ms"] = time_ms(lambda: plan_selection(sel, scale=scale, **plan_options), **timer)
-        run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v, compiled=compiled), **timer)
+        run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v, compiled=compiled, strip_kernel=strip_kernel), **timer)
         run["total_ms"] = time_ms(lambda: run_plan(plan_attention(q, k, patterns, **plan_options),
-                                                   q, k, v, compiled=compiled), **timer)
+                                                   q, k, v, compiled=compiled, strip_kernel=strip_kernel), **timer)
         run["speedup_vs_sdpa"] = sdpa_ms / run["total_ms"] if sdpa_ms else None
         runs.append(run)
         del out  # at 1M tokens it is 8.6 GB: gone before the next budget runs
@@ -326,11 +335,13 @@ def compile_counts(geometry: dict) -> dict:
 
     from block_masks import score_kernel, strip_build_kernel
 
-    from . import merge_kernel, strip_kernel
+    from . import hopper_strips, merge_kernel, strip_kernel
 
     kernels = {"strip kernel": strip_kernel._strip_forward, "merge": merge_kernel._merge_pair,
                "scores pass 1": score_kernel._row_stats, "scores pass 2": score_kernel._vertical_slash,
                "strip builder": strip_build_kernel._build}
+    if hopper_strips.gluon is not None:
+        kernels["hopper strips"] = hopper_strips._diagonal_pairs
 
     def builds() -> dict[str, int]:  # Triton keeps one compiled kernel per specialisation, per device
         return {name: sum(len(cache[0]) for cache in fn.device_caches.values()) for name, fn in kernels.items()}
@@ -380,6 +391,9 @@ def main(argv=None) -> dict:
     p.add_argument("--configs", nargs="+", default=["strips"],
                    help="strips (default: the strip kernel for the diagonals), or FlexAttention alone with "
                         "BlockMask tiles QxK and optional kernel options: 64x64:num_warps=4,num_stages=3")
+    p.add_argument("--strip-kernels", nargs="+", choices=KERNELS, default=["auto"],
+                   help="kernels of the strip configuration, each timed in the same run: auto (default: the Hopper "
+                        "kernel for the diagonal strips where it runs), triton (the Triton kernel alone), hopper")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--compile-counts", action="store_true",
                    help="instead of timing: count the compilations across 10 prompt lengths and 10 budget sets")
@@ -436,7 +450,7 @@ def main(argv=None) -> dict:
         report["results"].append(bench_length(n, GEOMETRIES[geometry], budgets, args.configs, args.reps,
                                               inputs=args.inputs, capture=capture, layer=args.layer,
                                               device=args.device, eager=args.eager, warmup=args.warmup,
-                                              skip=tuple(args.skip)))
+                                              skip=tuple(args.skip), strip_kernels=tuple(args.strip_kernels)))
         if args.device == "cuda":
             torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -447,14 +461,15 @@ def main(argv=None) -> dict:
         print(f"wrote {args.plot}")
     print(f"{report['card']}, torch {report['torch']}, {geometry}, {args.inputs} inputs, bfloat16"
           + (", eager kernels" if args.eager else ""))
-    print(f"{'N':>8} {'config':>24} {'budget':>11} {'SDPA':>8} {'flex':>8} {'dense':>8} {'est':>7} {'build':>7} "
+    print(f"{'N':>8} {'config':>24} {'strips':>6} {'budget':>11} {'SDPA':>8} {'flex':>8} {'dense':>8} {'est':>7} {'build':>7} "
           f"{'kernel':>8} {'total':>8} {'speedup':>7} {'tiles':>6} {'recall':>6} {'err':>8}")
     for r in report["results"]:
         for run in r["runs"]:
             if "error" in run:
-                print(f"{r['length']:>8} {run['config']:>24} failed: {run['error'][:120]}")
+                print(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} failed: {run['error'][:120]}")
                 continue
-            print(f"{r['length']:>8} {run['config']:>24} {str(tuple(run['budgets'])):>11} {_ms(r['sdpa_ms'])} "
+            print(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} {str(tuple(run['budgets'])):>11} "
+                  f"{_ms(r['sdpa_ms'])} "
                   f"{_ms(r.get('flex_dense_ms'))} {_ms(run['dense_pattern_ms'])} "
                   f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} {run['total_ms']:8.2f} "
                   f"{_speedup(run['speedup_vs_sdpa'])} {run['tiles']['fraction']:6.3f} {run['recall']:6.3f} "

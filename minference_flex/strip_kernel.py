@@ -17,6 +17,10 @@ instructions per strip by a fifth and its time by 15% on the H100. The gathered 
 loads. Scores stay unscaled; the scale enters the exponent as one FMA. It returns the output over the
 strip cells and their log-sum-exp, to be merged with the other parts of a plan. Rows with no strip
 cell get output 0 and log-sum-exp -inf.
+
+On Hopper GPUs (bf16/fp16, head dim 64 or 128) the diagonal strips run in the faster Gluon kernel of
+``hopper_strips``; this kernel then only adds the sink strips and columns, resuming the online
+softmax from that kernel's output and log-sum-exp (``triton_strips(..., resume=...)``).
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import torch
 from torch import Tensor
 
 from block_masks.strips import ALLOWED_FRONT, STRIP, Strips
+
+from . import hopper_strips
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +130,7 @@ if triton is not None:
                        ssb, ssh, scb, sch, svcb, svch, sncb, snch, sab, sah,
                        n_heads, group, Nq, Nk, q_start, qk_scale, search_steps,
                        DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FRONT: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, RESUME: tl.constexpr):
         tl.static_assert(BLOCK == 64, "the cell test below reads 64-bit windows of the strip words")
         # The last query blocks hold the most strips: launched first, they leave light blocks for the
         # tail of the grid (2% faster at 128K, H100).
@@ -147,24 +153,34 @@ if triton is not None:
         k_base = K + b * skb + kvh * skh + d[None, :]
         v_base = V + b * svb + kvh * svh + d[None, :]
         sink = tl.load(Sink + h)
-        m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK], tl.float32)
-        acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-        # Bit r - c + BLOCK - 1 of a strip's words tells whether its cell (row r, key c) counts.
-        key_shift = (31 - lane % 32).to(tl.uint32)
+        out_rows = Out + b * sob + h * soh + rows[:, None].to(tl.int64) * som + d[None, :]
+        lse_rows = Lse + (b * n_heads + h) * Nq + rows
+        if RESUME:
+            # The diagonal strips are done (``hopper_strips``): continue their online softmax from their
+            # output and log-sum-exp, as maximum lse (log2 units) and sum 1.
+            lse0 = tl.load(lse_rows, mask=rows < Nq, other=float("-inf"))
+            m_i = lse0 * 1.4426950408889634
+            l_i = tl.where(lse0 > float("-inf"), 1.0, 0.0)
+            acc = tl.load(out_rows, mask=(rows[:, None] < Nq) & dims, other=0.0).to(tl.float32)
+        else:
+            m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK], tl.float32)
+            acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+            # Bit r - c + BLOCK - 1 of a strip's words tells whether its cell (row r, key c) counts.
+            key_shift = (31 - lane % 32).to(tl.uint32)
 
-        # Diagonal strips, tops ascending. Those with top <= i0 - sink (the first n_safe, found by a
-        # binary search) reach no sink and no negative key: their cells need only the word test
-        # (dropping the key tests from the masked strips made the kernel 10% faster, H100).
-        n = tl.load(Counts + b * scb + h * sch + qb)
-        head_strips = b * ssb + h * ssh
-        n_safe = count_at_most(Sigma + head_strips, n, i0 - sink, search_steps)
-        for t in range(0, n_safe):
-            m_i, l_i, acc = _diagonal_strip(q, KD, VD, Sigma, Words, head_strips + t, b32, kvh32, i0, lane, key_shift,
-                                            sink, s, m_i, l_i, acc, False, BLOCK, HEAD_DIM, PRECISION)
-        for t in range(n_safe, n):
-            m_i, l_i, acc = _diagonal_strip(q, KD, VD, Sigma, Words, head_strips + t, b32, kvh32, i0, lane, key_shift,
-                                            sink, s, m_i, l_i, acc, True, BLOCK, HEAD_DIM, PRECISION)
+            # Diagonal strips, tops ascending. Those with top <= i0 - sink (the first n_safe, found by a
+            # binary search) reach no sink and no negative key: their cells need only the word test
+            # (dropping the key tests from the masked strips made the kernel 10% faster, H100).
+            n = tl.load(Counts + b * scb + h * sch + qb)
+            head_strips = b * ssb + h * ssh
+            n_safe = count_at_most(Sigma + head_strips, n, i0 - sink, search_steps)
+            for t in range(0, n_safe):
+                m_i, l_i, acc = _diagonal_strip(q, KD, VD, Sigma, Words, head_strips + t, b32, kvh32, i0, lane,
+                                                key_shift, sink, s, m_i, l_i, acc, False, BLOCK, HEAD_DIM, PRECISION)
+            for t in range(n_safe, n):
+                m_i, l_i, acc = _diagonal_strip(q, KD, VD, Sigma, Words, head_strips + t, b32, kvh32, i0, lane,
+                                                key_shift, sink, s, m_i, l_i, acc, True, BLOCK, HEAD_DIM, PRECISION)
 
         # Sink strips: keys 0 .. sink - 1, every causal cell.
         n_sink = (tl.minimum(sink, i0 + BLOCK) + BLOCK - 1) // BLOCK
@@ -204,9 +220,8 @@ if triton is not None:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(l_i > 0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        tl.store(Out + b * sob + h * soh + rows[:, None].to(tl.int64) * som + d[None, :], out.to(Out.dtype.element_ty),
-                 mask=(rows[:, None] < Nq) & dims)
-        tl.store(Lse + (b * n_heads + h) * Nq + rows, lse, mask=rows < Nq)
+        tl.store(out_rows, out.to(Out.dtype.element_ty), mask=(rows[:, None] < Nq) & dims)
+        tl.store(lse_rows, lse, mask=rows < Nq)
 
 
 def _tma_operand(t: Tensor) -> Tensor:
@@ -234,32 +249,64 @@ def _warn_copy(dtype: torch.dtype, head_dim: int, aligned_strides: bool, misalig
                 "strides aligned" if aligned_strides else "strides not multiples of 16 bytes", misalignment)
 
 
-def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float) -> tuple[Tensor, Tensor]:
+#: ``strip_attention``'s kernel choices.
+KERNELS = ("auto", "triton", "hopper")
+
+
+def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
+                    kernel: str = "auto") -> tuple[Tensor, Tensor]:
     """Attention of query [B, Hq, Nq, D] over the strip and column cells of key/value [B, Hkv, Nk, D].
 
     Returns (out [B, Hq, Nq, D] in the query dtype, lse [B, Hq, Nq] float32, -inf for rows with no
-    such cell). Runs the Triton kernel on CUDA (on CPU only under ``TRITON_INTERPRET=1``).
+    such cell). Runs the Triton kernel on CUDA (on CPU only under ``TRITON_INTERPRET=1``). On a
+    Hopper GPU with bf16/fp16 and head dim 64 or 128 (``hopper_strips.supported``), ``"auto"`` runs
+    the diagonal strips in the Gluon kernel of ``hopper_strips`` and the sink strips and columns,
+    if any, in the Triton kernel, which continues from its output; ``kernel="triton"`` runs
+    everything in the Triton kernel, ``"hopper"`` requires the Gluon path.
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if triton is None or TensorDescriptor is None:
         raise ValueError("the strip kernel needs Triton >= 3.3 (tensor descriptors): install or upgrade it, "
                          "or plan with strips=False")
     B, Hq, Nq, D = query.shape
-    Hkv, Nk = key.shape[1], key.shape[2]
+    Nk = key.shape[2]
     if tuple(strips.sigma.shape[:2]) != (B, Hq) or (strips.nq, strips.nk) != (Nq, Nk):
         raise ValueError(f"strips made for batch x heads {tuple(strips.sigma.shape[:2])}, {strips.nq} queries and "
                          f"{strips.nk} keys cannot run on {B} x {Hq}, {Nq} queries and {Nk} keys")
     if not 1 <= D <= 256:
         raise ValueError(f"the strip kernel supports head dims up to 256, got {D}")
+    if not all(t.is_contiguous() for t in (strips.sigma, strips.words, strips.columns, strips.allowed)):
+        raise ValueError("strip tops, words, columns and allowed offsets must be contiguous (as strip_layout makes them)")
     query = query if query.stride(-1) == 1 else query.contiguous()
     key, value = _tma_operand(key), _tma_operand(value)
-    head_dim = max(16, triton.next_power_of_2(D))
-    tiles = [TensorDescriptor.from_tensor(t, [1, 1, STRIP, head_dim]) for t in (key, value)]
-    out = torch.empty_like(query)
-    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=query.device)
+    if kernel == "hopper" or (kernel == "auto" and hopper_strips.supported(query, key, value)):
+        part = hopper_strips.diagonal_attention(_tma_operand(query), key, value, strips, scale)
+        if not (strips.has_sinks or strips.has_columns):
+            return part
+        return triton_strips(query, key, value, strips, scale, resume=part)
+    return triton_strips(query, key, value, strips, scale)
+
+
+def triton_strips(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
+                  resume: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """The Triton kernel of ``strip_attention`` (key and value TMA-addressable). With ``resume`` =
+    (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32) of the diagonal strips, it skips them and continues
+    the online softmax over the sink strips and columns from there, in place."""
+    B, Hq, Nq, D = query.shape
+    Hkv, Nk = key.shape[1], key.shape[2]
     sigma, counts, words = strips.sigma, strips.counts, strips.words
     columns, col_counts, allowed = strips.columns, strips.col_counts, strips.allowed
-    if not all(t.is_contiguous() for t in (sigma, words, columns, allowed)):
-        raise ValueError("strip tops, words, columns and allowed offsets must be contiguous (as strip_layout makes them)")
+    if resume is None:
+        out = torch.empty_like(query)
+        lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=query.device)
+    else:
+        out, lse = resume
+        if out.shape != query.shape or lse.shape != (B, Hq, Nq) or not lse.is_contiguous() or out.stride(-1) != 1:
+            raise ValueError(f"resume wants out {tuple(query.shape)} (unit stride in D) and a contiguous lse "
+                             f"{(B, Hq, Nq)}, got {tuple(out.shape)} and {tuple(lse.shape)}")
+    head_dim = max(16, triton.next_power_of_2(D))
+    tiles = [TensorDescriptor.from_tensor(t, [1, 1, STRIP, head_dim]) for t in (key, value)]
     grid = (triton.cdiv(Nq, STRIP), B * Hq)
     _strip_forward[grid](
         query, *tiles, key, value, out, lse, sigma, words, counts, strips.sink, columns, col_counts, allowed,
@@ -269,7 +316,7 @@ def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, s
         col_counts.stride(0), col_counts.stride(1), allowed.stride(0), allowed.stride(1),
         Hq, Hq // Hkv, Nq, Nk, strips.q_start, scale * math.log2(math.e), sigma.shape[-1].bit_length(),
         DIM=D, HEAD_DIM=head_dim, BLOCK=STRIP, FRONT=ALLOWED_FRONT,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", RESUME=resume is not None,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out, lse

@@ -54,6 +54,19 @@ def test_plot_writes_png_of_the_report(tmp_path):
 
 
 @needs_matplotlib
+def test_plot_keeps_the_strip_kernels_of_one_run_apart(tmp_path):
+    report = fake_report()
+    for r in report["results"]:
+        runs = [run for run in r["runs"] if "error" not in run]
+        r["runs"] = ([dict(run, strip_kernel="auto") for run in runs]
+                     + [dict(run, strip_kernel="triton", total_ms=run["total_ms"] * 1.1) for run in runs])
+    series = bench.plot_report(report, tmp_path / "bench.png")
+    assert series["minference_flex (100, 800) (auto strips)"] == ([32768, 131072], [34.9, 174.6])
+    assert series["minference_flex (100, 800) (triton strips)"][1] == pytest.approx([34.9 * 1.1, 174.6 * 1.1])
+    assert len(series) == 6
+
+
+@needs_matplotlib
 def test_bench_cpu_smoke_structured_with_plot(tmp_path, capsys):
     png = tmp_path / "plots" / "bench.png"
     report = bench.main(["--device", "cpu", "--eager", "--geometry", "smollm2-135m", "--lengths", "256",

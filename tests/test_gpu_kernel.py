@@ -6,6 +6,9 @@ import pytest
 import torch
 
 import minference_flex as mf
+from block_masks import strip_cells
+from minference_flex import hopper_strips
+from minference_flex.strip_kernel import strip_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -52,6 +55,44 @@ def test_compiled_cuda_matches_float64(mix, nq, nk, dtype):
         assert ((emulated.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+# Both strip kernels on their own, over the strip cells: sinks and columns (mix 1), chunked prefill
+# (nq < nk), one query, odd lengths, both head dims and half dtypes; the dense mix has neither sinks nor
+# columns (the Hopper kernel's output is the result).
+STRIP_CASES = [(1, 700, 3001, 128, torch.bfloat16), (1, 2049, 2049, 64, torch.float16), (0, 1, 777, 64, torch.bfloat16),
+               (2, 1000, 1000, 128, torch.bfloat16), (3, 64, 4096, 64, torch.bfloat16),
+               ("dense", 3100, 3100, 128, torch.float16)]
+
+
+@pytest.mark.parametrize("kernel", ["triton", "hopper"])
+@pytest.mark.parametrize("mix,nq,nk,D,dtype", STRIP_CASES)
+def test_strip_kernels_match_float64_over_the_strip_cells(kernel, mix, nq, nk, D, dtype):
+    g = torch.Generator(device="cuda").manual_seed(nq + nk + D)
+    q = torch.randn(1, 8, nq, D, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(1, 4, nk, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    if kernel == "hopper" and not hopper_strips.supported(q, k, v):
+        pytest.skip("the Hopper strip kernel needs a compute-capability 9.x GPU and Triton with Gluon")
+    patterns = [["dense", 0, 0]] * 8 if mix == "dense" else MIXES[mix]
+    plan = mf.plan_attention(q, k, patterns)
+    out, lse = strip_attention(q, k, v, plan.strips, plan.scale, kernel=kernel)
+    cells = strip_cells(plan.strips) > 0
+    live = cells.any(-1)
+    ref = reference(q, k, v, cells, plan.scale)
+    err = ((out.double() - ref.nan_to_num(0))[live].norm() / ref[live].norm()).item()
+    assert err < 1e-2, err
+    assert (out[~live] == 0).all() and torch.isinf(lse[~live]).all()
+    scores = q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2) * plan.scale
+    ref_lse = scores.masked_fill(~cells, float("-inf")).logsumexp(-1)
+    assert (lse.double() - ref_lse)[live].abs().max().item() < 1e-3
+
+
+def test_hopper_kernel_refuses_what_it_cannot_run():
+    for dtype, D in ((torch.float32, 64), (torch.bfloat16, 96)):
+        q = torch.randn(1, 2, 300, D, device="cuda").to(dtype)
+        plan = mf.plan_attention(q, q, [["vertical_and_slash", 30, 100]] * 2)
+        with pytest.raises(ValueError, match="Hopper strip kernel"):
+            strip_attention(q, q, q, plan.strips, plan.scale, kernel="hopper")
+
+
 def test_one_compile_across_lengths_and_budgets():
     from torch._dynamo.utils import counters
 
@@ -92,18 +133,20 @@ def test_head_dim_and_scale_changes_keep_results_exact():
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2, (D, scale)
 
 
-def test_log_sum_exp_stays_exact_over_many_strips():
+@pytest.mark.parametrize("kernel", ["triton", "hopper"])
+def test_log_sum_exp_stays_exact_over_many_strips(kernel):
     """The strip kernel's log-sum-exp of the last rows of a 32K prompt (about 480 strips each)
     against float64: a per-strip rounding in the rescale of the running sum (the scale applied to an
     unscaled row maximum) once drifted it by 1e-3 with the output unchanged."""
     from block_masks.build import column_flags
     from minference_flex.bench_inputs import structured_qkv
-    from minference_flex.strip_kernel import strip_attention
 
     N = 32768
     q, k, v = structured_qkv(4, 1, N, 128, device="cuda")
+    if kernel == "hopper" and not hopper_strips.supported(q, k, v):
+        pytest.skip("the Hopper strip kernel needs a compute-capability 9.x GPU and Triton with Gluon")
     plan = mf.plan_attention(q, k, [["vertical_and_slash", 1000, 6096]] * 4)
-    _, lse = strip_attention(q, k, v, plan.strips, plan.scale)
+    _, lse = strip_attention(q, k, v, plan.strips, plan.scale, kernel=kernel)
     sel = plan.selection
     rows = torch.arange(N - 64, N, device="cuda")
     keys = torch.arange(N, device="cuda")

@@ -17,7 +17,7 @@ from block_masks.strip_build_kernel import CHUNK, strip_layout_triton
 from block_masks.build import column_flags
 from block_masks.strips import ALLOWED_FRONT, NO_STRIP, STRIP, strip_cells, strip_layout, strip_tops
 from minference_flex.config import parse_patterns
-from minference_flex.strip_kernel import strip_attention
+from minference_flex.strip_kernel import strip_attention, triton_strips
 from tests.naive import reference_attention
 from tests.strategies import cases, examples
 
@@ -196,6 +196,36 @@ def test_strip_kernel_on_random_offset_sets(selection, seed):
 
 
 @interpreted
+@settings(max_examples=examples(10))
+@given(selection=offset_sets(max_nk=300), seed=st.integers(0, 2**31 - 1))
+def test_triton_kernel_resumes_from_the_diagonal_part(selection, seed):
+    """With ``resume`` (the Hopper kernel's output and log-sum-exp over the diagonal strips; here the
+    float64 attention over those cells) the Triton kernel skips the diagonal strips and adds the sink
+    strips and columns: the result is the attention over all strip cells."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, selection.nq, 16, generator=g)
+    k, v = torch.randn(2, 1, 1, selection.nk, 16, generator=g)
+    strips = strip_layout(selection)
+    o = selection.q_offset + torch.arange(selection.nq)[:, None] - torch.arange(selection.nk)
+    sink_cells = (torch.arange(selection.nk) < selection.sink[:, None, None]) & (o >= 0)
+    diagonal = strip_cells(dataclasses.replace(strips, col_counts=torch.zeros_like(strips.col_counts))) - sink_cells.int()
+    assert diagonal.min() >= 0
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    lse0 = scores.masked_fill(diagonal == 0, -math.inf).logsumexp(-1)
+    out0 = reference_attention(q, k, v, diagonal > 0, 0.25).nan_to_num(0)
+    on = dataclasses.replace(strips, **{f: getattr(strips, f).to(device) for f in
+                                        ("sigma", "counts", "words", "sink", "columns", "col_counts", "allowed")})
+    out, lse = triton_strips(q.to(device), k.to(device), v.to(device), on, 0.25,
+                             resume=(out0.float().to(device), lse0.float().to(device)))
+    cells = strip_cells(strips) > 0
+    ref = reference_attention(q, k, v, cells, 0.25).nan_to_num(0)
+    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=1e-5)
+    ref_lse = scores.masked_fill(~cells, -math.inf).logsumexp(-1)
+    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@interpreted
 def test_strip_kernel_counts_shared_keys_once():
     """Clusters 0..40 and 110..111 get chains (40, -24) and (111, 47): strips 40 and 47 share keys,
     and each must count only its own cluster's offsets."""
@@ -242,6 +272,11 @@ def test_bad_strip_requests_raise_value_error(monkeypatch):
     plan = mf.plan_attention(q, k, [["vertical_and_slash", 30, 100]] * 2, strips=True, fold_columns=False)
     with pytest.raises(ValueError, match="cannot run on"):
         strip_attention(q[:, :, :50], k, v, plan.strips, plan.scale)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        strip_attention(q, k, v, plan.strips, plan.scale, kernel="gluon")
+    if not torch.cuda.is_available():  # the Hopper kernel runs on sm_90 GPUs only, and says so
+        with pytest.raises(ValueError, match="compute-capability 9"):
+            strip_attention(q, k, v, plan.strips, plan.scale, kernel="hopper")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="runs on CUDA"):
         mf.attention._strip_part(plan, q, k, v, compiled=True)
