@@ -7,10 +7,10 @@ two strips of the head's list at once: their keys and values land as two TMA cop
 halves of one 128-key buffer, one wgmma gives the [64, 128] scores, one softmax step and one
 rescale cover both strips, one wgmma adds P.V. Written in Gluon (Triton's layout-explicit dialect)
 because the pairing needs what plain Triton does not give: the buffers, their barriers and the
-asynchronous wgmma are explicit, so the keys of the next pair and the values of the current one
-arrive while the current softmax runs, with one buffer for keys and two for values (112 KiB of
+asynchronous wgmma are explicit, so the keys of the next pair and the values of a later one arrive
+while the current softmax runs, with one buffer for keys and two for values (112 KiB of
 shared memory at head dim 128: two programs per SM; Triton's pipeliner would double-buffer all four
-tiles and leave one). Measured on the H100 (docs/performance.md): 12-21% less time per strip than
+tiles and leave one). Measured on the H100 (docs/performance.md): 11-21% less time per strip than
 the Triton kernel at 32K-1M.
 
 Only the diagonal strips run here; the sink strips and the gathered vertical columns of the same
