@@ -9,10 +9,11 @@ from .cells import tile_states, token_cells, visited_cells
 from .estimate import BlockSelection, Selection, block_means, diagonal_sums, select, vertical_slash_scores
 from .pattern import ALIASES, KINDS, TILE, Pattern
 from .recall import attention_recall
-from .strips import STRIP, Strips, strip_layout, strip_cells
+from .strips import SEGMENT, STRIP, Segments, Strips, segment_cells, strip_cells, strip_layout, strip_segments
 
 __all__ = [
-    "ALIASES", "KINDS", "STRIP", "TILE", "Pattern", "Strips", "strip_layout", "strip_cells", "BlockSelection", "Selection", "TileGeometry", "Tiles",
+    "ALIASES", "KINDS", "SEGMENT", "STRIP", "TILE", "Pattern", "Segments", "Strips", "segment_cells", "strip_layout",
+    "strip_cells", "strip_segments", "BlockSelection", "Selection", "TileGeometry", "Tiles",
     "attention_recall", "block_means", "compact", "diagonal_sums", "gather_columns", "kept_diagonals", "main_block_mask", "select",
     "tile_states", "token_cells", "vertical_block_mask", "vertical_slash_scores", "visited_cells",
 ]

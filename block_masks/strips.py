@@ -33,6 +33,9 @@ from .strip_build_kernel import HAS_TRITON, strip_layout_triton
 STRIP = TILE
 #: Strip tops of padding entries: past every query block, so never counted.
 NO_STRIP = 2**30
+#: Keys of a segment (``strip_segments``): the Hopper kernel copies 2 * STRIP // SEGMENT of them per step (32:
+#: fewer keys than the strips, 0.90 of their area at 1M, for 4 copies of keys and 4 of values a step).
+SEGMENT = 32
 #: Zero bits in front of offset 0 in ``Strips.allowed``: a column's window of STRIP offsets starts
 #: at i0 - column, which the kernel clamps to -ALLOWED_FRONT (a window wholly before offset 0).
 ALLOWED_FRONT = 128
@@ -80,6 +83,69 @@ class Strips:
         column_blocks = (self.col_counts.long() + STRIP - 1) // STRIP
         return (self.counts.sum(-1, dtype=torch.int64) + sink_strips.sum(-1)
                 + column_blocks.sum(-1))
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The diagonal strips cut into segments of ``width`` consecutive keys, empty segments dropped (the
+    layout of the Hopper kernel, ``minference_flex.hopper_strips``).
+
+    A narrow cluster of kept offsets a .. b needs STRIP + b - a keys per query block, but its chain
+    of strips holds up to twice that (two strips once a < b); in segments it costs STRIP + b - a
+    keys rounded up to ``width``. An isolated diagonal costs STRIP keys either way.
+
+    tops:   [B, Hq, S'] int32 ascending, padded with NO_STRIP: the segment with top tau holds keys
+            i0 - tau .. i0 - tau + width - 1 for the query block at i0 (the strip with top sigma is the
+            segments sigma, sigma - width, ...).
+    words:  [B, Hq, S', 4] int32: row r and key c of a segment count iff bit r - c + width - 1 of its
+            words is set (offset tau + r - c kept and in the strip's cluster; bits past
+            STRIP + width - 2 are 0), and the key is at least the head's sink and 0 (the kernel's test).
+    full:   [B, Hq, S'] int8, 1 where all STRIP + width - 1 bits are set.
+    counts: [B, Hq, n_q_blocks] int32, segments query block t visits: those with tau <= i0 + width - 1
+            (a segment wholly before key 0 is dropped).
+    """
+
+    tops: Tensor
+    words: Tensor
+    full: Tensor
+    counts: Tensor
+    width: int
+
+
+#: Segment widths ``strip_segments`` makes.
+SEGMENT_WIDTHS = (16, 32)
+
+
+def strip_segments(strips: Strips, width: int = SEGMENT) -> Segments:
+    """The diagonal strips of ``strips`` as segments of ``width`` keys (``Segments``; no host sync).
+    Sink strips and columns are not segments."""
+    if width not in SEGMENT_WIDTHS:
+        raise ValueError(f"segment width must be one of {SEGMENT_WIDTHS} keys, got {width}")
+    sigma = strips.sigma
+    B, H, S = sigma.shape
+    device = sigma.device
+    R = STRIP // width
+    w = strips.words.long() & 0xFFFFFFFF
+    lo, hi = (w[..., 0] | (w[..., 1] << 32))[..., None], (w[..., 2] | (w[..., 3] << 32))[..., None]
+    # Segment j of a strip holds its keys width * j ..: its bit u is the strip's bit u + shift.
+    shift = STRIP - width * (torch.arange(R, device=device) + 1)                  # [R], 0 .. STRIP - width
+    s1 = shift.clamp(min=1)
+    low_half = torch.where(shift == 0, lo, ((lo >> s1) & ((1 << (64 - s1)) - 1)) | (hi << (64 - s1)))
+    high_half = (hi >> shift) & ((1 << (64 - shift)) - 1)                        # shift < 64
+    n_bits = STRIP + width - 1                                                   # < 64 + 32
+    high_half = high_half & ((1 << (n_bits - 64)) - 1)
+    full = (low_half == -1) & (high_half == (1 << (n_bits - 64)) - 1)
+    words = torch.stack([low_half, low_half >> 32, high_half, high_half >> 32], -1) & 0xFFFFFFFF
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)      # [B, H, S, R, 4]
+    tops = sigma[..., None] - width * torch.arange(R, device=device, dtype=torch.int32)
+    real = (sigma[..., None] != NO_STRIP) & ((low_half != 0) | (high_half != 0))
+    tops, order = torch.where(real, tops, NO_STRIP).flatten(2).sort(stable=True)
+    words = words.flatten(2, 3).gather(2, order[..., None].expand(B, H, order.shape[-1], 4)).contiguous()
+    full = full.flatten(2).gather(2, order).to(torch.int8)
+    n_q_blocks = strips.counts.shape[-1]
+    last = strips.q_start + STRIP * torch.arange(n_q_blocks, device=device) + width - 1
+    counts = torch.searchsorted(tops, last.to(torch.int32).expand(B, H, n_q_blocks).contiguous(), right=True)
+    return Segments(tops=tops.contiguous(), words=words, full=full, counts=counts.to(torch.int32), width=width)
 
 
 def pack_bits(flags: Tensor) -> Tensor:
@@ -217,6 +283,32 @@ def strip_cells(strips: Strips) -> Tensor:
     sink = j < strips.sink[:, None, None].long()                                  # [H, 1, Nk]
     diagonals = torch.where(sink | (o < 0), 0, reached) + (sink & (o >= 0)).to(torch.int32)
     return diagonals + _column_cells(strips, o)
+
+
+def segment_cells(segments: Segments, strips: Strips) -> Tensor:
+    """How often the Hopper kernel computes each cell through ``segments`` (those of ``strips``):
+    [B, Hq, Nq, Nk] int32 (dense: tests only). Every kept diagonal cell whose key is no sink must
+    come out exactly 1, every other 0. Row r of query block t counts key c of each of the block's
+    first ``counts[t]`` segments where bit r - c + width - 1 of its words is set and the key is at
+    least the head's sink and 0, as the kernel does."""
+    tops, words, width = segments.tops, segments.words, segments.width
+    B, H, S = tops.shape
+    device = tops.device
+    nq, nk = strips.nq, strips.nk
+    cells = torch.zeros(B, H, nq, nk + 1, dtype=torch.int32, device=device)     # key nk: out of range
+    c = torch.arange(width, device=device)
+    low = strips.sink.long().clamp(min=0)[None, :, None, None, None]
+    for t in range(segments.counts.shape[-1]):
+        rows = torch.arange(min(STRIP, nq - STRIP * t), device=device)
+        u = rows[:, None] - c + width - 1                                                     # [R, width]
+        on = (((words[..., u // 32] >> (u % 32)) & 1) != 0).transpose(2, 3)                  # [B, H, R, S, width]
+        keys = STRIP * t + strips.q_start - tops.long()[..., None] + c                        # [B, H, S, width]
+        visited = torch.arange(S, device=device) < segments.counts[..., t, None]            # [B, H, S]
+        on = on & visited[:, :, None, :, None] & (keys[:, :, None] >= low)
+        idx = torch.where(on, keys[:, :, None].clamp(0, nk), nk).flatten(-2)                  # [B, H, R, S * width]
+        cells[:, :, STRIP * t + rows] += torch.zeros_like(cells[:, :, :len(rows)]).scatter_add_(
+            -1, idx, on.flatten(-2).to(torch.int32))
+    return cells[..., :nk]
 
 
 def _column_cells(strips: Strips, o: Tensor) -> Tensor:

@@ -15,7 +15,8 @@ import minference_flex as mf
 from block_masks import Selection, select
 from block_masks.strip_build_kernel import CHUNK, strip_layout_triton
 from block_masks.build import column_flags
-from block_masks.strips import ALLOWED_FRONT, NO_STRIP, STRIP, strip_cells, strip_layout, strip_tops
+from block_masks.strips import (ALLOWED_FRONT, NO_STRIP, SEGMENT_WIDTHS, STRIP, segment_cells, strip_cells, strip_layout,
+                                strip_segments, strip_tops)
 from minference_flex.config import parse_patterns
 from minference_flex.strip_kernel import strip_attention, triton_strips
 from tests.naive import reference_attention
@@ -176,6 +177,35 @@ def offset_sets(draw, max_nk: int = 700):
 def test_strips_of_random_offset_sets(selection):
     """Every kept diagonal, sink and column cell is computed exactly once, nothing else."""
     assert torch.equal(strip_cells(strip_layout(selection)), strip_kernel_cells(selection).to(torch.int32))
+
+
+@settings(max_examples=examples(40))
+@given(selection=offset_sets(max_nk=400), width=st.sampled_from(SEGMENT_WIDTHS))
+def test_segments_cover_exactly_the_kept_diagonals(selection, width):
+    """The Hopper kernel's segments (``strip_segments``) compute every kept diagonal cell whose key is
+    no sink exactly once and nothing else, in no more keys than the strips they are cut from."""
+    strips = strip_layout(selection)
+    segments = strip_segments(strips, width)
+    p = selection.q_offset + torch.arange(selection.nq)[:, None]
+    j = torch.arange(selection.nk)
+    o = p - j
+    diagonal = selection.offsets[:, :, o.clamp(min=0)] & (o >= 0) & (j >= selection.sink[:, None, None])
+    assert torch.equal(segment_cells(segments, strips), diagonal.to(torch.int32))
+    assert (segments.tops[..., 1:] >= segments.tops[..., :-1]).all()
+    assert segments.counts.long().sum() * width <= strips.counts.long().sum() * STRIP
+
+
+def test_segments_of_a_narrow_cluster_hold_fewer_keys():
+    """Offsets 100..102: a chain of two strips (128 keys per query block), three segments of 32 keys."""
+    offsets = torch.zeros(1, 1, 1000, dtype=torch.bool)
+    offsets[0, 0, 100:103] = True
+    selection = Selection(nq=1000, nk=1000, offsets=offsets, sink=torch.zeros(1, dtype=torch.int32),
+                          block_sparse=torch.zeros(1, dtype=torch.bool), columns=None, blocks=(), max_sink=0, max_offsets=1000)
+    strips = strip_layout(selection)
+    segments = strip_segments(strips, 32)
+    assert strips.counts[0, 0, -1] == 2 and segments.counts[0, 0, -1] == 3
+    with pytest.raises(ValueError, match="segment width"):
+        strip_segments(strips, 64)
 
 
 @interpreted
