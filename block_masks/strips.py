@@ -131,7 +131,7 @@ def strip_segments(strips: Strips, width: int = SEGMENT) -> Segments:
     shift = STRIP - width * (torch.arange(R, device=device) + 1)                  # [R], 0 .. STRIP - width
     s1 = shift.clamp(min=1)
     low_half = torch.where(shift == 0, lo, ((lo >> s1) & ((1 << (64 - s1)) - 1)) | (hi << (64 - s1)))
-    high_half = (hi >> shift) & ((1 << (64 - shift)) - 1)                        # shift < 64
+    high_half = torch.where(shift == 0, hi, (hi >> s1) & ((1 << (64 - s1)) - 1))
     n_bits = STRIP + width - 1                                                   # < 64 + 32
     high_half = high_half & ((1 << (n_bits - 64)) - 1)
     full = (low_half == -1) & (high_half == (1 << (n_bits - 64)) - 1)

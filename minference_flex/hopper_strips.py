@@ -253,6 +253,8 @@ if gluon is not None:
     def _launch(query: Tensor, key: Tensor, value: Tensor, tops: Tensor, words: Tensor, full: Tensor, counts: Tensor,
                 sink: Tensor, q_start: int, width: int, scale: float) -> tuple[Tensor, Tensor]:
         B, Hq, Nq, D = query.shape
+        # One head offset (from the tops' strides) addresses tops, words and flags: all contiguous.
+        tops, words, full = tops.contiguous(), words.contiguous(), full.contiguous()
         layout = _shared_layout(query.dtype, D)
         descriptors = [TensorDescriptor.from_tensor(query, [1, 1, STRIP, D], layout)]
         descriptors += [TensorDescriptor.from_tensor(t, [1, 1, width, D], layout) for t in (key, value)]
