@@ -341,7 +341,7 @@ def compile_counts(geometry: dict) -> dict:
                "scores pass 1": score_kernel._row_stats, "scores pass 2": score_kernel._vertical_slash,
                "strip builder": strip_build_kernel._build}
     if hopper_strips.gluon is not None:
-        kernels["hopper strips"] = hopper_strips._diagonal_segments
+        kernels["hopper strips"] = hopper_strips._segments_and_columns
 
     def builds() -> dict[str, int]:  # Triton keeps one compiled kernel per specialisation, per device
         return {name: sum(len(cache[0]) for cache in fn.device_caches.values()) for name, fn in kernels.items()}

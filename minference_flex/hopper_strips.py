@@ -30,7 +30,8 @@ import math
 import torch
 from torch import Tensor
 
-from block_masks.strips import STRIP, Segments, Strips, strip_segments
+from block_masks.build import gather_columns
+from block_masks.strips import ALLOWED_FRONT, STRIP, Segments, Strips, strip_segments
 
 #: Oldest Triton whose Gluon API this kernel is written against (Gluon is experimental: its API moves).
 MIN_TRITON = (3, 6)
@@ -128,26 +129,64 @@ if gluon is not None:
         return m_new, l_i * alpha + gl.sum(p, 1), p, alpha
 
     @gluon.jit
-    def _produce(QD, KD, VD, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, tops, n, i0, b, h, kvh,
-                 qb, WIDTH: gl.constexpr, NUM_V: gl.constexpr):
-        """The copying warp: the queries, then per group its keys (one buffer) and values (NUM_V buffers),
-        each once the consumer has released the buffer."""
+    def _column_copy(desc, bar, buf, b, h, g, nbytes: gl.constexpr, WIDTH: gl.constexpr):
+        """TMA copies of gathered columns 128 g .. 128 g + 127 of query head h (rows past the last
+        read zeros) into ``buf``."""
+        NSEG: gl.constexpr = 128 // WIDTH
+        mbarrier.expect(bar, NSEG * nbytes)
+        for m in gl.static_range(NSEG):
+            tma.async_copy_global_to_shared(desc, [b, h, 128 * g + m * WIDTH, 0], bar, buf.slice(m * WIDTH, WIDTH, dim=2))
+
+    @gluon.jit
+    def _column_words(columns, allowed, n_cols, g, i0, cols, FRONT: gl.constexpr):
+        """Which rows count in gathered columns 128 g ..: (bits for rows 0..31, rows 32..63), one
+        32-bit word each per column. Column c's cell in row r counts iff c is among the block's first
+        ``n_cols`` and bit FRONT + i0 + r - c of the head's allowed offsets is set (causal and not
+        kept: the diagonals compute kept offsets)."""
+        j = 128 * g + cols
+        live = j < n_cols
+        c = gl.load(columns + j, mask=live, other=0)
+        first = gl.maximum(i0 - c, -FRONT) + FRONT  # a window wholly before offset 0 reads zeros
+        word = allowed + (first >> 5)
+        a0 = gl.load(word, mask=live, other=0).to(gl.uint32, bitcast=True).to(gl.uint64)
+        a1 = gl.load(word + 1, mask=live, other=0).to(gl.uint32, bitcast=True).to(gl.uint64)
+        a2 = gl.load(word + 2, mask=live, other=0).to(gl.uint32, bitcast=True).to(gl.uint64)
+        shift = (first & 31).to(gl.uint64)
+        low = (a0 | (a1 << 32)) >> shift
+        window = gl.where(shift == 0, low, low | (a2 << (64 - shift)))
+        return (window & 0xFFFFFFFF).to(gl.uint32), (window >> 32).to(gl.uint32)
+
+    @gluon.jit
+    def _produce(QD, KD, VD, CKD, CVD, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, tops, n,
+                 n_col_steps, i0, b, h, kvh, qb, WIDTH: gl.constexpr, NUM_V: gl.constexpr):
+        """The copying warp: the queries, then per step its keys (one buffer) and values (NUM_V buffers),
+        each once the consumer has released the buffer: the gathered columns' steps first, then the
+        segment groups."""
         NSEG: gl.constexpr = 128 // WIDTH
         nbytes: gl.constexpr = KD.block_type.nbytes
         mbarrier.expect(q_bar, QD.block_type.nbytes)
         tma.async_copy_global_to_shared(QD, [b, h, qb * 64, 0], q_bar, q_smem)
+        for g in range(n_col_steps):
+            mbarrier.wait(k_empty, (g & 1) ^ 1)
+            _column_copy(CKD, k_ready, k_smem, b, h, g, nbytes, WIDTH)
+            vb = g % NUM_V
+            mbarrier.wait(v_empty.index(vb), ((g // NUM_V) & 1) ^ 1)
+            _column_copy(CVD, v_ready.index(vb), v_smem.index(vb), b, h, g, nbytes, WIDTH)
         for j in range((n + NSEG - 1) // NSEG):
-            mbarrier.wait(k_empty, (j & 1) ^ 1)
+            u = n_col_steps + j  # buffer uses so far
+            mbarrier.wait(k_empty, (u & 1) ^ 1)
             _group_copy(KD, k_ready, k_smem, tops, j, n, i0, b, kvh, nbytes, WIDTH)
-            vb = j % NUM_V
-            mbarrier.wait(v_empty.index(vb), ((j // NUM_V) & 1) ^ 1)
+            vb = u % NUM_V
+            mbarrier.wait(v_empty.index(vb), ((u // NUM_V) & 1) ^ 1)
             _group_copy(VD, v_ready.index(vb), v_smem.index(vb), tops, j, n, i0, b, kvh, nbytes, WIDTH)
 
     @gluon.jit
     def _consume(q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, tops, words, full, n,
-                 i0, low, s, b, h, bh, qb, sob, soh, som, Nq, dtype: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 WIDTH: gl.constexpr, NUM_V: gl.constexpr):
-        """The computing warpgroup: per group Q.K^T, the online softmax, P.V; then the output and lse."""
+                 columns, allowed, n_cols, n_col_steps, i0, low, s, b, h, bh, qb, sob, soh, som, Nq,
+                 dtype: gl.constexpr, HEAD_DIM: gl.constexpr, WIDTH: gl.constexpr, NUM_V: gl.constexpr,
+                 FRONT: gl.constexpr):
+        """The computing warpgroup: the column steps (one at a time), then per segment group Q.K^T, the
+        online softmax and P.V, overlapped; then the output and its log-sum-exp."""
         BLOCK: gl.constexpr = 64
         W: gl.constexpr = 128
         NSEG: gl.constexpr = W // WIDTH
@@ -158,6 +197,7 @@ if gluon is not None:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         n_groups = (n + NSEG - 1) // NSEG
+        C = n_col_steps
         rows = gl.arange(0, BLOCK, layout=row_s)
         cols = gl.arange(0, W, layout=gl.SliceLayout(0, s_layout))
         m_i = gl.full([BLOCK], float("-inf"), gl.float32, layout=row_s)
@@ -168,20 +208,45 @@ if gluon is not None:
         q = q_smem.reshape([BLOCK, HEAD_DIM])
         k = k_smem.reshape([W, HEAD_DIM])
         mbarrier.wait(q_bar, phase=0)
+        # Column steps: few (a budget of V columns is V / 128 steps at most), so not overlapped.
+        for g in range(C):
+            # The rows' words before the scores: the loads' addresses are dead by the time they land.
+            lo, hi = _column_words(columns, allowed, n_cols, g, i0, cols, FRONT)
+            mbarrier.wait(k_ready, phase=g & 1)
+            qk = warpgroup_mma(q, k.permute((1, 0)), no_scores, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
+            mbarrier.arrive(k_empty, count=1)
+            half = gl.where((rows >= 32)[:, None], hi[None, :], lo[None, :])
+            qk = gl.where(((half >> (rows % 32).to(gl.uint32)[:, None]) & 1) != 0, qk, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(qk, 1) * s)
+            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+            pf = gl.exp2(qk * s - m_safe[:, None])
+            alpha = gl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + gl.sum(pf, 1)
+            m_i = m_new
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            vb = g % NUM_V
+            mbarrier.wait(v_ready.index(vb), phase=(g // NUM_V) & 1)
+            acc = warpgroup_mma(gl.convert_layout(pf.to(dtype), p_layout), v_smem.index(vb).reshape([W, HEAD_DIM]),
+                                acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(v_empty.index(vb), count=1)
         # Group j: its Q.K^T, then the P.V of group j - 1 behind it; the key buffer is released once the
         # scores are in, a value buffer once its P.V is done. Group 0 has no P.V before it.
         if n_groups > 0:
-            mbarrier.wait(k_ready, phase=0)
+            mbarrier.wait(k_ready, phase=C & 1)
             qk = warpgroup_mma(q, k.permute((1, 0)), no_scores, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ))
             mbarrier.arrive(k_empty, count=1)
             m_i, l_i, pf, alpha = _group_softmax(qk, tops, words, full, 0, n, i0, low, m_i, l_i, s, rows, cols, WIDTH)
             p = gl.convert_layout(pf.to(dtype), p_layout)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         for j in range(1, n_groups):
-            mbarrier.wait(k_ready, phase=j & 1)
+            u = C + j
+            mbarrier.wait(k_ready, phase=u & 1)
             qk = warpgroup_mma(q, k.permute((1, 0)), no_scores, use_acc=False, is_async=True)
-            vb = (j - 1) % NUM_V
-            mbarrier.wait(v_ready.index(vb), phase=((j - 1) // NUM_V) & 1)
+            vb = (u - 1) % NUM_V
+            mbarrier.wait(v_ready.index(vb), phase=((u - 1) // NUM_V) & 1)
             acc = warpgroup_mma(p, v_smem.index(vb).reshape([W, HEAD_DIM]), acc, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk, ))
             mbarrier.arrive(k_empty, count=1)
@@ -192,8 +257,9 @@ if gluon is not None:
             p = gl.convert_layout(pf.to(dtype), p_layout)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         if n_groups > 0:
-            vb = (n_groups - 1) % NUM_V
-            mbarrier.wait(v_ready.index(vb), phase=((n_groups - 1) // NUM_V) & 1)
+            u = C + n_groups - 1
+            vb = u % NUM_V
+            mbarrier.wait(v_ready.index(vb), phase=(u // NUM_V) & 1)
             acc = warpgroup_mma(p, v_smem.index(vb).reshape([W, HEAD_DIM]), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         l_safe = gl.where(l_i > 0, l_i, 1.0)
@@ -207,10 +273,13 @@ if gluon is not None:
         gl.store(Lse + bh.to(gl.int64) * Nq + rows_l, lse, mask=rows_l < Nq)
 
     # Lengths and the strides that follow them are not specialised on: one build for every length.
-    @gluon.jit(do_not_specialize=["Nq", "q_start", "sob", "soh", "ssb", "ssh", "scb", "sch"])
-    def _diagonal_segments(QD, KD, VD, Out, Lse, Tops, Words, Full, Counts, Sink,
-                           sob, soh, som, ssb, ssh, scb, sch, n_heads, group, Nq, q_start, qk_scale,
-                           HEAD_DIM: gl.constexpr, WIDTH: gl.constexpr, NUM_V: gl.constexpr):
+    @gluon.jit(do_not_specialize=["Nq", "q_start", "sob", "soh", "ssb", "ssh", "scb", "sch", "svb", "svh", "snb",
+                                  "snh", "sab", "sah"])
+    def _segments_and_columns(QD, KD, VD, CKD, CVD, Out, Lse, Tops, Words, Full, Counts, Sink, Columns, ColCounts, Allowed,
+                              sob, soh, som, ssb, ssh, scb, sch, svb, svh, snb, snh, sab, sah,
+                              n_heads, group, Nq, q_start, qk_scale,
+                              HEAD_DIM: gl.constexpr, WIDTH: gl.constexpr, NUM_V: gl.constexpr, COLUMNS: gl.constexpr,
+                              FRONT: gl.constexpr):
         BLOCK: gl.constexpr = 64
         W: gl.constexpr = 128
         # The last query blocks hold the most segments: launched first (as in the Triton kernel).
@@ -237,12 +306,18 @@ if gluon is not None:
             mbarrier.init(v_empty.index(i), count=1)
         n = gl.load(Counts + b.to(gl.int64) * scb + h * sch + qb)
         head = b.to(gl.int64) * ssb + h * ssh
+        if COLUMNS:
+            n_cols = gl.load(ColCounts + b.to(gl.int64) * snb + h * snh + qb)
+        else:
+            n_cols = 0
+        n_col_steps = (n_cols + W - 1) // W
         gl.warp_specialize([
             (_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Out, Lse, Tops + head,
-                        Words + head * 4, Full + head, n, i0, low, qk_scale, b, h, bh, qb, sob, soh, som, Nq, QD.dtype,
-                        HEAD_DIM, WIDTH, NUM_V)),
-            (_produce, (QD, KD, VD, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, Tops + head, n,
-                        i0, b, h, kvh, qb, WIDTH, NUM_V)),
+                        Words + head * 4, Full + head, n, Columns + b.to(gl.int64) * svb + h * svh,
+                        Allowed + b.to(gl.int64) * sab + h * sah, n_cols, n_col_steps, i0, low, qk_scale, b, h, bh,
+                        qb, sob, soh, som, Nq, QD.dtype, HEAD_DIM, WIDTH, NUM_V, FRONT)),
+            (_produce, (QD, KD, VD, CKD, CVD, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                        Tops + head, n, n_col_steps, i0, b, h, kvh, qb, WIDTH, NUM_V)),
         ], [1], [24])
 
     @functools.lru_cache(maxsize=8)
@@ -250,39 +325,46 @@ if gluon is not None:
         return gl.NVMMASharedLayout.get_default_for([1, 1, STRIP, head_dim], gl.bfloat16 if dtype == torch.bfloat16
                                                     else gl.float16)
 
-    def _launch(query: Tensor, key: Tensor, value: Tensor, tops: Tensor, words: Tensor, full: Tensor, counts: Tensor,
-                sink: Tensor, q_start: int, width: int, scale: float) -> tuple[Tensor, Tensor]:
+    def _launch(query: Tensor, key: Tensor, value: Tensor, column_keys: Tensor | None, column_values: Tensor | None,
+                tops: Tensor, words: Tensor, full: Tensor, counts: Tensor, sink: Tensor, columns: Tensor,
+                col_counts: Tensor, allowed: Tensor, q_start: int, width: int, scale: float) -> tuple[Tensor, Tensor]:
         B, Hq, Nq, D = query.shape
         # One head offset (from the tops' strides) addresses tops, words and flags: all contiguous.
         tops, words, full = tops.contiguous(), words.contiguous(), full.contiguous()
         layout = _shared_layout(query.dtype, D)
         descriptors = [TensorDescriptor.from_tensor(query, [1, 1, STRIP, D], layout)]
-        descriptors += [TensorDescriptor.from_tensor(t, [1, 1, width, D], layout) for t in (key, value)]
+        with_columns = column_keys is not None
+        gathered = (column_keys, column_values) if with_columns else (key, value)  # unread without columns
+        descriptors += [TensorDescriptor.from_tensor(t, [1, 1, width, D], layout) for t in (key, value, *gathered)]
         out = torch.empty(B, Hq, Nq, D, dtype=query.dtype, device=query.device)
         lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=query.device)
         grid = (triton.cdiv(Nq, STRIP), B * Hq)
-        _diagonal_segments[grid](*descriptors, out, lse, tops, words, full, counts, sink,
-                                 out.stride(0), out.stride(1), out.stride(2), tops.stride(0), tops.stride(1),
-                                 counts.stride(0), counts.stride(1), Hq, Hq // key.shape[1], Nq, q_start,
-                                 scale * math.log2(math.e), HEAD_DIM=D, WIDTH=width, NUM_V=VALUE_BUFFERS, num_warps=4,
-                                 maxnreg=REGISTERS)
+        _segments_and_columns[grid](
+            *descriptors, out, lse, tops, words, full, counts, sink, columns, col_counts, allowed,
+            out.stride(0), out.stride(1), out.stride(2), tops.stride(0), tops.stride(1), counts.stride(0),
+            counts.stride(1), columns.stride(0), columns.stride(1), col_counts.stride(0), col_counts.stride(1),
+            allowed.stride(0), allowed.stride(1), Hq, Hq // key.shape[1], Nq, q_start, scale * math.log2(math.e),
+            HEAD_DIM=D, WIDTH=width, NUM_V=VALUE_BUFFERS, COLUMNS=with_columns, FRONT=ALLOWED_FRONT, num_warps=4,
+            maxnreg=REGISTERS)
         return out, lse
 
     # Inside torch.compile the kernel is an opaque op (dynamo does not trace Gluon launches); outside,
     # ``_launch`` is called directly, without the op's dispatch cost.
-    _hopper_diagonals = torch.library.custom_op("minference_flex::hopper_diagonals", _launch, mutates_args=())
+    _hopper_strips = torch.library.custom_op("minference_flex::hopper_strips", _launch, mutates_args=())
 
-    @_hopper_diagonals.register_fake
-    def _(query, key, value, tops, words, full, counts, sink, q_start, width, scale):
+    @_hopper_strips.register_fake
+    def _(query, key, value, column_keys, column_values, tops, words, full, counts, sink, columns, col_counts, allowed,
+          q_start, width, scale):
         B, Hq, Nq, D = query.shape
         return query.new_empty(B, Hq, Nq, D), query.new_empty(B, Hq, Nq, dtype=torch.float32)
 
 
-def diagonal_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
-                       segments: Segments | None = None) -> tuple[Tensor, Tensor]:
-    """Attention of query [B, Hq, Nq, D] over the diagonal-strip cells of ``strips`` only (no sink
-    strips, no columns): (out [B, Hq, Nq, D] in the query dtype, lse [B, Hq, Nq] float32, -inf for
-    rows with no such cell). ``segments`` are ``strip_segments(strips)`` if given (made here if not).
+def hopper_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
+                     segments: Segments | None = None) -> tuple[Tensor, Tensor]:
+    """Attention of query [B, Hq, Nq, D] over the diagonal-strip and column cells of ``strips`` (no sink
+    strips): (out [B, Hq, Nq, D] in the query dtype, lse [B, Hq, Nq] float32, -inf for rows with no
+    such cell). ``segments`` are ``strip_segments(strips)`` if given (made here if not); the columns'
+    keys and values are gathered here (``block_masks.gather_columns``, [B, Hq, V, D]).
     ``supported(query, key, value)`` must hold; query, key and value must be TMA-addressable
     (``strip_kernel._tma_operand`` makes them so)."""
     if not supported(query, key, value):
@@ -290,6 +372,10 @@ def diagonal_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips
                          f"bf16/fp16 and head dim in {HEAD_DIMS}; got {query.dtype}, head dim {query.shape[-1]} "
                          f"on {query.device}")
     segments = strip_segments(strips) if segments is None else segments
-    launch = torch.ops.minference_flex.hopper_diagonals if torch.compiler.is_compiling() else _launch
-    return launch(query, key, value, segments.tops, segments.words, segments.full, segments.counts, strips.sink,
-                  strips.q_start, segments.width, scale)
+    column_keys = column_values = None
+    if strips.has_columns:
+        column_keys, column_values = gather_columns(key, strips.columns), gather_columns(value, strips.columns)
+    launch = torch.ops.minference_flex.hopper_strips if torch.compiler.is_compiling() else _launch
+    return launch(query, key, value, column_keys, column_values, segments.tops, segments.words, segments.full,
+                  segments.counts, strips.sink, strips.columns, strips.col_counts, strips.allowed, strips.q_start,
+                  segments.width, scale)

@@ -18,9 +18,10 @@ loads. Scores stay unscaled; the scale enters the exponent as one FMA. It return
 strip cells and their log-sum-exp, to be merged with the other parts of a plan. Rows with no strip
 cell get output 0 and log-sum-exp -inf.
 
-On Hopper GPUs (bf16/fp16, head dim 64 or 128) the diagonal strips run in the faster Gluon kernel of
-``hopper_strips``; this kernel then only adds the sink strips and columns, resuming the online
-softmax from that kernel's output and log-sum-exp (``triton_strips(..., resume=...)``).
+On Hopper GPUs (bf16/fp16, head dim 64 or 128) the diagonal strips and the columns run in the
+faster Gluon kernel of ``hopper_strips``; this kernel then only adds the sink strips of heads that
+have them, resuming the online softmax from that kernel's output and log-sum-exp
+(``triton_strips(..., resume=..., columns=False)``).
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ if triton is not None:
                        ssb, ssh, scb, sch, svcb, svch, sncb, snch, sab, sah,
                        n_heads, group, Nq, Nk, q_start, qk_scale, search_steps,
                        DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, FRONT: tl.constexpr,
-                       PRECISION: tl.constexpr, RESUME: tl.constexpr):
+                       PRECISION: tl.constexpr, RESUME: tl.constexpr, COLUMNS: tl.constexpr):
         tl.static_assert(BLOCK == 64, "the cell test below reads 64-bit windows of the strip words")
         # The last query blocks hold the most strips: launched first, they leave light blocks for the
         # tail of the grid (2% faster at 128K, H100).
@@ -195,7 +196,9 @@ if triton is not None:
         # before the block's last row). Column c's cell in row r has offset i0 + r - c and counts if
         # that offset is allowed (causal, not kept: the strips compute kept offsets): bit
         # FRONT + i0 - c + r of the head's allowed words, from one 64-bit window per column.
-        n_cols = tl.load(ColCounts + b * sncb + h * snch + qb)
+        n_cols = 0
+        if COLUMNS:  # else the Hopper kernel has computed them
+            n_cols = tl.load(ColCounts + b * sncb + h * snch + qb)
         col_row = Columns + b * svcb + h * svch
         allowed_row = Allowed + b * sab + h * sah
         row_shift = (lane % 32).to(tl.uint32)
@@ -260,8 +263,8 @@ def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, s
     Returns (out [B, Hq, Nq, D] in the query dtype, lse [B, Hq, Nq] float32, -inf for rows with no
     such cell). Runs the Triton kernel on CUDA (on CPU only under ``TRITON_INTERPRET=1``). On a
     Hopper GPU with bf16/fp16 and head dim 64 or 128 (``hopper_strips.supported``), ``"auto"`` runs
-    the diagonal strips in the Gluon kernel of ``hopper_strips`` and the sink strips and columns,
-    if any, in the Triton kernel, which continues from its output; ``kernel="triton"`` runs
+    the diagonal strips and columns in the Gluon kernel of ``hopper_strips`` and the sink strips, if
+    any, in the Triton kernel, which continues from its output; ``kernel="triton"`` runs
     everything in the Triton kernel, ``"hopper"`` requires the Gluon path.
     """
     if kernel not in KERNELS:
@@ -281,22 +284,25 @@ def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, s
     query = query if query.stride(-1) == 1 else query.contiguous()
     key, value = _tma_operand(key), _tma_operand(value)
     if kernel == "hopper" or (kernel == "auto" and hopper_strips.supported(query, key, value)):
-        part = hopper_strips.diagonal_attention(_tma_operand(query), key, value, strips, scale)
-        if not (strips.has_sinks or strips.has_columns):
+        part = hopper_strips.hopper_attention(_tma_operand(query), key, value, strips, scale)
+        if not strips.has_sinks:
             return part
-        return triton_strips(query, key, value, strips, scale, resume=part)
+        return triton_strips(query, key, value, strips, scale, resume=part, columns=False)
     return triton_strips(query, key, value, strips, scale)
 
 
 def triton_strips(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
-                  resume: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                  resume: tuple[Tensor, Tensor] | None = None, columns: bool = True) -> tuple[Tensor, Tensor]:
     """The Triton kernel of ``strip_attention`` (key and value TMA-addressable). With ``resume`` =
     (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32) of the diagonal strips, it skips them and continues
-    the online softmax over the sink strips and columns from there, in place."""
+    the online softmax over the sink strips and columns from there, in place; ``columns=False`` (with
+    ``resume`` only: the part already holds them) skips the columns too."""
+    if not columns and resume is None:
+        raise ValueError("columns=False leaves cells out: it needs resume=(out, lse) of a part that holds them")
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
     sigma, counts, words = strips.sigma, strips.counts, strips.words
-    columns, col_counts, allowed = strips.columns, strips.col_counts, strips.allowed
+    cols, col_counts, allowed = strips.columns, strips.col_counts, strips.allowed
     if resume is None:
         out = torch.empty_like(query)
         lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=query.device)
@@ -309,14 +315,14 @@ def triton_strips(query: Tensor, key: Tensor, value: Tensor, strips: Strips, sca
     tiles = [TensorDescriptor.from_tensor(t, [1, 1, STRIP, head_dim]) for t in (key, value)]
     grid = (triton.cdiv(Nq, STRIP), B * Hq)
     _strip_forward[grid](
-        query, *tiles, key, value, out, lse, sigma, words, counts, strips.sink, columns, col_counts, allowed,
+        query, *tiles, key, value, out, lse, sigma, words, counts, strips.sink, cols, col_counts, allowed,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        sigma.stride(0), sigma.stride(1), counts.stride(0), counts.stride(1), columns.stride(0), columns.stride(1),
+        sigma.stride(0), sigma.stride(1), counts.stride(0), counts.stride(1), cols.stride(0), cols.stride(1),
         col_counts.stride(0), col_counts.stride(1), allowed.stride(0), allowed.stride(1),
         Hq, Hq // Hkv, Nq, Nk, strips.q_start, scale * math.log2(math.e), sigma.shape[-1].bit_length(),
         DIM=D, HEAD_DIM=head_dim, BLOCK=STRIP, FRONT=ALLOWED_FRONT,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", RESUME=resume is not None,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", RESUME=resume is not None, COLUMNS=columns,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out, lse

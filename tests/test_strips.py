@@ -256,6 +256,37 @@ def test_triton_kernel_resumes_from_the_diagonal_part(selection, seed):
 
 
 @interpreted
+@settings(max_examples=examples(8))
+@given(selection=offset_sets(max_nk=300), seed=st.integers(0, 2**31 - 1))
+def test_triton_kernel_adds_only_the_sinks_after_the_hopper_part(selection, seed):
+    """With ``columns=False`` (the Hopper kernel's output and log-sum-exp over the diagonal strips and
+    the columns; here the float64 attention over those cells) the Triton kernel adds only the sink
+    strips: the result is the attention over all strip cells."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, selection.nq, 16, generator=g)
+    k, v = torch.randn(2, 1, 1, selection.nk, 16, generator=g)
+    strips = strip_layout(selection)
+    o = selection.q_offset + torch.arange(selection.nq)[:, None] - torch.arange(selection.nk)
+    sink_cells = (torch.arange(selection.nk) < selection.sink[:, None, None]) & (o >= 0)
+    cells = strip_cells(strips) > 0
+    part = cells & ~sink_cells
+    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    lse0 = scores.masked_fill(~part, -math.inf).logsumexp(-1)
+    out0 = reference_attention(q, k, v, part, 0.25).nan_to_num(0)
+    on = dataclasses.replace(strips, **{f: getattr(strips, f).to(device) for f in
+                                        ("sigma", "counts", "words", "sink", "columns", "col_counts", "allowed")})
+    out, lse = triton_strips(q.to(device), k.to(device), v.to(device), on, 0.25,
+                             resume=(out0.float().to(device), lse0.float().to(device)), columns=False)
+    torch.testing.assert_close(out.cpu().double(), reference_attention(q, k, v, cells, 0.25).nan_to_num(0),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.cpu().double(), scores.masked_fill(~cells, -math.inf).logsumexp(-1),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="columns=False"):
+        triton_strips(q.to(device), k.to(device), v.to(device), on, 0.25, columns=False)
+
+
+@interpreted
 def test_strip_kernel_counts_shared_keys_once():
     """Clusters 0..40 and 110..111 get chains (40, -24) and (111, 47): strips 40 and 47 share keys,
     and each must count only its own cluster's offsets."""
