@@ -1,4 +1,4 @@
-"""The diagonal strips on Hopper (sm_90): a warp-specialized Gluon kernel over segments of 32 keys.
+"""The strips and columns on Hopper (sm_90): a warp-specialized Gluon kernel over segments of 32 keys.
 
 The Triton strip kernel (``strip_kernel``) computes one 64x64 strip per loop iteration. This kernel
 computes the same cells in steps of 128 keys: the diagonal strips are cut into segments of
@@ -17,10 +17,13 @@ needs what plain Triton does not give:
   step's keys arrive during the softmax) and two value buffers, 112 KiB of shared memory at head
   dim 128: two programs per SM.
 
-Measured on the H100 (docs/performance.md). Only the diagonal strips run here; the sink strips and
-the gathered vertical columns of the same heads then continue the online softmax in the Triton
-kernel from this kernel's output and log-sum-exp (``strip_kernel.strip_attention``). Keys below the
-head's sink (or below 0) never count here.
+The vertical columns run here too, before the segments: their keys and values gathered per query
+head (``block_masks.gather_columns``), copied 128 at a time, each step's cells found from one
+64-bit window of the head's allowed offsets per column (as in the Triton kernel), one step at a
+time (a budget of V columns is at most V / 128 steps). Keys below the head's sink (or below 0) never
+count here: heads with sink tokens (A-shape) get their sink strips from the Triton kernel, which
+continues the online softmax from this kernel's output and log-sum-exp
+(``strip_kernel.strip_attention``). Measured on the H100 in docs/performance.md.
 """
 from __future__ import annotations
 
