@@ -226,12 +226,14 @@ def test_strip_kernel_on_random_offset_sets(selection, seed):
 
 
 @interpreted
-@settings(max_examples=examples(10))
+@pytest.mark.parametrize("columns", [True, False])
+@settings(max_examples=examples(8))
 @given(selection=offset_sets(max_nk=300), seed=st.integers(0, 2**31 - 1))
-def test_triton_kernel_resumes_from_the_diagonal_part(selection, seed):
-    """With ``resume`` (the Hopper kernel's output and log-sum-exp over the diagonal strips; here the
-    float64 attention over those cells) the Triton kernel skips the diagonal strips and adds the sink
-    strips and columns: the result is the attention over all strip cells."""
+def test_triton_kernel_resumes_from_the_hopper_part(columns, selection, seed):
+    """With ``resume`` (the Hopper kernel's output and log-sum-exp: over the diagonal strips, and with
+    ``columns=False`` over the columns too; here the float64 attention over those cells) the Triton
+    kernel adds the rest (the sink strips, and the columns if ``columns``): the result is the
+    attention over all strip cells."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 2, selection.nq, 16, generator=g)
@@ -241,49 +243,19 @@ def test_triton_kernel_resumes_from_the_diagonal_part(selection, seed):
     sink_cells = (torch.arange(selection.nk) < selection.sink[:, None, None]) & (o >= 0)
     diagonal = strip_cells(dataclasses.replace(strips, col_counts=torch.zeros_like(strips.col_counts))) - sink_cells.int()
     assert diagonal.min() >= 0
+    cells = strip_cells(strips) > 0
+    done = diagonal > 0 if columns else cells & ~sink_cells
     scores = (q.double() @ k.double().transpose(-1, -2)) * 0.25
-    lse0 = scores.masked_fill(diagonal == 0, -math.inf).logsumexp(-1)
-    out0 = reference_attention(q, k, v, diagonal > 0, 0.25).nan_to_num(0)
+    lse0 = scores.masked_fill(~done, -math.inf).logsumexp(-1)
+    out0 = reference_attention(q, k, v, done, 0.25).nan_to_num(0)
     on = dataclasses.replace(strips, **{f: getattr(strips, f).to(device) for f in
                                         ("sigma", "counts", "words", "sink", "columns", "col_counts", "allowed")})
     out, lse = triton_strips(q.to(device), k.to(device), v.to(device), on, 0.25,
-                             resume=(out0.float().to(device), lse0.float().to(device)))
-    cells = strip_cells(strips) > 0
-    ref = reference_attention(q, k, v, cells, 0.25).nan_to_num(0)
-    torch.testing.assert_close(out.cpu().double(), ref, atol=1e-5, rtol=1e-5)
-    ref_lse = scores.masked_fill(~cells, -math.inf).logsumexp(-1)
-    torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-5, rtol=1e-5)
-
-
-@interpreted
-@settings(max_examples=examples(8))
-@given(selection=offset_sets(max_nk=300), seed=st.integers(0, 2**31 - 1))
-def test_triton_kernel_adds_only_the_sinks_after_the_hopper_part(selection, seed):
-    """With ``columns=False`` (the Hopper kernel's output and log-sum-exp over the diagonal strips and
-    the columns; here the float64 attention over those cells) the Triton kernel adds only the sink
-    strips: the result is the attention over all strip cells."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, 2, selection.nq, 16, generator=g)
-    k, v = torch.randn(2, 1, 1, selection.nk, 16, generator=g)
-    strips = strip_layout(selection)
-    o = selection.q_offset + torch.arange(selection.nq)[:, None] - torch.arange(selection.nk)
-    sink_cells = (torch.arange(selection.nk) < selection.sink[:, None, None]) & (o >= 0)
-    cells = strip_cells(strips) > 0
-    part = cells & ~sink_cells
-    scores = (q.double() @ k.double().transpose(-1, -2)) * 0.25
-    lse0 = scores.masked_fill(~part, -math.inf).logsumexp(-1)
-    out0 = reference_attention(q, k, v, part, 0.25).nan_to_num(0)
-    on = dataclasses.replace(strips, **{f: getattr(strips, f).to(device) for f in
-                                        ("sigma", "counts", "words", "sink", "columns", "col_counts", "allowed")})
-    out, lse = triton_strips(q.to(device), k.to(device), v.to(device), on, 0.25,
-                             resume=(out0.float().to(device), lse0.float().to(device)), columns=False)
+                             resume=(out0.float().to(device), lse0.float().to(device)), columns=columns)
     torch.testing.assert_close(out.cpu().double(), reference_attention(q, k, v, cells, 0.25).nan_to_num(0),
                                atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.cpu().double(), scores.masked_fill(~cells, -math.inf).logsumexp(-1),
                                atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="columns=False"):
-        triton_strips(q.to(device), k.to(device), v.to(device), on, 0.25, columns=False)
 
 
 @interpreted
@@ -338,6 +310,8 @@ def test_bad_strip_requests_raise_value_error(monkeypatch):
     if not torch.cuda.is_available():  # the Hopper kernel runs on sm_90 GPUs only, and says so
         with pytest.raises(ValueError, match="compute-capability 9"):
             strip_attention(q, k, v, plan.strips, plan.scale, kernel="hopper")
+    with pytest.raises(ValueError, match="columns=False"):  # leaving the columns out needs a part that holds them
+        triton_strips(q, k, v, plan.strips, plan.scale, columns=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="runs on CUDA"):
         mf.attention._strip_part(plan, q, k, v, compiled=True)
