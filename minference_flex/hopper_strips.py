@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - older Triton, or none: the Triton stri
 #: Head dims and dtypes the kernel is built for (wgmma operands; a [64, 2 * 64] score tile).
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.bfloat16, torch.float16)
-#: Value buffers (pairs in flight); keys have one.
+#: Value buffers (steps in flight); keys have one.
 VALUE_BUFFERS = 2
 #: Registers per thread at launch: 8 warps (the computing warpgroup and the copying warp's) at 128 fit two
 #: programs on an SM; the copying warpgroup gives all but 24 to the computing one.
@@ -102,10 +102,20 @@ if gluon is not None:
         return (window & ((1 << WIDTH) - 1)).to(gl.int32)
 
     @gluon.jit
+    def _online_softmax(qk, m_i, l_i, s):
+        """One online-softmax step over scores ``qk`` (unscaled, -inf where a cell does not count):
+        (m, l, P float32, alpha). The scale ``s`` (log2 domain) enters the exponent as one FMA."""
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * s)
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(qk * s - m_safe[:, None])
+        alpha = gl.exp2(m_i - m_safe)
+        return m_new, l_i * alpha + gl.sum(p, 1), p, alpha
+
+    @gluon.jit
     def _group_softmax(qk, tops, words, full, j, n, i0, low, m_i, l_i, s, rows, cols, WIDTH: gl.constexpr):
-        """One online-softmax step over the scores [64, 128] of the segments of group j: (m, l, P float32,
-        alpha). Cell (r, c) of a segment counts iff bit r - c + WIDTH - 1 of its words is set and its key
-        is at least ``low`` (the head's sink, or 0); the scale enters the exponent as one FMA."""
+        """``_online_softmax`` over the scores [64, 128] of the segments of group j. Cell (r, c) of a
+        segment counts iff bit r - c + WIDTH - 1 of its words is set and its key is at least ``low``
+        (the head's sink, or 0)."""
         NSEG: gl.constexpr = 128 // WIDTH
         lowest = i0 - gl.load(tops + gl.minimum(NSEG * j + NSEG, n) - 1)  # first key of the group's last segment
         every = True
@@ -125,11 +135,7 @@ if gluon is not None:
                 start = gl.where(seg == m, i0 - gl.load(tops + NSEG * j + m, mask=has, other=0), start)
             keep = ((word >> (WIDTH - 1 - c)[None, :]) & 1) != 0
             qk = gl.where(keep & ((start + c) >= low)[None, :], qk, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(qk, 1) * s)
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(qk * s - m_safe[:, None])
-        alpha = gl.exp2(m_i - m_safe)
-        return m_new, l_i * alpha + gl.sum(p, 1), p, alpha
+        return _online_softmax(qk, m_i, l_i, s)
 
     @gluon.jit
     def _column_copy(desc, bar, buf, b, h, g, nbytes: gl.constexpr, WIDTH: gl.constexpr):
@@ -221,12 +227,7 @@ if gluon is not None:
             mbarrier.arrive(k_empty, count=1)
             half = gl.where((rows >= 32)[:, None], hi[None, :], lo[None, :])
             qk = gl.where(((half >> (rows % 32).to(gl.uint32)[:, None]) & 1) != 0, qk, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(qk, 1) * s)
-            m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-            pf = gl.exp2(qk * s - m_safe[:, None])
-            alpha = gl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + gl.sum(pf, 1)
-            m_i = m_new
+            m_i, l_i, pf, alpha = _online_softmax(qk, m_i, l_i, s)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             vb = g % NUM_V
             mbarrier.wait(v_ready.index(vb), phase=(g // NUM_V) & 1)
