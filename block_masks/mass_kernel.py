@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from .pattern import TILE, query_blocks
+from .score_kernel import HAS_TRITON, kernel_operands
 
 #: Sampled rows the kernel computes at least per query block (its dot needs 16 rows).
 MIN_ROWS = 16
-from .score_kernel import HAS_TRITON, kernel_operands
 
 if HAS_TRITON:
     import triton
