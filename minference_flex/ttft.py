@@ -16,7 +16,9 @@ of what the first token costs: the prefill forward
 over the prompt (KV cache built, as ``generate`` does, and only the last position's logits,
 ``logits_to_keep=1``) and the argmax of those logits. Timing: CUDA events around the call on CUDA (after a synchronize), wall clock on
 the CPU; reported is the median, with every run. On CUDA also the peak allocated memory of the timed
-runs (weights included). The first tokens of both sides are reported and compared.
+runs (weights included). The first tokens of both sides are reported and compared. ``--layer-times``
+(CUDA) also times every layer's attention call on both sides, with sdpa timed once more as an A/A
+control that shows how much of the per-layer ratio is noise (``run_ttft``).
 
 The table goes to stdout, everything to ``--out`` (JSON).
 """
@@ -40,6 +42,12 @@ from .models import SMOLLM2_DESCRIPTION, smollm2
 log = logging.getLogger(__name__)
 
 SIDES = ("sdpa", "minference_flex")
+#: With --layer-times, sdpa timed once more (A/A control): how far the per-layer ratios move by noise.
+CONTROL = "sdpa (again)"
+
+
+def _side(name: str) -> str:
+    return "sdpa" if name == CONTROL else name
 DEFAULT_LENGTHS = [32768, 131072]
 
 
@@ -56,10 +64,13 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
 
     Per side one untimed warm-up (it compiles the sparse kernel and fills caches), then ``reps``
     rounds, each timing one first token per side in turn (interleaved, so that drift of the machine
-    hits both sides alike; at 4K tokens this model's forward is bound by the host). ``layer_times``
-    (CUDA): ``layer_reps`` more interleaved rounds time every layer's attention call (``LayerTimes``),
-    and the record gets each layer's minference_flex / sdpa ratio of the medians (at 4K, where the
-    calls are host-bound, 5 rounds leave 7-11% of noise in the worst layer's ratio; 20 do not)."""
+    hits both sides alike, and each side first in every other round; at 4K tokens this model's
+    forward is bound by the host). ``layer_times`` (CUDA): ``layer_reps`` more rounds time every
+    layer's attention call (``LayerTimes``) in three forwards, sdpa, minference_flex and sdpa again
+    (``CONTROL``), in an order that rotates round by round; the record gets each layer's
+    minference_flex / sdpa ratio of the medians (``layer_ratio``) and the control's
+    (``control_ratio``: what noise alone gives; at 4K, where the calls are host-bound, 5 rounds leave
+    7-11% of it in the worst layer's ratio, 20 about 3%)."""
     hay = hay or Haystack.build(tokenizer)
     cuda = model.device.type == "cuda"
     records = []
@@ -79,8 +90,8 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
             log.info("length %d, %s: warm-up", n, switch(side))
             tokens[side] = int(first_token(model, ids))
         log.info("length %d: %d rounds of one timed run per side", n, reps)
-        for _ in range(reps):
-            for side in SIDES:
+        for r in range(reps):
+            for side in SIDES[r % 2:] + SIDES[:r % 2]:  # each side first in every other round
                 switch(side)
                 if cuda:
                     torch.cuda.synchronize()
@@ -94,14 +105,17 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
                     peak = torch.cuda.max_memory_allocated()
                     sides[side]["peak_bytes"] = max(sides[side]["peak_bytes"] or 0, peak)
         if layer_times:
-            timers = {side: LayerTimes(switch(side)) for side in SIDES}
-            for _ in range(layer_reps):
-                for side in SIDES:
-                    switch(side)
-                    with timers[side]:
+            # CONTROL times sdpa a second time: its ratio to sdpa is the noise of the per-layer ratios.
+            timed = (*SIDES, CONTROL)
+            timers = {name: LayerTimes(switch(_side(name))) for name in timed}
+            for r in range(layer_reps):
+                for name in timed[r % 3:] + timed[:r % 3]:  # the order rotates round by round
+                    switch(_side(name))
+                    with timers[name]:
                         first_token(model, ids)
             for side in SIDES:
                 sides[side]["layer_ms"] = timers[side].medians()
+            control_ms = timers[CONTROL].medians()
         rec = {"length": n, "context": context, "sides": {}}
         for side in SIDES:
             res = sides[side]
@@ -118,6 +132,7 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
         rec["same_first_token"] = dense["token"] == sparse["token"]
         if layer_times:
             rec["layer_ratio"] = {layer: sparse["layer_ms"][layer] / ms for layer, ms in dense["layer_ms"].items()}
+            rec["control_ratio"] = {layer: control_ms[layer] / ms for layer, ms in dense["layer_ms"].items()}
         records.append(rec)
         if cuda:
             torch.cuda.empty_cache()
@@ -141,12 +156,13 @@ def format_table(report: dict) -> str:
         lines.append(f"{'':>7} {'sdpa / minference_flex':<27} {rec['speedup']:.2f}x, "
                      f"first tokens {'identical' if rec['same_first_token'] else 'DIFFER'}"
                      + (f"; sparse-side layer calls: {ways}" if ways else ""))
-        if rec.get("layer_ratio"):
-            layer, worst = max(rec["layer_ratio"].items(), key=lambda kv: kv[1])
-            best = min(rec["layer_ratio"].values())
-            median = statistics.median(rec["layer_ratio"].values())
-            lines.append(f"{'':>7} per-layer attention minference_flex / sdpa (median of {report['layer_reps']} calls "
-                         f"each): median {median:.3f}, worst {worst:.3f} (layer {layer}), best {best:.3f}")
+        for key, label in (("layer_ratio", "minference_flex / sdpa"), ("control_ratio", "sdpa / sdpa (A/A control)")):
+            if rec.get(key):
+                layer, worst = max(rec[key].items(), key=lambda kv: kv[1])
+                best = min(rec[key].values())
+                median = statistics.median(rec[key].values())
+                lines.append(f"{'':>7} per-layer attention {label} (median of {report['layer_reps']} calls each): "
+                             f"median {median:.3f}, worst {worst:.3f} (layer {layer}), best {best:.3f}")
     lines.append(f"TTFT: prefill forward (KV cache, last-position logits) + argmax, median of {report['reps']} "
                  f"interleaved rounds (one run per side each) after one warm-up per side and length")
     return "\n".join(lines)
@@ -161,7 +177,8 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
                    help="prefills shorter than this run dense on the sparse side (default 8192, the backend's)")
     p.add_argument("--reps", type=int, default=3, help="timed runs per side and length (default 3)")
     p.add_argument("--layer-times", action="store_true",
-                   help="(CUDA) also time every layer's attention call on both sides, --layer-reps more prefills each")
+                   help="(CUDA) also time every layer's attention call on both sides and on sdpa once more (A/A "
+                        "control), --layer-reps more prefills each")
     p.add_argument("--layer-reps", type=int, default=20,
                    help="prefills per side timed per layer with --layer-times (default 20: fewer leave the worst "
                         "layer's ratio to noise at short lengths)")

@@ -112,6 +112,26 @@ def test_small_budgets_change_the_logits():
     torch.testing.assert_close(model(x).logits, dense, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("nq", [1, 64])
+@torch.no_grad()
+def test_short_calls_are_transformers_sdpa_bit_for_bit(nq):
+    """A prefill below min_sparse_len (the backend's fast path) and a decoding step return exactly
+    what transformers' sdpa function returns for the same call (same kernel, same output layout)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = make()
+    mf.set_patterns(model, ["vertical_and_slash", 8, 16], min_sparse_len=65)
+    module = model.model.layers[1].self_attn
+    g = torch.Generator().manual_seed(0)
+    # as the model hands them over: [B, S, H, D] projections viewed as [B, H, S, D]
+    q = torch.randn(2, nq, 4, 16, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, 64, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
+    ours, _ = mf_hf.minference_flex_attention(module, q, k, v, None, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.3)
+    assert ours.shape == (2, nq, 4, 16) and ours.is_contiguous()
+    assert torch.equal(ours, theirs)
+
+
 def _padded(seqs, side):
     n = max(len(s) for s in seqs)
     input_ids = torch.zeros(len(seqs), n, dtype=torch.long)
