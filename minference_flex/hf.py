@@ -187,6 +187,17 @@ def _config_attrs(config) -> dict:
     return object.__getattribute__(config, "__dict__")
 
 
+def _stored(module) -> dict | None:
+    """The configuration ``set_patterns`` stored on the attention module's (model) config, or None."""
+    config = getattr(module, "config", None)
+    return None if config is None else _config_attrs(config).get(_CONFIG_ATTR)
+
+
+def _min_sparse_len(stored: dict | None) -> int:
+    """``min_sparse_len`` of a stored configuration (``_stored``; None: the default)."""
+    return stored.get("min_sparse_len", DEFAULT_MIN_SPARSE_LEN) if stored else DEFAULT_MIN_SPARSE_LEN
+
+
 def _layer_config(module) -> LayerConfig:
     """The stored configuration of the attention module's layer (defaults without one).
 
@@ -195,22 +206,22 @@ def _layer_config(module) -> LayerConfig:
     the same: at 4K tokens a layer call is host-bound, and rebuilding it took 2.5 us of each call on
     the GPU machine's host. Edit a head dict in place and the change is not seen: call
     ``set_patterns`` (as for ``_parsed``)."""
-    config = getattr(module, "config", None)
-    attrs = _config_attrs(config) if config is not None else {}
-    stored = attrs.get(_CONFIG_ATTR)
+    stored = _stored(module)
     if not stored:
         return _DEFAULT_LAYER
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise ValueError("minference_flex needs module.layer_idx to find the layer's patterns")
     heads = stored["patterns"][layer]
-    key = (stored.get("min_sparse_len", DEFAULT_MIN_SPARSE_LEN), stored.get("sdpa_fallback", True))
+    key = (_min_sparse_len(stored), stored.get("sdpa_fallback", True))
     compiling = torch.compiler.is_compiling()
     if not compiling:
         cached = module.__dict__.get(_LAYER_CACHE)
         if cached is not None and cached[0] is stored and cached[1] is heads and cached[2] == key:
             return cached[3]
     # An attribute_map alias (e.g. n_head) is no instance attribute: read it the usual way then.
+    config = module.config
+    attrs = _config_attrs(config)
     num_heads = attrs["num_attention_heads"] if "num_attention_heads" in attrs else getattr(config, "num_attention_heads", None)
     count = num_heads if num_heads is not None else len(heads)
     if compiling:
@@ -341,16 +352,15 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
                                   f"({Nk} keys > sliding_window {sliding_window})")
     if Nq == 1:
         out = _sdpa(query, key, value, attention_mask, scaling)
+    elif attention_mask is None and Nq == Nk and Nk < _min_sparse_len(_stored(module)):
+        # A short prefill without padding, the most frequent call, goes straight to SDPA's causal
+        # kernel (as transformers' "sdpa" runs it), reading only min_sparse_len: at 4K tokens the
+        # call is host-bound, and a microsecond of Python is 1-4% of it (docs/performance.md).
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                             enable_gqa=key.shape[1] != query.shape[1])
     else:
         layer = _layer_config(module)
-        if attention_mask is None and Nq == Nk and Nk < layer.min_sparse_len:
-            # A short prefill without padding, the most frequent call, goes straight to SDPA's causal
-            # kernel (as transformers' "sdpa" runs it). At 4K tokens the call is host-bound: through
-            # the two function levels of the general path it took 1.3% longer (medians of 30 layers
-            # on the H100 machine, docs/performance.md).
-            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                                 enable_gqa=key.shape[1] != query.shape[1])
-        elif attention_mask is None:
+        if attention_mask is None:
             out = _prefill(query, key, value, layer, scaling)
         else:
             out = _padded_prefill(query, key, value, attention_mask, layer, scaling)
