@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import statistics
 import sys
 import time
@@ -46,8 +47,20 @@ SIDES = ("sdpa", "minference_flex")
 CONTROL = "sdpa (again)"
 
 
+#: --layer-times rounds by default: enough for about LAYER_SECONDS of forwards, within these bounds.
+LAYER_ROUNDS = (20, 100)
+LAYER_SECONDS = 10.0
+
+
 def _side(name: str) -> str:
     return "sdpa" if name == CONTROL else name
+
+
+def auto_layer_reps(round_ms: float) -> int:
+    """Rounds of per-layer timing for one length whose round (three forwards) takes ``round_ms``:
+    short prompts are cheap and their host-bound calls noisy, so they get more (4K: 100, 128K: 20)."""
+    low, high = LAYER_ROUNDS
+    return max(low, min(high, math.ceil(LAYER_SECONDS * 1e3 / max(round_ms, 1e-3))))
 DEFAULT_LENGTHS = [32768, 131072]
 
 
@@ -59,18 +72,18 @@ def first_token(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: int, hay: Haystack | None = None,
-             context: int | None = None, layer_times: bool = False, layer_reps: int = 20) -> list[dict]:
+             context: int | None = None, layer_times: bool = False, layer_reps: int | None = None) -> list[dict]:
     """Both sides at every length of ``lengths`` on an already loaded model; one record per length.
 
     Per side one untimed warm-up (it compiles the sparse kernel and fills caches), then ``reps``
     rounds, each timing one first token per side in turn (interleaved, so that drift of the machine
     hits both sides alike, and each side first in every other round; at 4K tokens this model's
-    forward is bound by the host). ``layer_times`` (CUDA): ``layer_reps`` more rounds time every
-    layer's attention call (``LayerTimes``) in three forwards, sdpa, minference_flex and sdpa again
-    (``CONTROL``), in an order that rotates round by round; the record gets each layer's
-    minference_flex / sdpa ratio of the medians (``layer_ratio``) and the control's
+    forward is bound by the host). ``layer_times`` (CUDA): ``layer_reps`` more rounds (None:
+    ``auto_layer_reps``) time every layer's attention call (``LayerTimes``) in three forwards, sdpa,
+    minference_flex and sdpa again (``CONTROL``), in an order that rotates round by round; the record
+    gets each layer's minference_flex / sdpa ratio of the medians (``layer_ratio``) and the control's
     (``control_ratio``: what noise alone gives; at 4K, where the calls are host-bound, 5 rounds leave
-    7-11% of it in the worst layer's ratio, 20 about 3%)."""
+    7-11% of it in the worst layer's ratio, 30 up to 8%, 100 at most 4.6% in three runs)."""
     hay = hay or Haystack.build(tokenizer)
     cuda = model.device.type == "cuda"
     records = []
@@ -108,7 +121,9 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
             # CONTROL times sdpa a second time: its ratio to sdpa is the noise of the per-layer ratios.
             timed = (*SIDES, CONTROL)
             timers = {name: LayerTimes(switch(_side(name))) for name in timed}
-            for r in range(layer_reps):
+            rounds = layer_reps or auto_layer_reps(2 * statistics.median(sides["sdpa"]["runs_ms"])
+                                                   + statistics.median(sides["minference_flex"]["runs_ms"]))
+            for r in range(rounds):
                 for name in timed[r % 3:] + timed[:r % 3]:  # the order rotates round by round
                     switch(_side(name))
                     with timers[name]:
@@ -116,7 +131,7 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
             for side in SIDES:
                 sides[side]["layer_ms"] = timers[side].medians()
             control_ms = timers[CONTROL].medians()
-        rec = {"length": n, "context": context, "sides": {}}
+        rec = {"length": n, "context": context, "sides": {}, "layer_reps": rounds if layer_times else None}
         for side in SIDES:
             res = sides[side]
             res["ms"] = statistics.median(res["runs_ms"])
@@ -161,7 +176,7 @@ def format_table(report: dict) -> str:
                 layer, worst = max(rec[key].items(), key=lambda kv: kv[1])
                 best = min(rec[key].values())
                 median = statistics.median(rec[key].values())
-                lines.append(f"{'':>7} per-layer attention {label} (median of {report['layer_reps']} calls each): "
+                lines.append(f"{'':>7} per-layer attention {label} (median of {rec['layer_reps']} calls each): "
                              f"median {median:.3f}, worst {worst:.3f} (layer {layer}), best {best:.3f}")
     lines.append(f"TTFT: prefill forward (KV cache, last-position logits) + argmax, median of {report['reps']} "
                  f"interleaved rounds (one run per side each) after one warm-up per side and length")
@@ -179,16 +194,17 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--layer-times", action="store_true",
                    help="(CUDA) also time every layer's attention call on both sides and on sdpa once more (A/A "
                         "control), --layer-reps more prefills each")
-    p.add_argument("--layer-reps", type=int, default=20,
-                   help="prefills per side timed per layer with --layer-times (default 20: fewer leave the worst "
-                        "layer's ratio to noise at short lengths)")
+    p.add_argument("--layer-reps", type=int, default=None,
+                   help="rounds of prefills timed per layer with --layer-times (default: about 10 s of forwards "
+                        "per length, 20 to 100 rounds; fewer leave the worst layer's ratio to noise at short lengths)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="model dtype (default bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--eager", action="store_true", help="sparse side on the eager kernel emulation (small lengths)")
     p.add_argument("--out", default="ttft.json", help="JSON results file (default ttft.json); '' writes none")
     args = p.parse_args(argv)
-    if any(n < 1 for n in args.lengths) or min(args.reps, args.layer_reps, args.min_sparse_len) < 1:
+    if any(n < 1 for n in args.lengths) or min(args.reps, args.min_sparse_len) < 1 or (
+            args.layer_reps is not None and args.layer_reps < 1):
         p.error("--lengths, --reps, --layer-reps and --min-sparse-len must be positive")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -214,7 +230,7 @@ def run(args) -> dict:
               else f"cpu ({torch.get_num_threads()} threads)",
               "torch": str(torch.__version__), "transformers": transformers.__version__, "dtype": args.dtype,
               "patterns": args.patterns, "min_sparse_len": args.min_sparse_len, "reps": args.reps,
-              "layer_reps": args.layer_reps if args.layer_times else None,
+              "layer_reps": (args.layer_reps or "auto") if args.layer_times else None,
               "eager": args.eager, "text": "pydoc_data.topics", "load_seconds": {}, "results": []}
     groups: dict = {}
     for n in args.lengths:

@@ -269,4 +269,16 @@ def test_ttft_rejects_bad_counts(capsys):
         with pytest.raises(SystemExit):
             ttft.parse_args(["--device", "cpu", flag, "0"])
         assert "--layer-reps" in capsys.readouterr().err
-    assert ttft.parse_args(["--device", "cpu"]).layer_reps == 20
+    assert ttft.parse_args(["--device", "cpu"]).layer_reps is None  # auto: ttft.auto_layer_reps
+
+
+def test_ttft_times_short_prompts_longer():
+    """--layer-times rounds by default: about 10 s of forwards per length, 20 to 100 rounds (the
+    rounds measured on the H100 for SmolLM2: 4K ~55 ms, 32K ~0.4 s, 128K ~3.5 s)."""
+    from minference_flex.ttft import auto_layer_reps
+
+    assert auto_layer_reps(55.0) == 100
+    assert auto_layer_reps(150.0) == 67
+    assert auto_layer_reps(400.0) == 25
+    assert auto_layer_reps(3500.0) == 20
+    assert auto_layer_reps(0.0) == 100
