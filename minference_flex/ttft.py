@@ -43,16 +43,16 @@ from .models import SMOLLM2_DESCRIPTION, smollm2
 log = logging.getLogger(__name__)
 
 SIDES = ("sdpa", "minference_flex")
+DEFAULT_LENGTHS = [32768, 131072]
 #: With --layer-times, sdpa timed once more (A/A control): how far the per-layer ratios move by noise.
 CONTROL = "sdpa (again)"
-
-
 #: --layer-times rounds by default: enough for about LAYER_SECONDS of forwards, within these bounds.
 LAYER_ROUNDS = (20, 100)
 LAYER_SECONDS = 10.0
 
 
 def _side(name: str) -> str:
+    """The attention implementation a timed side runs (the control runs sdpa)."""
     return "sdpa" if name == CONTROL else name
 
 
@@ -61,7 +61,6 @@ def auto_layer_reps(round_ms: float) -> int:
     short prompts are cheap and their host-bound calls noisy, so they get more (4K: 100, 128K: 20)."""
     low, high = LAYER_ROUNDS
     return max(low, min(high, math.ceil(LAYER_SECONDS * 1e3 / max(round_ms, 1e-3))))
-DEFAULT_LENGTHS = [32768, 131072]
 
 
 @torch.inference_mode()
