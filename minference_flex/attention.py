@@ -26,7 +26,7 @@ from block_masks import (
 
 from .config import parse_patterns
 from .kernel import cell_mask, flex, merge
-from .strip_kernel import strip_attention
+from .strip_kernel import check_kernel, strip_attention
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -192,6 +192,7 @@ def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, 
     """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key.
     ``strip_kernel`` picks the kernel of the strip part (``strip_kernel.KERNELS``; ``"auto"``: the Hopper
     kernel of the diagonal strips where it runs, see ``strip_kernel.strip_attention``)."""
+    check_kernel(strip_kernel)  # also where no strip kernel runs (no strips, or the eager emulation)
     if plan.vertical is not None and compiled and query.device.type == "cpu":
         raise ValueError("the compiled CPU kernel returns no log-sum-exp to merge a separate vertical part: "
                          "plan with fold_columns=True (the CPU default), or run with compiled=False")

@@ -256,6 +256,12 @@ def _warn_copy(dtype: torch.dtype, head_dim: int, aligned_strides: bool, misalig
 KERNELS = ("auto", "triton", "hopper")
 
 
+def check_kernel(kernel: str) -> None:
+    """ValueError unless ``kernel`` is one of ``KERNELS``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
 def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
                     kernel: str = "auto") -> tuple[Tensor, Tensor]:
     """Attention of query [B, Hq, Nq, D] over the strip and column cells of key/value [B, Hkv, Nk, D].
@@ -267,8 +273,7 @@ def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, s
     any, in the Triton kernel, which continues from its output; ``kernel="triton"`` runs
     everything in the Triton kernel, ``"hopper"`` requires the Gluon path.
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    check_kernel(kernel)
     if triton is None or TensorDescriptor is None:
         raise ValueError("the strip kernel needs Triton >= 3.3 (tensor descriptors): install or upgrade it, "
                          "or plan with strips=False")

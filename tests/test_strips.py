@@ -307,6 +307,8 @@ def test_bad_strip_requests_raise_value_error(monkeypatch):
         strip_attention(q[:, :, :50], k, v, plan.strips, plan.scale)
     with pytest.raises(ValueError, match="kernel must be one of"):
         strip_attention(q, k, v, plan.strips, plan.scale, kernel="gluon")
+    with pytest.raises(ValueError, match="kernel must be one of"):  # also where the emulation runs
+        mf.run_plan(plan, q, k, v, compiled=False, strip_kernel="gluon")
     if not torch.cuda.is_available():  # the Hopper kernel runs on sm_90 GPUs only, and says so
         with pytest.raises(ValueError, match="compute-capability 9"):
             strip_attention(q, k, v, plan.strips, plan.scale, kernel="hopper")
