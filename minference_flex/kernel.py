@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections import Counter
 
 import torch
 from torch import Tensor
@@ -25,9 +26,9 @@ CUDA_KERNEL_OPTIONS = {(64, 64): {"num_warps": 4, "num_stages": 2}}
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_flex(options: tuple[tuple[str, int], ...] = (), signature: tuple = ()):
+def compiled_flex(options: tuple[tuple[str, int], ...] = (), signature: tuple = (), generation: int = 0):
     """``torch.compile(flex_attention, dynamic=True)`` with these kernel options baked in, one per
-    kernel ``signature`` (dtype, head counts, head dim, ...).
+    kernel ``signature`` (dtype, head counts, head dim, ...) and ``generation`` (``_GENERATIONS``).
 
     The options are closed over, not passed: passed as arguments, a second set of options would
     make dynamo trace them as symbolic integers, which the kernel cannot be built from. Each
@@ -41,7 +42,7 @@ def compiled_flex(options: tuple[tuple[str, int], ...] = (), signature: tuple = 
         return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask,
                               enable_gqa=enable_gqa, kernel_options=kernel_options or None, **aux)
 
-    attend.__code__ = attend.__code__.replace(co_name=f"attend_{abs(hash((options, signature))):x}")
+    attend.__code__ = attend.__code__.replace(co_name=f"attend_{abs(hash((options, signature))):x}_{generation}")
     # The CPU template fails to build with dynamic shapes (torch 2.13): one compile per length there.
     return torch.compile(attend, dynamic=signature[:1] != ("cpu",))
 
@@ -51,10 +52,15 @@ def compiled_flex(options: tuple[tuple[str, int], ...] = (), signature: tuple = 
 # The limit is raised for the CPU kernel, which compiles once per prompt length.
 _NO_EAGER_FALLBACK = {"fail_on_recompile_limit_hit": True, "recompile_limit": 64}
 
+#: Per (options, signature), how many of its compiled functions failed: dynamo marks a code object
+#: whose compile raised as one to skip, and would then run flex_attention eagerly on every later
+#: call (tile lists ignored: other cells, no error), so a failure moves on to a fresh code object.
+_GENERATIONS: Counter = Counter()
+
 
 @torch.compiler.assume_constant_result
 def _patch_cpu_lowering() -> bool:
-    """Work around two bugs of torch 2.13's CPU FlexAttention lowering (``lower_cpu``) that show
+    """Work around three bugs of torch 2.13's CPU FlexAttention lowering (``lower_cpu``) that show
     only inside an outer ``torch.compile``, where the masks are built in the same graph:
 
     1. it records the tensors captured by ``mask_mod`` / ``score_mod`` as buffers *before* it
@@ -66,14 +72,18 @@ def _patch_cpu_lowering() -> bool:
        storage offset: a value sliced out of a fused qkv projection (offset ``(Hq + Hkv) * D``)
        is read from the queries' storage instead, silently giving wrong results. (Inductor
        copies q/k/v when two of them share a buffer, which hides this in the common case.)
+    3. it lowers ``mask_mod`` in a graph of its own, which does not know the outer graph's mutated
+       buffers: a captured tensor made by scattering into zeros (the kept offsets of
+       ``vertical_and_slash`` heads when no other kind adds to them) is inlined as its zeros, not
+       read, so the kept diagonals silently vanish.
 
-    The wrapper realizes the captures first (what ``lower_cpu`` does itself a few lines later)
-    and copies any q/k/v or tile-list input that is a view with a storage offset. Installed once,
-    from the traced call (dynamo runs this function while tracing and keeps its result); the CUDA
-    lowering is not touched.
+    The wrapper realizes the captures first (what ``lower_cpu`` does itself a few lines later),
+    copies any q/k/v or tile-list input that is a view with a storage offset, and lowers with
+    inlining of computed buffers turned off. Installed once, from the traced call (dynamo runs this
+    function while tracing and keeps its result); the CUDA lowering is not touched.
     """
     try:
-        from torch._inductor.ir import ExternKernel
+        from torch._inductor.ir import ComputedBuffer, ExternKernel
         from torch._inductor.kernel.flex import flex_attention as lowering
     except ImportError:  # pragma: no cover - other torch layouts
         return False
@@ -97,8 +107,9 @@ def _patch_cpu_lowering() -> bool:
         query, key, value = map(from_start, (query, key, value))
         # (q_len, kv_len, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, ...)
         block_mask = (*block_mask[:2], *map(from_start, block_mask[2:6]), *block_mask[6:])
-        return lower_cpu(query, key, value, subgraph, block_mask, scale, kernel_options,
-                         score_mod_other_buffers, mask_mod_other_buffers)
+        with ComputedBuffer.force_realize():  # read captured buffers, never inline them
+            return lower_cpu(query, key, value, subgraph, block_mask, scale, kernel_options,
+                             score_mod_other_buffers, mask_mod_other_buffers)
 
     patched_lower_cpu._minference_flex = True
     lowering.lower_cpu = patched_lower_cpu
@@ -176,9 +187,14 @@ def flex(query: Tensor, key: Tensor, value: Tensor, block_mask: BlockMask, scale
             torch._dynamo.mark_static(t, 3)
         signature = (query.device.type, query.dtype, query.shape[1], key.shape[1], query.shape[-1],
                      score_mod is None, lse)
-        attend = compiled_flex(tuple(sorted(options.items())), signature)
-        with torch._dynamo.config.patch(**_NO_EAGER_FALLBACK):
-            result = attend(query, key, value, block_mask, score_mod, enable_gqa, **aux)
+        slot = (tuple(sorted(options.items())), signature)
+        attend = compiled_flex(*slot, _GENERATIONS[slot])
+        try:
+            with torch._dynamo.config.patch(**_NO_EAGER_FALLBACK):
+                result = attend(query, key, value, block_mask, score_mod, enable_gqa, **aux)
+        except BaseException:
+            _GENERATIONS[slot] += 1
+            raise
     else:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*without torch.compile.*")
