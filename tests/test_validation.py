@@ -206,3 +206,34 @@ def test_device_mismatch():
     call_all(q.cuda(), k, v.cuda(), [DENSE, DENSE], ValueError, "device")
     with pytest.raises(ValueError, match="device"):
         mf.sparse_attention(q.cuda(), k.cuda(), v, [DENSE, DENSE], compiled=False)
+
+# ---- Budgets past any length (>= 2**31, >= 2**63) clamp to the prompt length ----
+
+HUGE_ENTRIES = [
+    ["stream_llm", 2**31, 0], ["stream_llm", 3, 2**31], ["stream_llm", 10**30, 10**30], ["stream_llm", 1e30, 8],
+    ["vertical_and_slash", 2**40, 2**63], ["vertical_and_slash", 10**30, 150], ["vertical_and_slash", 40, 2**64],
+    ["vertical_and_slash", 2**63 - 1, 2**32], ["block_sparse", 2**63, 0], ["block_sparse", 2**31, 10**30],
+    ["dense", 10**30, 2**63],
+]
+
+
+@pytest.mark.parametrize("entry", HUGE_ENTRIES, ids=str)
+def test_huge_budgets_clamp_to_length(entry):
+    Nq, Nk = 100, 200
+    torch.manual_seed(0)
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, Nq=Nq, Nk=Nk)
+    patterns = [entry, ["vertical_and_slash", 30, 100], entry, ["stream_llm", 4, 16]]
+    clamped = [[p[0], min(int(p[1]), Nk), min(int(p[2]), Nk)] for p in patterns]
+    expected_mask = mf.token_mask(q, k, clamped)
+    assert torch.equal(mf.token_mask(q, k, patterns), expected_mask)
+    expected = mf.sparse_attention(q, k, v, clamped, compiled=False)
+    torch.testing.assert_close(mf.sparse_attention(q, k, v, patterns, compiled=False), expected, rtol=0, atol=0)
+    # the other layouts: the compiled CPU kernel's (folded columns, full width) and the strip kernel's
+    for layout in (dict(fold_columns=True, full_width=True), dict(strips=True, fold_columns=False)):
+        plan = mf.plan_attention(q, k, patterns, **layout)
+        torch.testing.assert_close(mf.run_plan(plan, q, k, v, compiled=False), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_huge_budget_pattern_objects():
+    assert mf.Pattern("stream_llm", 10**30, 2**63).a == 10**30
+    assert mf.Pattern("vertical_and_slash", 1e30, 2**64).to_list()[1:3] == [int(1e30), 2**64]
