@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -237,3 +238,29 @@ def test_huge_budgets_clamp_to_length(entry):
 def test_huge_budget_pattern_objects():
     assert mf.Pattern("stream_llm", 10**30, 2**63).a == 10**30
     assert mf.Pattern("vertical_and_slash", 1e30, 2**64).to_list()[1:3] == [int(1e30), 2**64]
+
+
+# ---- numpy numbers and 0-d tensors as scales and budgets ----
+
+@pytest.mark.parametrize("cast", [np.int64, np.int32, np.int16, np.uint64, np.float32, np.float64, torch.tensor,
+                                  float], ids=lambda c: getattr(c, "__name__", str(c)))
+def test_numpy_budgets(cast):
+    p = mf.Pattern("vertical_and_slash", cast(100), cast(800))
+    ref = mf.Pattern("vertical_and_slash", 100, 800)
+    assert p == ref and hash(p) == hash(ref) and type(p.a) is int and type(p.b) is int
+    assert {ref: 1}[p] == 1
+    q, k, v = qkv(Nq=70, Nk=100)
+    entries = [["vertical_and_slash", cast(40), cast(120)], ["stream_llm", cast(4), cast(8)]]
+    expected = mf.sparse_attention(q, k, v, [["vertical_and_slash", 40, 120], ["stream_llm", 4, 8]], compiled=False)
+    assert torch.equal(mf.sparse_attention(q, k, v, entries, compiled=False), expected)
+
+
+@pytest.mark.parametrize("value", [True, np.bool_(True), np.bool_(False), torch.tensor(True), np.float32(1.5),
+                                   np.float64(math.nan), math.inf, torch.tensor(2.5), "4"], ids=repr)
+def test_bad_budget_types(value):
+    with pytest.raises(TypeError, match="budget"):
+        mf.Pattern("stream_llm", value, 4)
+    with pytest.raises(TypeError, match="budget"):
+        mf.Pattern("vertical_and_slash", 100, value)
+    q, k, v = qkv()
+    call_all(q, k, v, [DENSE, ["stream_llm", value, 4]], TypeError, "budget")
