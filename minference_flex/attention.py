@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,9 +59,32 @@ def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence,
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     if Nq == 0 or Nq > Nk:
         raise ValueError(f"need 1 <= query length <= key length, got {Nq} queries and {Nk} keys")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    _scale(scale, D)
     return parse_patterns(patterns, Hq)
+
+
+def _scale(scale, head_dim: int) -> float:
+    """The softmax scale as a Python float: 1 / sqrt(head_dim) for None, else a positive finite real
+    number: a Python or numpy int or float, or a 0-d real tensor (a CUDA one is read back to the host,
+    a synchronisation). TypeError for other types (bools included), ValueError for other values."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if type(scale) is not float:
+        if isinstance(scale, torch.Tensor):
+            if scale.dim() != 0 or scale.dtype == torch.bool or scale.is_complex():
+                raise TypeError(f"a tensor scale must be a 0-d real tensor, got shape {tuple(scale.shape)} "
+                                f"and dtype {scale.dtype}")
+            scale = scale.item()
+        elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a real number (int, float, numpy number or 0-d tensor), "
+                            f"got {type(scale).__name__} {scale!r}")
+        try:
+            scale = float(scale)
+        except OverflowError:
+            scale = math.inf
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return scale
 
 
 @dataclass(frozen=True)
@@ -139,9 +163,12 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
     Both default to what the compiled kernel of the query's device needs.
     ``tiles`` sets the BlockMask tile (block-sparse block sizes must be multiples of its query side);
     ``kernel_options`` are passed to the FlexAttention kernel on CUDA.
+
+    ``scale``: a positive finite real number (Python or numpy, or a 0-d tensor: a CUDA tensor is read
+    back to the host, one synchronisation; pass a Python float on the hot path); default 1/sqrt(D).
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    scale = _scale(scale, query.shape[-1])
     cpu = query.device.type == "cpu"
     fold_columns = cpu if fold_columns is None else fold_columns
     return plan_selection(select(query, key, patterns, scale), scale=scale,
@@ -251,5 +278,5 @@ def token_mask(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float |
     Builds a dense mask: for tests and inspection at small sizes; the fast path never builds it.
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    scale = _scale(scale, query.shape[-1])
     return token_cells(select(query, key, patterns, scale))

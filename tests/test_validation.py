@@ -187,10 +187,19 @@ def test_non_tensor(which, bad):
             mf.plan_attention(args["query"], args["key"], [DENSE, DENSE])
 
 
-@pytest.mark.parametrize("scale", [-1.0, 0.0, -0.5, math.nan, math.inf, -math.inf, "0.1", torch.tensor(0.1)])
+@pytest.mark.parametrize("scale", [-1.0, 0.0, -0.5, math.nan, math.inf, -math.inf, np.float32("nan"),
+                                   np.float64(-1.0), np.float32(0.0), torch.tensor(math.nan), torch.tensor(-0.1),
+                                   torch.tensor(0.0), -3])
 def test_bad_scale(scale):
     q, k, v = qkv()
     call_all(q, k, v, [DENSE, DENSE], ValueError, "scale", scale=scale)
+
+
+@pytest.mark.parametrize("scale", [True, False, np.bool_(True), torch.tensor(True), "0.1", b"1", [0.1],
+                                   torch.tensor([0.1]), torch.ones(1, 1), torch.tensor(0.1j), 1j])
+def test_scale_wrong_type(scale):
+    q, k, v = qkv()
+    call_all(q, k, v, [DENSE, DENSE], TypeError, "scale", scale=scale)
 
 
 @pytest.mark.parametrize("scale", [0.1, 1, 2.5])
@@ -207,6 +216,7 @@ def test_device_mismatch():
     call_all(q.cuda(), k, v.cuda(), [DENSE, DENSE], ValueError, "device")
     with pytest.raises(ValueError, match="device"):
         mf.sparse_attention(q.cuda(), k.cuda(), v, [DENSE, DENSE], compiled=False)
+
 
 # ---- Budgets past any length (>= 2**31, >= 2**63) clamp to the prompt length ----
 
@@ -241,6 +251,32 @@ def test_huge_budget_pattern_objects():
 
 
 # ---- numpy numbers and 0-d tensors as scales and budgets ----
+
+VS = [["vertical_and_slash", 30, 100], ["stream_llm", 4, 8]]
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.125), np.float64(0.125), np.float16(0.125), torch.tensor(0.125),
+                                   torch.tensor(0.125, dtype=torch.float64), torch.tensor(0.125, dtype=torch.bfloat16),
+                                   np.int64(2), torch.tensor(2)], ids=repr)
+def test_numpy_and_tensor_scales(scale):
+    q, k, v = qkv(Nq=70, Nk=100)
+    value = float(scale)
+    expected = mf.sparse_attention(q, k, v, VS, scale=value, compiled=False)
+    assert torch.equal(mf.sparse_attention(q, k, v, VS, scale=scale, compiled=False), expected)
+    assert torch.equal(mf.token_mask(q, k, VS, scale=scale), mf.token_mask(q, k, VS, scale=value))
+    plan = mf.plan_attention(q, k, VS, scale=scale)
+    assert type(plan.scale) is float and plan.scale == value
+
+
+@pytest.mark.gpu
+def test_cuda_tensor_scale():
+    """Accepted (read back to the host: one synchronisation per call, documented)."""
+    q, k, v = (t.cuda() for t in qkv(Nq=70, Nk=100))
+    out = mf.sparse_attention(q, k, v, VS, scale=torch.tensor(0.125, device="cuda"), compiled=False)
+    assert torch.equal(out, mf.sparse_attention(q, k, v, VS, scale=0.125, compiled=False))
+    with pytest.raises(ValueError, match="scale"):
+        mf.sparse_attention(q, k, v, VS, scale=torch.tensor(math.nan, device="cuda"), compiled=False)
+
 
 @pytest.mark.parametrize("cast", [np.int64, np.int32, np.int16, np.uint64, np.float32, np.float64, torch.tensor,
                                   float], ids=lambda c: getattr(c, "__name__", str(c)))
