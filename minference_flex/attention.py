@@ -52,13 +52,15 @@ def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence,
         raise ValueError(f"key batch {key.shape[0]} differs from query batch {B}")
     if key.shape[-1] != D:
         raise ValueError(f"key head dim {key.shape[-1]} differs from query head dim {D}")
+    if D == 0:
+        raise ValueError("head dim must be at least 1, got 0")
     if with_value and value.shape != key.shape:
         raise ValueError(f"value shape {tuple(value.shape)} must equal key shape {tuple(key.shape)}")
     Hkv, Nk = key.shape[1], key.shape[2]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if Nq == 0 or Nq > Nk:
-        raise ValueError(f"need 1 <= query length <= key length, got {Nq} queries and {Nk} keys")
+    if Nq > Nk:
+        raise ValueError(f"need query length <= key length, got {Nq} queries and {Nk} keys")
     _scale(scale, D)
     return parse_patterns(patterns, Hq)
 
@@ -166,15 +168,34 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
 
     ``scale``: a positive finite real number (Python or numpy, or a 0-d tensor: a CUDA tensor is read
     back to the host, one synchronisation; pass a Python float on the hot path); default 1/sqrt(D).
+    Empty inputs (batch 0, no query heads or no queries) give an empty plan, with no parts, for which
+    ``run_plan`` returns the empty output [B, Hq, Nq, D].
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
     scale = _scale(scale, query.shape[-1])
+    if query.numel() == 0:  # head dim >= 1 (checked): batch, query heads or queries are 0
+        return _empty_plan(query, key, scale, tiles, kernel_options)
     cpu = query.device.type == "cpu"
     fold_columns = cpu if fold_columns is None else fold_columns
     return plan_selection(select(query, key, patterns, scale), scale=scale,
                           full_width=cpu if full_width is None else full_width, fold_columns=fold_columns,
                           strips=not (cpu or fold_columns) if strips is None else strips,
                           tiles=tiles, kernel_options=kernel_options)
+
+
+def _empty_plan(query: Tensor, key: Tensor, scale: float, tiles: Tiles, kernel_options: dict | None) -> AttentionPlan:
+    """The plan of an empty call: no cells, no parts."""
+    B, Hq, Nq, D = query.shape
+    device = query.device
+    selection = Selection(
+        nq=Nq, nk=key.shape[2],
+        offsets=torch.zeros(B, Hq, key.shape[2], dtype=torch.bool, device=device),
+        sink=torch.zeros(Hq, dtype=torch.int32, device=device),
+        block_sparse=torch.zeros(Hq, dtype=torch.bool, device=device),
+        columns=None, blocks=(), max_sink=0, max_offsets=0,
+    )
+    return AttentionPlan(selection=selection, main=None, vertical=None, pad=0, scale=scale, tiles=tiles,
+                         kernel_options=kernel_options)
 
 
 def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold_columns: bool,
@@ -224,6 +245,8 @@ def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, 
         raise ValueError("the compiled CPU kernel returns no log-sum-exp to merge a separate vertical part: "
                          "plan with fold_columns=True (the CPU default), or run with compiled=False")
     n_parts = sum(part is not None for part in (plan.strips, plan.main, plan.vertical))
+    if n_parts == 0:  # the plan of an empty call
+        return query.new_zeros(query.shape)
     parts = []
     if plan.strips is not None:
         parts.append(_strip_part(plan, query, key, value, compiled, strip_kernel))
@@ -279,4 +302,6 @@ def token_mask(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float |
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
     scale = _scale(scale, query.shape[-1])
+    if query.numel() == 0:  # empty call: an empty mask
+        return torch.zeros(*query.shape[:3], key.shape[2], dtype=torch.bool, device=query.device)
     return token_cells(select(query, key, patterns, scale))

@@ -109,16 +109,6 @@ def test_more_queries_than_keys(Nq, Nk):
     call_all(q, k, v, [DENSE, DENSE], ValueError, "query length")
 
 
-def test_no_queries():
-    q, k, v = qkv(Nq=0)
-    call_all(q, k, v, [DENSE, DENSE], ValueError, "query length")
-
-
-def test_no_keys():
-    q, k, v = qkv(Nq=0, Nk=0)
-    call_all(q, k, v, [DENSE, DENSE], ValueError)
-
-
 def test_head_dim_mismatch():
     q, k, v = qkv(D=16)
     k2, v2 = torch.randn(1, 1, 16, 32), torch.randn(1, 1, 16, 32)
@@ -216,6 +206,55 @@ def test_device_mismatch():
     call_all(q.cuda(), k, v.cuda(), [DENSE, DENSE], ValueError, "device")
     with pytest.raises(ValueError, match="device"):
         mf.sparse_attention(q.cuda(), k.cuda(), v, [DENSE, DENSE], compiled=False)
+
+
+# ---- Empty inputs (batch 0, no query heads, no queries): an empty output, like SDPA ----
+
+MIXED = [["vertical_and_slash", 30, 100], ["stream_llm", 4, 8], ["block_sparse", 2, 0], ["block_mass", 900, 8]]
+
+
+@pytest.mark.parametrize("B,Nq,Nk", [(0, 8, 16), (0, 64, 200), (1, 0, 16), (2, 0, 130), (0, 0, 16), (1, 0, 0),
+                                     (0, 0, 0)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_empty_input_gives_empty_output(B, Nq, Nk, compiled):
+    q, k, v = qkv(B=B, Hq=4, Hkv=2, Nq=Nq, Nk=Nk, dtype=torch.bfloat16)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    out = mf.sparse_attention(q, k, v, MIXED, compiled=compiled)
+    assert out.shape == ref.shape == (B, 4, Nq, 16)
+    assert out.dtype == q.dtype and out.device == q.device
+    mask = mf.token_mask(q, k, MIXED)
+    assert mask.shape == (B, 4, Nq, Nk) and mask.dtype == torch.bool and not mask.any()
+
+
+def test_no_query_heads_gives_empty_output():
+    q, k, v = qkv(Hq=0, Hkv=1)
+    for compiled in (False, True):
+        assert mf.sparse_attention(q, k, v, [], compiled=compiled).shape == (1, 0, 8, 16)
+    assert mf.token_mask(q, k, []).shape == (1, 0, 8, 16)
+
+
+@pytest.mark.parametrize("B,Nq,Nk", [(0, 8, 16), (1, 0, 16), (0, 0, 0)])
+@pytest.mark.parametrize("layout", [dict(), dict(strips=True, fold_columns=False, full_width=False),
+                                    dict(fold_columns=False, full_width=False)])
+def test_empty_plan_runs_empty(B, Nq, Nk, layout):
+    """plan_attention returns an empty plan for empty inputs; run_plan gives the empty output."""
+    q, k, v = qkv(B=B, Hq=4, Hkv=2, Nq=Nq, Nk=Nk)
+    plan = mf.plan_attention(q, k, MIXED, **layout)
+    assert plan.selection.nq == Nq and plan.selection.nk == Nk
+    assert plan.flex_tiles().shape == (B, 4) and not plan.visited_tiles().any()
+    for compiled in (False, True):
+        assert mf.run_plan(plan, q, k, v, compiled=compiled).shape == (B, 4, Nq, 16)
+
+
+@pytest.mark.parametrize("B,Nq", [(1, 8), (0, 8), (1, 0)])
+def test_zero_head_dim(B, Nq):
+    q, k, v = qkv(B=B, Nq=Nq, D=0)
+    call_all(q, k, v, [DENSE, DENSE], ValueError, "head dim")
+
+
+def test_no_keys_with_queries():
+    q, k, v = qkv(Nq=1, Nk=0)
+    call_all(q, k, v, [DENSE, DENSE], ValueError, "query length")
 
 
 # ---- Budgets past any length (>= 2**31, >= 2**63) clamp to the prompt length ----
