@@ -32,8 +32,8 @@ from .strip_kernel import check_kernel, strip_attention
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence, scale: float | None,
-           *, with_value: bool = True):
+def _check_tensors(query: Tensor, key: Tensor, value: Tensor | None, *, with_value: bool = True):
+    """The query, key (and value) tensors: types, ranks, dtypes, devices and shapes (Python only)."""
     named = [("query", query), ("key", key)] + ([("value", value)] if with_value else [])
     for name, t in named:
         if not isinstance(t, torch.Tensor):
@@ -61,8 +61,6 @@ def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence,
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     if Nq > Nk:
         raise ValueError(f"need query length <= key length, got {Nq} queries and {Nk} keys")
-    _scale(scale, D)
-    return parse_patterns(patterns, Hq)
 
 
 def _scale(scale, head_dim: int) -> float:
@@ -89,6 +87,13 @@ def _scale(scale, head_dim: int) -> float:
     return scale
 
 
+def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence, scale: float | None,
+           *, with_value: bool = True):
+    _check_tensors(query, key, value, with_value=with_value)
+    _scale(scale, query.shape[-1])
+    return parse_patterns(patterns, query.shape[1])
+
+
 @dataclass(frozen=True)
 class AttentionPlan:
     """Everything one sparse attention call needs besides the tensors: the per-head selection and
@@ -99,6 +104,9 @@ class AttentionPlan:
       blocks (with ``strips``) or of everything but the gathered vertical columns (without), or None;
     - ``vertical``: without ``strips``, the BlockMask over the gathered vertical columns, when some
       head has them and they are not folded into ``main``.
+
+    ``run_plan`` checks that its inputs have the shapes the plan was made for (batch, query heads and
+    length, key length from ``selection``; ``head_dim`` and ``kv_heads`` where known) and its device.
     """
 
     selection: Selection
@@ -109,6 +117,8 @@ class AttentionPlan:
     tiles: Tiles
     kernel_options: dict | None = None
     strips: Strips | None = None
+    head_dim: int | None = None   # None: not checked by run_plan (plan_selection without it)
+    kv_heads: int | None = None
 
     def flex_tiles(self) -> Tensor:
         """[B, Hq] int64: tiles the FlexAttention parts visit per head (partial and full tiles of the
@@ -180,7 +190,8 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
     return plan_selection(select(query, key, patterns, scale), scale=scale,
                           full_width=cpu if full_width is None else full_width, fold_columns=fold_columns,
                           strips=not (cpu or fold_columns) if strips is None else strips,
-                          tiles=tiles, kernel_options=kernel_options)
+                          tiles=tiles, kernel_options=kernel_options,
+                          head_dim=query.shape[-1], kv_heads=key.shape[1])
 
 
 def _empty_plan(query: Tensor, key: Tensor, scale: float, tiles: Tiles, kernel_options: dict | None) -> AttentionPlan:
@@ -195,12 +206,14 @@ def _empty_plan(query: Tensor, key: Tensor, scale: float, tiles: Tiles, kernel_o
         columns=None, blocks=(), max_sink=0, max_offsets=0,
     )
     return AttentionPlan(selection=selection, main=None, vertical=None, pad=0, scale=scale, tiles=tiles,
-                         kernel_options=kernel_options)
+                         kernel_options=kernel_options, head_dim=D, kv_heads=key.shape[1])
 
 
 def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold_columns: bool,
-                   strips: bool = False, tiles: Tiles = Tiles(), kernel_options: dict | None = None) -> AttentionPlan:
-    """The kernel metadata of an already estimated Selection (see ``plan_attention``)."""
+                   strips: bool = False, tiles: Tiles = Tiles(), kernel_options: dict | None = None,
+                   head_dim: int | None = None, kv_heads: int | None = None) -> AttentionPlan:
+    """The kernel metadata of an already estimated Selection (see ``plan_attention``); ``head_dim``
+    and ``kv_heads``, where given, are checked by ``run_plan``."""
     bad = sorted({g.block_size for g in selection.blocks if g.block_size % tiles.q})
     if bad:
         raise ValueError(f"block sizes {bad} (block_sparse, block_mass heads) are not multiples of the query tile {tiles.q}")
@@ -219,6 +232,8 @@ def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold
         tiles=tiles,
         kernel_options=kernel_options,
         strips=strip_layout(selection) if strips else None,
+        head_dim=head_dim,
+        kv_heads=kv_heads,
     )
 
 
@@ -235,11 +250,32 @@ def _strip_part(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, 
     return flex(query, key, value, cell_mask(cells, (plan.tiles.q, plan.tiles.kv)), plan.scale, compiled=False)
 
 
+def _check_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor) -> None:
+    """``run_plan``'s inputs: a plan, and tensors of the shapes and device it was made for. Compares
+    Python shapes only (no host synchronisation)."""
+    if not isinstance(plan, AttentionPlan):
+        raise TypeError(f"plan must be an AttentionPlan (from mf.plan_attention), got {type(plan).__name__}")
+    _check_tensors(query, key, value)
+    sel = plan.selection
+    B, Hq = sel.offsets.shape[:2]
+    B_, Hq_, Nq_, D_ = query.shape
+    wanted = [("batch", B, B_), ("query heads", Hq, Hq_), ("key heads", plan.kv_heads, key.shape[1]),
+              ("query length", sel.nq, Nq_), ("key length", sel.nk, key.shape[2]), ("head dim", plan.head_dim, D_)]
+    wrong = [f"{name} {made} (got {got})" for name, made, got in wanted if made is not None and made != got]
+    if sel.offsets.device != query.device:
+        wrong.append(f"device {sel.offsets.device} (got {query.device})")
+    if wrong:
+        raise ValueError("run_plan: the plan was made for " + ", ".join(wrong)
+                         + "; make a plan for these inputs with plan_attention")
+
+
 def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True,
              strip_kernel: str = "auto") -> Tensor:
     """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key.
     ``strip_kernel`` picks the kernel of the strip part (``strip_kernel.KERNELS``; ``"auto"``: the Hopper
-    kernel of the diagonal strips where it runs, see ``strip_kernel.strip_attention``)."""
+    kernel of the diagonal strips where it runs, see ``strip_kernel.strip_attention``).
+    ValueError if the inputs are not those the plan was made for (shapes, device: Python checks only)."""
+    _check_plan(plan, query, key, value)
     check_kernel(strip_kernel)  # also where no strip kernel runs (no strips, or the eager emulation)
     if plan.vertical is not None and compiled and query.device.type == "cpu":
         raise ValueError("the compiled CPU kernel returns no log-sum-exp to merge a separate vertical part: "

@@ -244,6 +244,10 @@ def test_empty_plan_runs_empty(B, Nq, Nk, layout):
     assert plan.flex_tiles().shape == (B, 4) and not plan.visited_tiles().any()
     for compiled in (False, True):
         assert mf.run_plan(plan, q, k, v, compiled=compiled).shape == (B, 4, Nq, 16)
+    # still a plan for these shapes only
+    q2, k2, v2 = qkv(B=1, Hq=4, Hkv=2, Nq=8, Nk=16)
+    with pytest.raises(ValueError):
+        mf.run_plan(plan, q2, k2, v2, compiled=False)
 
 
 @pytest.mark.parametrize("B,Nq", [(1, 8), (0, 8), (1, 0)])
@@ -287,6 +291,62 @@ def test_huge_budgets_clamp_to_length(entry):
 def test_huge_budget_pattern_objects():
     assert mf.Pattern("stream_llm", 10**30, 2**63).a == 10**30
     assert mf.Pattern("vertical_and_slash", 1e30, 2**64).to_list()[1:3] == [int(1e30), 2**64]
+
+
+# ---- run_plan with inputs the plan was not made for ----
+
+def plan_case(**kw):
+    shape = dict(B=2, Hq=4, Hkv=2, Nq=8, Nk=16, D=16)
+    shape.update(kw)
+    return qkv(**shape)
+
+
+@pytest.mark.parametrize("plan", [None, object(), "plan", {"selection": None}, 3])
+def test_run_plan_not_a_plan(plan):
+    q, k, v = plan_case()
+    for compiled in (False, True):
+        with pytest.raises(TypeError, match="AttentionPlan"):
+            mf.run_plan(plan, q, k, v, compiled=compiled)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(B=1), "batch"), (dict(B=3), "batch"), (dict(Hq=2, Hkv=1), "query heads"), (dict(Hq=8), "query heads"),
+    (dict(Hkv=4), "key heads"), (dict(Hkv=1), "key heads"), (dict(Nq=4), "query length"),
+    (dict(Nq=16), "query length"), (dict(Nk=24), "key length"), (dict(Nq=8, Nk=12), "key length"),
+    (dict(D=32), "head dim"), (dict(D=8), "head dim"), (dict(B=1, Nk=32), "batch .* key length"),
+])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_run_plan_other_shape(change, match, compiled):
+    q, k, _ = plan_case()
+    patterns = [["vertical_and_slash", 30, 100], ["stream_llm", 4, 8], ["block_sparse", 1, 0], DENSE]
+    plan = mf.plan_attention(q, k, patterns, fold_columns=not compiled, full_width=compiled)
+    q2, k2, v2 = plan_case(**change)
+    with pytest.raises(ValueError, match=match):
+        mf.run_plan(plan, q2, k2, v2, compiled=compiled)
+
+
+def test_run_plan_checks_tensors():
+    q, k, v = plan_case()
+    plan = mf.plan_attention(q, k, [DENSE] * 4)
+    with pytest.raises(TypeError, match="value"):
+        mf.run_plan(plan, q, k, None, compiled=False)
+    with pytest.raises(ValueError, match="dtype"):
+        mf.run_plan(plan, q, k.half(), v, compiled=False)
+    with pytest.raises(ValueError, match="value shape"):
+        mf.run_plan(plan, q, k, v[:, :, :8], compiled=False)
+    torch.testing.assert_close(mf.run_plan(plan, q, k, v, compiled=False),
+                               mf.sparse_attention(q, k, v, [DENSE] * 4, compiled=False))
+
+
+@pytest.mark.gpu
+def test_run_plan_other_device():
+    q, k, v = plan_case()
+    plan = mf.plan_attention(q, k, [DENSE] * 4)
+    with pytest.raises(ValueError, match="device"):
+        mf.run_plan(plan, q.cuda(), k.cuda(), v.cuda(), compiled=False)
+    plan = mf.plan_attention(q.cuda(), k.cuda(), [DENSE] * 4)
+    with pytest.raises(ValueError, match="device"):
+        mf.run_plan(plan, q, k, v, compiled=False)
 
 
 # ---- numpy numbers and 0-d tensors as scales and budgets ----
