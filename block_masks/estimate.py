@@ -99,9 +99,14 @@ DENSE_WINDOW = 2**62
 
 @lru_cache(maxsize=256)
 def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTables:
-    """Cached so that the host-to-device copy happens once per (patterns, device), not per call."""
+    """Cached so that the host-to-device copy happens once per (patterns, device), not per call.
+
+    Budgets past any prompt length (Python ints of any size) are capped to fit the tables' dtypes:
+    ``DENSE_WINDOW`` for int64, 2**31 - 1 for the int32 sinks (index tensors are int32, so no prompt
+    is longer); ``select`` clamps them to the length."""
     def t(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype, device=device)
+        cap = DENSE_WINDOW if dtype == torch.int64 else 2**31 - 1 if dtype == torch.int32 else None
+        return torch.tensor([min(v, cap) for v in values] if cap else values, dtype=dtype, device=device)
 
     def of_kind(kind, value, dtype=torch.int64):  # value(p) for the heads of this kind, 0 elsewhere
         return t([value(p) if p.kind == kind else 0 for p in patterns], dtype)

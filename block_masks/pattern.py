@@ -1,6 +1,8 @@
 """The per-head sparse pattern vocabulary: what one attention head keeps."""
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from dataclasses import dataclass
 
@@ -34,15 +36,18 @@ SAMPLED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def _budget(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"pattern budget {name} must be an integer, got a bool")
+    """A budget as a Python int: an int (Python, numpy, or a 0-d integer tensor) or an integral float
+    (Python or numpy), of any size (budgets past the prompt length keep everything they can).
+    TypeError for bools (Python, numpy, tensors) and other values, ValueError for negative ones."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        raise TypeError(f"pattern budget {name} must be an integer, got a bool ({value!r})")
     try:
         value = operator.index(value)
     except TypeError:
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
             value = int(value)
         else:
-            raise TypeError(f"pattern budget {name} must be an integer, got {value!r}") from None
+            raise TypeError(f"pattern budget {name} must be an integer (or an integral float), got {value!r}") from None
     if value < 0:
         raise ValueError(f"pattern budget {name} must be >= 0, got {value}")
     return value

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ from .strip_kernel import check_kernel, strip_attention
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence, scale: float | None,
-           *, with_value: bool = True):
+def _check_tensors(query: Tensor, key: Tensor, value: Tensor | None, *, with_value: bool = True):
+    """The query, key (and value) tensors: types, ranks, dtypes, devices and shapes (Python only)."""
     named = [("query", query), ("key", key)] + ([("value", value)] if with_value else [])
     for name, t in named:
         if not isinstance(t, torch.Tensor):
@@ -51,16 +52,46 @@ def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence,
         raise ValueError(f"key batch {key.shape[0]} differs from query batch {B}")
     if key.shape[-1] != D:
         raise ValueError(f"key head dim {key.shape[-1]} differs from query head dim {D}")
+    if D == 0:
+        raise ValueError("head dim must be at least 1, got 0")
     if with_value and value.shape != key.shape:
         raise ValueError(f"value shape {tuple(value.shape)} must equal key shape {tuple(key.shape)}")
     Hkv, Nk = key.shape[1], key.shape[2]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if Nq == 0 or Nq > Nk:
-        raise ValueError(f"need 1 <= query length <= key length, got {Nq} queries and {Nk} keys")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if Nq > Nk:
+        raise ValueError(f"need query length <= key length, got {Nq} queries and {Nk} keys")
+
+
+def _scale(scale, head_dim: int) -> float:
+    """The softmax scale as a Python float: 1 / sqrt(head_dim) for None, else a positive finite real
+    number: a Python or numpy int or float, or a 0-d real tensor (a CUDA one is read back to the host,
+    a synchronisation). TypeError for other types (bools included), ValueError for other values."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if type(scale) is not float:
+        if isinstance(scale, torch.Tensor):
+            if scale.dim() != 0 or scale.dtype == torch.bool or scale.is_complex():
+                raise TypeError(f"a tensor scale must be a 0-d real tensor, got shape {tuple(scale.shape)} "
+                                f"and dtype {scale.dtype}")
+            scale = scale.item()
+        elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be a real number (int, float, numpy number or 0-d tensor), "
+                            f"got {type(scale).__name__} {scale!r}")
+        try:
+            scale = float(scale)
+        except OverflowError:
+            scale = math.inf
+    if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    return parse_patterns(patterns, Hq)
+    return scale
+
+
+def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence, scale: float | None,
+           *, with_value: bool = True):
+    _check_tensors(query, key, value, with_value=with_value)
+    _scale(scale, query.shape[-1])
+    return parse_patterns(patterns, query.shape[1])
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,9 @@ class AttentionPlan:
       blocks (with ``strips``) or of everything but the gathered vertical columns (without), or None;
     - ``vertical``: without ``strips``, the BlockMask over the gathered vertical columns, when some
       head has them and they are not folded into ``main``.
+
+    ``run_plan`` checks that its inputs have the shapes the plan was made for (batch, query heads and
+    length, key length from ``selection``; ``head_dim`` and ``kv_heads`` where known) and its device.
     """
 
     selection: Selection
@@ -83,6 +117,8 @@ class AttentionPlan:
     tiles: Tiles
     kernel_options: dict | None = None
     strips: Strips | None = None
+    head_dim: int | None = None   # None: not checked by run_plan (plan_selection without it)
+    kv_heads: int | None = None
 
     def flex_tiles(self) -> Tensor:
         """[B, Hq] int64: tiles the FlexAttention parts visit per head (partial and full tiles of the
@@ -139,20 +175,45 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
     Both default to what the compiled kernel of the query's device needs.
     ``tiles`` sets the BlockMask tile (block-sparse block sizes must be multiples of its query side);
     ``kernel_options`` are passed to the FlexAttention kernel on CUDA.
+
+    ``scale``: a positive finite real number (Python or numpy, or a 0-d tensor: a CUDA tensor is read
+    back to the host, one synchronisation; pass a Python float on the hot path); default 1/sqrt(D).
+    Empty inputs (batch 0, no query heads or no queries) give an empty plan, with no parts, for which
+    ``run_plan`` returns the empty output [B, Hq, Nq, D].
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    scale = _scale(scale, query.shape[-1])
+    if query.numel() == 0:  # head dim >= 1 (checked): batch, query heads or queries are 0
+        return _empty_plan(query, key, scale, tiles, kernel_options)
     cpu = query.device.type == "cpu"
     fold_columns = cpu if fold_columns is None else fold_columns
     return plan_selection(select(query, key, patterns, scale), scale=scale,
                           full_width=cpu if full_width is None else full_width, fold_columns=fold_columns,
                           strips=not (cpu or fold_columns) if strips is None else strips,
-                          tiles=tiles, kernel_options=kernel_options)
+                          tiles=tiles, kernel_options=kernel_options,
+                          head_dim=query.shape[-1], kv_heads=key.shape[1])
+
+
+def _empty_plan(query: Tensor, key: Tensor, scale: float, tiles: Tiles, kernel_options: dict | None) -> AttentionPlan:
+    """The plan of an empty call: no cells, no parts."""
+    B, Hq, Nq, D = query.shape
+    device = query.device
+    selection = Selection(
+        nq=Nq, nk=key.shape[2],
+        offsets=torch.zeros(B, Hq, key.shape[2], dtype=torch.bool, device=device),
+        sink=torch.zeros(Hq, dtype=torch.int32, device=device),
+        block_sparse=torch.zeros(Hq, dtype=torch.bool, device=device),
+        columns=None, blocks=(), max_sink=0, max_offsets=0,
+    )
+    return AttentionPlan(selection=selection, main=None, vertical=None, pad=0, scale=scale, tiles=tiles,
+                         kernel_options=kernel_options, head_dim=D, kv_heads=key.shape[1])
 
 
 def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold_columns: bool,
-                   strips: bool = False, tiles: Tiles = Tiles(), kernel_options: dict | None = None) -> AttentionPlan:
-    """The kernel metadata of an already estimated Selection (see ``plan_attention``)."""
+                   strips: bool = False, tiles: Tiles = Tiles(), kernel_options: dict | None = None,
+                   head_dim: int | None = None, kv_heads: int | None = None) -> AttentionPlan:
+    """The kernel metadata of an already estimated Selection (see ``plan_attention``); ``head_dim``
+    and ``kv_heads``, where given, are checked by ``run_plan``."""
     bad = sorted({g.block_size for g in selection.blocks if g.block_size % tiles.q})
     if bad:
         raise ValueError(f"block sizes {bad} (block_sparse, block_mass heads) are not multiples of the query tile {tiles.q}")
@@ -171,6 +232,8 @@ def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold
         tiles=tiles,
         kernel_options=kernel_options,
         strips=strip_layout(selection) if strips else None,
+        head_dim=head_dim,
+        kv_heads=kv_heads,
     )
 
 
@@ -187,16 +250,39 @@ def _strip_part(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, 
     return flex(query, key, value, cell_mask(cells, (plan.tiles.q, plan.tiles.kv)), plan.scale, compiled=False)
 
 
+def _check_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor) -> None:
+    """``run_plan``'s inputs: a plan, and tensors of the shapes and device it was made for. Compares
+    Python shapes only (no host synchronisation)."""
+    if not isinstance(plan, AttentionPlan):
+        raise TypeError(f"plan must be an AttentionPlan (from mf.plan_attention), got {type(plan).__name__}")
+    _check_tensors(query, key, value)
+    sel = plan.selection
+    B, Hq = sel.offsets.shape[:2]
+    B_, Hq_, Nq_, D_ = query.shape
+    wanted = [("batch", B, B_), ("query heads", Hq, Hq_), ("key heads", plan.kv_heads, key.shape[1]),
+              ("query length", sel.nq, Nq_), ("key length", sel.nk, key.shape[2]), ("head dim", plan.head_dim, D_)]
+    wrong = [f"{name} {made} (got {got})" for name, made, got in wanted if made is not None and made != got]
+    if sel.offsets.device != query.device:
+        wrong.append(f"device {sel.offsets.device} (got {query.device})")
+    if wrong:
+        raise ValueError("run_plan: the plan was made for " + ", ".join(wrong)
+                         + "; make a plan for these inputs with plan_attention")
+
+
 def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True,
              strip_kernel: str = "auto") -> Tensor:
     """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key.
     ``strip_kernel`` picks the kernel of the strip part (``strip_kernel.KERNELS``; ``"auto"``: the Hopper
-    kernel of the diagonal strips where it runs, see ``strip_kernel.strip_attention``)."""
+    kernel of the diagonal strips where it runs, see ``strip_kernel.strip_attention``).
+    ValueError if the inputs are not those the plan was made for (shapes, device: Python checks only)."""
+    _check_plan(plan, query, key, value)
     check_kernel(strip_kernel)  # also where no strip kernel runs (no strips, or the eager emulation)
     if plan.vertical is not None and compiled and query.device.type == "cpu":
         raise ValueError("the compiled CPU kernel returns no log-sum-exp to merge a separate vertical part: "
                          "plan with fold_columns=True (the CPU default), or run with compiled=False")
     n_parts = sum(part is not None for part in (plan.strips, plan.main, plan.vertical))
+    if n_parts == 0:  # the plan of an empty call
+        return query.new_zeros(query.shape)
     parts = []
     if plan.strips is not None:
         parts.append(_strip_part(plan, query, key, value, compiled, strip_kernel))
@@ -251,5 +337,7 @@ def token_mask(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float |
     Builds a dense mask: for tests and inspection at small sizes; the fast path never builds it.
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    scale = _scale(scale, query.shape[-1])
+    if query.numel() == 0:  # empty call: an empty mask
+        return torch.zeros(*query.shape[:3], key.shape[2], dtype=torch.bool, device=query.device)
     return token_cells(select(query, key, patterns, scale))
