@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import numbers
+import operator
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -80,11 +83,41 @@ def text_config(model):
     return get() if callable(get) else config
 
 
+def _score(value) -> int | float:
+    """A MInference entry's score as a plain JSON number; ValueError unless it is a finite number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"the score (fourth element) must be a finite number, got {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _entry(entry) -> list:
     """A normalised MInference entry [type, a, b, score] (score kept when given, else 0.0)."""
     pattern = Pattern.parse(entry)
-    score = entry[3] if isinstance(entry, (list, tuple)) and len(entry) == 4 else 0.0
+    score = _score(entry[3]) if isinstance(entry, (list, tuple)) and len(entry) >= 4 else 0.0
     return pattern.to_list(score)
+
+
+def _head(layer: int, key, num_heads: int) -> int:
+    """The head number of a layer dict's key: a string of decimal digits or an integer (not a bool)."""
+    if isinstance(key, str):
+        head = int(key) if key.isascii() and key.isdecimal() else None
+    elif isinstance(key, bool) or not isinstance(key, numbers.Integral):
+        head = None
+    else:
+        head = operator.index(key)
+    if head is None:
+        raise ValueError(f"layer {layer}: head key {key!r} is not a head number")
+    if not 0 <= head < num_heads:
+        raise ValueError(f"layer {layer} names head {head} but the model has {num_heads} attention heads")
+    return head
+
+
+def _layer_entry(layer: int, key, entry) -> list:
+    """``_entry`` with the layer and the head key named in its error."""
+    try:
+        return _entry(entry)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"layer {layer}, head key {key!r}: {e}") from None
 
 
 def _is_single_entry(source) -> bool:
@@ -107,7 +140,7 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
     config = text_config(model)
     num_layers = int(config.num_hidden_layers)
     num_heads = int(config.num_attention_heads)
-    if isinstance(min_sparse_len, bool) or not isinstance(min_sparse_len, int) or min_sparse_len < 1:
+    if isinstance(min_sparse_len, bool) or not isinstance(min_sparse_len, numbers.Integral) or min_sparse_len < 1:
         raise ValueError(f"min_sparse_len must be a positive integer, got {min_sparse_len!r}")
     if not isinstance(sdpa_fallback, bool):
         raise ValueError(f"sdpa_fallback must be True or False, got {sdpa_fallback!r}")
@@ -130,16 +163,15 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
                 raise ValueError(f"layer {i} of the pattern configuration must be a dict from head number to "
                                  f"[type, a, b, score], got {type(layer).__name__}")
             heads = {str(h): DEFAULT_PATTERN.to_list() for h in range(num_heads)}
+            keys = {}
             for key, entry in layer.items():
-                try:
-                    head = int(key)
-                except (TypeError, ValueError):
-                    raise ValueError(f"layer {i}: head key {key!r} is not a head number") from None
-                if not 0 <= head < num_heads:
-                    raise ValueError(f"layer {i} names head {head} but the model has {num_heads} attention heads")
-                heads[str(head)] = _entry(entry)
+                head = _head(i, key, num_heads)
+                if head in keys:
+                    raise ValueError(f"layer {i}: head keys {keys[head]!r} and {key!r} both name head {head}")
+                keys[head] = key
+                heads[str(head)] = _layer_entry(i, key, entry)
             layers.append(heads)
-    setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": int(min_sparse_len),
+    setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": operator.index(min_sparse_len),
                                    "sdpa_fallback": sdpa_fallback})
     for heads in layers:
         _parsed(heads, num_heads)
@@ -157,8 +189,13 @@ def get_patterns(model) -> list[dict[str, list]]:
 
 
 def save_patterns(model, path) -> None:
-    """Write ``get_patterns(model)`` as a MInference JSON file."""
-    Path(path).write_text(json.dumps(get_patterns(model), indent=1) + "\n")
+    """Write ``get_patterns(model)`` as a MInference JSON file (strict JSON: a score that is not a
+    finite number, which only an edit of the stored dict can put there, raises ValueError)."""
+    try:
+        text = json.dumps(get_patterns(model), indent=1, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"the stored pattern configuration is not valid JSON: {e}") from None
+    Path(path).write_text(text + "\n")
 
 
 _parsed_cache: dict = {}
