@@ -91,7 +91,8 @@ def _score(value) -> int | float:
 
 
 def _entry(entry) -> list:
-    """A normalised MInference entry [type, a, b, score] (score kept when given, else 0.0)."""
+    """A normalised MInference entry [type, a, b, score] (score kept when given, else 0.0), with the
+    block size as a fifth element when it is not 64 (``Pattern.to_list``)."""
     pattern = Pattern.parse(entry)
     score = _score(entry[3]) if isinstance(entry, (list, tuple)) and len(entry) >= 4 else 0.0
     return pattern.to_list(score)
@@ -122,7 +123,7 @@ def _layer_entry(layer: int, key, entry) -> list:
 
 def _is_single_entry(source) -> bool:
     return isinstance(source, Pattern) or (
-        isinstance(source, (list, tuple)) and len(source) in (1, 3, 4) and isinstance(source[0], str)
+        isinstance(source, (list, tuple)) and len(source) in (1, 3, 4, 5) and isinstance(source[0], str)
     )
 
 
@@ -130,8 +131,9 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
     """Configure a model loaded with ``attn_implementation="minference_flex"``.
 
     ``source``: a path to a MInference JSON file (a list with one dict per layer, head number as a
-    string -> ``[type, a, b, score]``), that list already loaded, or one pattern entry
-    (``[type, a, b]``, ``[type, a, b, score]`` or ``mf.Pattern``) used for every head of every layer.
+    string -> ``[type, a, b, score]``, or ``[type, a, b, score, block_size]`` for a block size other
+    than 64), that list already loaded, or one pattern entry (``[type, a, b]``, ``[type, a, b, score]``
+    or ``mf.Pattern``) used for every head of every layer.
     Heads a file leaves out get ``DEFAULT_PATTERN``. Prefills shorter than ``min_sparse_len`` keys
     run dense. ``sdpa_fallback`` lets the backend run SDPA where the cost model predicts the sparse
     kernel to be slower (on CUDA; see the module docstring); False always runs the sparse kernel
@@ -178,7 +180,8 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
 
 
 def get_patterns(model) -> list[dict[str, list]]:
-    """The model's configuration as a MInference list: one dict per layer, head string -> [type, a, b, score]."""
+    """The model's configuration as a MInference list: one dict per layer, head string -> [type, a, b, score]
+    (and block_size as a fifth element where it is not 64)."""
     config = text_config(model)
     stored = getattr(config, _CONFIG_ATTR, None)
     if stored:

@@ -43,6 +43,44 @@ def counting(monkeypatch):
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
 
+# --------------------------------------------------------------------------- block_size in pattern files
+
+def test_block_size_survives_set_get_save(tmp_path):
+    model = make()
+    mf.set_patterns(model, mf.Pattern("block_sparse", 2, block_size=128), min_sparse_len=16)
+    layers = mf.get_patterns(model)
+    assert layers[0]["0"] == ["block_sparse", 2, 0, 0.0, 128]
+    assert mf_hf._layer_config(model.model.layers[1].self_attn).patterns == (mf.Pattern("block_sparse", 2, block_size=128),) * 4
+    path = tmp_path / "p.json"
+    mf.save_patterns(model, path)
+    other = make()
+    mf.set_patterns(other, path)
+    assert mf_hf._layer_config(other.model.layers[0].self_attn).patterns[3].block_size == 128
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="minference_flex")
+    assert mf_hf._layer_config(loaded.model.layers[0].self_attn).patterns[2].block_size == 128
+    # mixed with MInference's four-element entries; those are written back unchanged
+    mf.set_patterns(model, [{"0": ["block_sparse", 3, 0, 0.5, 256], "1": ["block_sparse", 3, 0, 0.5]}, {}])
+    got = mf.get_patterns(model)
+    assert got[0]["0"] == ["block_sparse", 3, 0, 0.5, 256] and got[0]["1"] == ["block_sparse", 3, 0, 0.5]
+    assert mf.Pattern.parse(got[0]["0"]) == mf.Pattern("block_sparse", 3, block_size=256)
+    assert mf.Pattern("block_sparse", 3).to_list(0.5) == ["block_sparse", 3, 0, 0.5]
+
+
+@torch.no_grad()
+def test_block_size_reaches_the_kernel():
+    """A 128-token block_sparse pattern set through set_patterns runs as one built directly."""
+    model = make()
+    x = ids(400)
+    mf.set_patterns(model, mf.Pattern("block_sparse", 1, block_size=128), min_sparse_len=16)
+    wide = model(x).logits
+    mf.set_patterns(model, mf.Pattern("block_sparse", 2, block_size=64), min_sparse_len=16)
+    narrow = model(x).logits
+    assert (wide - narrow).abs().max() > 1e-3
+    mf.set_patterns(model, [{str(h): ["block_sparse", 1, 0, 0.0, 128] for h in range(4)}] * 2, min_sparse_len=16)
+    torch.testing.assert_close(model(x).logits, wide, atol=0, rtol=0)
+
+
 # --------------------------------------------------------------------------- malformed pattern files
 
 @pytest.mark.parametrize("layer, message", [
