@@ -32,7 +32,9 @@ CPU compile per prompt length).
 """
 from __future__ import annotations
 
+import copy
 import functools
+import gc
 import json
 import math
 import numbers
@@ -127,6 +129,32 @@ def _is_single_entry(source) -> bool:
     )
 
 
+def _own_config(model) -> None:
+    """Give ``model`` a copy of its config when another model's modules use the same config object
+    (``from_config(other.config)`` shares it), so that what ``set_patterns`` stores reaches this
+    model only. Every module of ``model`` that held the shared config (or one of its sub-configs)
+    gets the copy. A model whose config no other module uses keeps it."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        return
+    config = model.config
+    ours = {id(m.__dict__) for m in model.modules()}
+    # nn.Module instance dicts outside this model that hold the config (found in ~30 ms; set_patterns is no hot path)
+    shared = any(type(r) is dict and "_parameters" in r and "_modules" in r and id(r) not in ours
+                 for c in {id(config): config, id(text_config(config)): text_config(config)}.values()
+                 for r in gc.get_referrers(c))
+    if not shared:
+        return
+    from transformers import PretrainedConfig
+
+    memo: dict = {}
+    copied = copy.deepcopy(config, memo)
+    assert memo[id(config)] is copied
+    for module in model.modules():
+        for name, value in list(module.__dict__.items()):
+            if isinstance(value, PretrainedConfig) and id(value) in memo:
+                module.__dict__[name] = memo[id(value)]
+
+
 def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN, sdpa_fallback: bool = True) -> None:
     """Configure a model loaded with ``attn_implementation="minference_flex"``.
 
@@ -138,6 +166,10 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
     run dense. ``sdpa_fallback`` lets the backend run SDPA where the cost model predicts the sparse
     kernel to be slower (on CUDA; see the module docstring); False always runs the sparse kernel
     from ``min_sparse_len`` on (accuracy measurements of the patterns themselves).
+
+    The configuration is stored on the model's config. A config object that another model's modules
+    also use (``from_config(other.config)`` does not copy it) is first replaced by a copy in every
+    module of ``model``, so that configuring one model never changes another.
     """
     config = text_config(model)
     num_layers = int(config.num_hidden_layers)
@@ -173,6 +205,8 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
                 keys[head] = key
                 heads[str(head)] = _layer_entry(i, key, entry)
             layers.append(heads)
+    _own_config(model)
+    config = text_config(model)
     setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": operator.index(min_sparse_len),
                                    "sdpa_fallback": sdpa_fallback})
     for heads in layers:

@@ -81,6 +81,42 @@ def test_block_size_reaches_the_kernel():
     torch.testing.assert_close(model(x).logits, wide, atol=0, rtol=0)
 
 
+# --------------------------------------------------------------------------- shared configuration objects
+
+@torch.no_grad()
+def test_models_sharing_a_config_keep_their_own_patterns(tmp_path):
+    a = make()
+    b = AutoModelForCausalLM.from_config(a.config, attn_implementation="minference_flex").eval()
+    b.load_state_dict(a.state_dict())
+    assert b.config is a.config  # transformers shares it
+    x = ids(200)
+    before = a(x).logits
+    mf.set_patterns(b, ["stream_llm", 4, 16], min_sparse_len=16)
+    torch.testing.assert_close(a(x).logits, before, atol=0, rtol=0)
+    assert getattr(a.config, "minference_flex", None) is None
+    assert (b(x).logits - before).abs().max() > 1e-2
+    assert all(m.config is b.config for m in b.modules() if "config" in m.__dict__)
+    # the other way round, and a model configured before the sharing
+    mf.set_patterns(a, ["stream_llm", 8, 32], min_sparse_len=16)
+    a_logits = a(x).logits
+    c = AutoModelForCausalLM.from_config(a.config, attn_implementation="minference_flex").eval()
+    mf.set_patterns(c, ["dense"], min_sparse_len=16)
+    torch.testing.assert_close(a(x).logits, a_logits, atol=0, rtol=0)
+    assert a.config.minference_flex["patterns"][0]["0"] == ["stream_llm", 8, 32, 0.0]
+    # the configuration still travels with save_pretrained
+    b.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="minference_flex")
+    assert mf.get_patterns(loaded) == mf.get_patterns(b)
+
+
+def test_unshared_config_stays_in_place():
+    """A model whose config nothing else uses keeps its config object."""
+    model = make()
+    config = model.config
+    mf.set_patterns(model, ["dense"])
+    assert model.config is config and model.model.layers[0].self_attn.config is config
+
+
 # --------------------------------------------------------------------------- malformed pattern files
 
 @pytest.mark.parametrize("layer, message", [
