@@ -384,8 +384,10 @@ def _padded_prefill(query, key, value, key_mask, layer: LayerConfig, scale):
     """Each sequence on its real tokens only; padded query rows get zeros."""
     B, Hq, Nq, D = query.shape
     Nk = key.shape[2]
-    out = query.new_zeros(B, Hq, Nq, D)
     counts = key_mask.sum(-1).tolist()
+    if all(n == Nk for n in counts):  # no padding (a static cache's prefill)
+        return _prefill(query, key, value, layer, scale)
+    out = query.new_zeros(B, Hq, Nq, D)
     firsts = key_mask.to(torch.int8).argmax(-1).tolist()
     for b in range(B):
         n, s = int(counts[b]), int(firsts[b])
@@ -416,8 +418,12 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
             raise ValueError("minference_flex expects a 2-D padding mask [batch, kv_len] from its mask function, got "
                              f"shape {tuple(attention_mask.shape)}; pass a 2-D attention_mask")
         if attention_mask.shape[1] != Nk:
-            raise NotImplementedError(f"minference_flex needs the padding mask to cover every key ({attention_mask.shape[1]} "
-                                      f"mask columns for {Nk} keys): static caches are not supported")
+            if attention_mask.shape[1] > Nk:
+                raise ValueError(f"minference_flex got a padding mask of {attention_mask.shape[1]} columns for {Nk} keys")
+            # A static cache's prefill: the mask function cut off the cache slots after the queries,
+            # which hold no token yet.
+            Nk = attention_mask.shape[1]
+            key, value = key[:, :, :Nk], value[:, :, :Nk]
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.bool()
     sliding_window = kwargs.get("sliding_window")
@@ -441,16 +447,49 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
     return out.transpose(1, 2).contiguous(), None
 
 
+def _padding_mask(attention_mask: Tensor, kv_length: int, kv_offset: int) -> Tensor:
+    """The 2-D mask's columns of the ``kv_length`` keys from ``kv_offset`` on, as bool; keys past its
+    end are masked (as in transformers' sdpa mask)."""
+    mask = attention_mask.to(torch.bool)
+    missing = kv_offset + kv_length - mask.shape[-1]
+    if missing > 0:
+        mask = F.pad(mask, (0, missing))
+    return mask[:, kv_offset:kv_offset + kv_length]
+
+
+def _cache_slots_mask(batch_size: int, q_length: int, kv_length: int, q_offset, kv_offset: int,
+                      attention_mask: Tensor | None, device) -> Tensor:
+    """The mask of a cache whose keys go past the queries: a static cache hands over all its slots,
+    and the slots after the last query hold no token yet. A prefill's mask is cut after the last
+    query (one host sync per forward for a static cache's offset tensor): the attention function
+    drops the keys past the mask. A decoding step's mask keeps every slot and masks the empty ones
+    by a comparison on the device (no host sync: decoding with a static cache is what gets compiled)."""
+    padding = None if attention_mask is None else _padding_mask(attention_mask, kv_length, kv_offset)
+    if q_length == 1:
+        written = torch.arange(kv_offset, kv_offset + kv_length, device=device) < q_offset + q_length
+        return written.expand(batch_size, kv_length) if padding is None else padding & written
+    end = int(q_offset) + q_length - kv_offset
+    if padding is None:
+        return torch.ones(batch_size, end, dtype=torch.bool, device=device)
+    return padding[:, :end]
+
+
 def minference_flex_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                          mask_function=None, attention_mask: Tensor | None = None, **kwargs):
-    """transformers mask function: the 2-D boolean padding mask over the last ``kv_length`` keys
-    (True = real token), or None when there is no padding.
+    """transformers mask function: the 2-D boolean padding mask [batch, keys] (True = real token),
+    the queries being the last ``q_length`` of its keys, or None when there is no padding.
 
     For a prefill, a mask without padding is dropped here, once per forward (one host sync, as in
-    transformers' FlashAttention path), so that no layer has to look at it."""
+    transformers' FlashAttention path), so that no layer has to look at it. With a static cache
+    (``kv_length`` cache slots, more than the tokens so far) see ``_cache_slots_mask``."""
+    if isinstance(q_offset, Tensor) or q_offset + q_length != kv_offset + kv_length:
+        device = kwargs.get("device")
+        if device is None:
+            device = attention_mask.device if attention_mask is not None else "cpu"
+        return _cache_slots_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, device)
     if attention_mask is None:
         return None
-    mask = attention_mask[:, -kv_length:].to(torch.bool)
+    mask = _padding_mask(attention_mask, kv_length, kv_offset)
     if q_length > 1 and bool(mask.all()):
         return None
     return mask

@@ -43,6 +43,67 @@ def counting(monkeypatch):
 GREEDY = dict(do_sample=False, pad_token_id=0)
 
 
+# --------------------------------------------------------------------------- static caches
+
+@torch.no_grad()
+def test_static_cache_generate_matches_sdpa(monkeypatch):
+    """Budgets that cover the prompt: the sparse prefill equals dense attention, so greedy tokens
+    through a static cache must be sdpa's (the prefill's queries at their real positions, the unused
+    cache slots ignored, decoding steps over the written slots only)."""
+    model = make()
+    mf.set_patterns(model, ["vertical_and_slash", 1000, 6096], min_sparse_len=16)
+    x = ids(80)
+    counts = counting(monkeypatch)
+    kw = dict(max_new_tokens=8, return_dict_in_generate=True, output_logits=True, **GREEDY)
+    ours = model.generate(x, cache_implementation="static", **kw)
+    assert counts["sparse"] == 2  # the prefill ran sparse in both layers
+    theirs = reference(model).generate(x, cache_implementation="static", **kw)
+    dynamic = reference(model).generate(x, **kw)
+    assert ours.sequences.tolist() == theirs.sequences.tolist() == dynamic.sequences.tolist()
+    for a, b in zip(ours.logits, theirs.logits):  # every step's logits, not only the argmax
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_static_cache_prefill_equals_dynamic_cache_prefill():
+    """Small budgets (the sparse result differs from dense): a StaticCache prefill, with and without
+    an attention mask, gives the logits of a DynamicCache prefill, and so do the decoding steps."""
+    model = make()
+    mf.set_patterns(model, ["stream_llm", 4, 16], min_sparse_len=16)
+    x = ids(90)
+    dynamic = DynamicCache(config=model.config)
+    expected = model(x, past_key_values=dynamic, use_cache=True).logits
+    assert (expected - reference(model)(x).logits).abs().max() > 1e-2  # sparse indeed
+    for mask in (None, torch.ones_like(x)):
+        static = StaticCache(config=model.config, max_cache_len=128)
+        got = model(x, attention_mask=mask, past_key_values=static, use_cache=True).logits
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # two decoding steps on both caches
+    dyn_mask = torch.ones(1, 90, dtype=torch.long)
+    for step in range(2):
+        token = ids(1, seed=10 + step)
+        dyn_mask = torch.cat([dyn_mask, torch.ones(1, 1, dtype=torch.long)], 1)
+        a = model(token, attention_mask=dyn_mask, past_key_values=dynamic, use_cache=True).logits
+        b = model(token, attention_mask=dyn_mask, past_key_values=static, use_cache=True).logits
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_static_cache_with_left_padding():
+    """A left-padded batch through a static cache: each sequence as alone (dynamic cache)."""
+    from tests.test_hf import _padded
+
+    model = make()
+    mf.set_patterns(model, ["stream_llm", 4, 16], min_sparse_len=32)
+    seqs = [ids(100, seed=4)[0], ids(60, seed=5)[0]]
+    input_ids, mask, _ = _padded(seqs, "left")
+    batched = model.generate(input_ids, attention_mask=mask, max_new_tokens=4, cache_implementation="static",
+                             **GREEDY)[:, input_ids.shape[1]:]
+    for i, s in enumerate(seqs):
+        alone = model.generate(s[None], max_new_tokens=4, **GREEDY)
+        assert batched[i].tolist() == alone[0, len(s):].tolist()
+
+
 # --------------------------------------------------------------------------- block_size in pattern files
 
 def test_block_size_survives_set_get_save(tmp_path):
