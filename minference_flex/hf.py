@@ -36,6 +36,7 @@ import copy
 import functools
 import gc
 import json
+import logging
 import math
 import numbers
 import operator
@@ -74,6 +75,19 @@ FALLBACK_DEVICES: tuple[str, ...] = ("cuda",)
 DISPATCH_COUNTS: Counter = Counter()
 
 _CONFIG_ATTR = "minference_flex"
+
+logger = logging.getLogger("minference_flex")
+#: Reasons ``_log_once`` has logged in this process.
+_LOGGED: set[str] = set()
+
+
+def _log_once(reason: str, message: str) -> None:
+    """``logger.warning(message)`` the first time ``reason`` comes up in this process (not while
+    torch.compile traces: a log call would break the graph)."""
+    if torch.compiler.is_compiling() or reason in _LOGGED:
+        return
+    _LOGGED.add(reason)
+    logger.warning(message)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -381,22 +395,26 @@ def _prefill(query, key, value, layer: LayerConfig, scale):
 
 
 def _padded_prefill(query, key, value, key_mask, layer: LayerConfig, scale):
-    """Each sequence on its real tokens only; padded query rows get zeros."""
+    """Each sequence on its real tokens only; padded query rows get zeros. A mask in which some
+    sequence's real tokens are not one run (holes: a pad token inside a prompt, say)
+    runs SDPA with that mask for the whole call."""
     B, Hq, Nq, D = query.shape
     Nk = key.shape[2]
-    counts = key_mask.sum(-1).tolist()
+    real = key_mask.to(torch.int8)
+    counts, firsts, lasts = torch.stack([real.sum(-1), real.argmax(-1), real.flip(-1).argmax(-1)]).tolist()
     if all(n == Nk for n in counts):  # no padding (a static cache's prefill)
         return _prefill(query, key, value, layer, scale)
+    if any(n and Nk - last - first != n for n, first, last in zip(counts, firsts, lasts)):
+        _log_once("holes", "minference_flex: an attention mask whose real tokens are not one contiguous run per "
+                           "sequence runs dense SDPA with that mask (sparse attention needs left or right padding "
+                           "only)")
+        return _sdpa(query, key, value, key_mask, scale)
     out = query.new_zeros(B, Hq, Nq, D)
-    firsts = key_mask.to(torch.int8).argmax(-1).tolist()
     for b in range(B):
         n, s = int(counts[b]), int(firsts[b])
         e = s + n
         if n == 0:
             continue
-        if not bool(key_mask[b, s:e].all()):
-            raise ValueError("minference_flex needs each sequence's real tokens to be one contiguous run "
-                             "(left or right padding)")
         qs = max(s, Nk - Nq)
         if qs >= e:
             continue

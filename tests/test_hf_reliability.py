@@ -29,7 +29,7 @@ def _eager_kernel(monkeypatch):
 @pytest.fixture
 def fresh_log(monkeypatch):
     """Forget which reasons were logged already, so that a test sees its own first warning."""
-    monkeypatch.setattr(mf_hf, "_LOGGED", set(), raising=False)
+    monkeypatch.setattr(mf_hf, "_LOGGED", set())
 
 
 def counting(monkeypatch):
@@ -176,6 +176,51 @@ def test_unshared_config_stays_in_place():
     config = model.config
     mf.set_patterns(model, ["dense"])
     assert model.config is config and model.model.layers[0].self_attn.config is config
+
+
+# --------------------------------------------------------------------------- masks with holes
+
+def _holed_prompt(n: int, holes=(20, 21, 50)):
+    x = ids(n)
+    x[0, list(holes)] = 0  # the pad token inside the prompt: generate infers a mask with holes
+    return x
+
+
+@pytest.mark.parametrize("min_sparse_len", [16, mf.DEFAULT_MIN_SPARSE_LEN])
+@torch.no_grad()
+def test_generate_with_pad_tokens_inside_the_prompt(min_sparse_len, fresh_log, caplog):
+    model = make()
+    mf.set_patterns(model, ["stream_llm", 4, 16], min_sparse_len=min_sparse_len)
+    x = _holed_prompt(90)
+    with caplog.at_level(logging.WARNING, logger="minference_flex"):
+        ours = model.generate(x, max_new_tokens=6, **GREEDY)
+        model.generate(x, max_new_tokens=2, **GREEDY)
+    theirs = reference(model).generate(x, max_new_tokens=6, **GREEDY)
+    assert ours.tolist() == theirs.tolist()
+    records = [r for r in caplog.records if r.name == "minference_flex"]
+    assert len(records) == 1 and "contiguous" in records[0].getMessage()
+
+
+@torch.no_grad()
+def test_mask_with_holes_runs_sdpa_with_the_exact_mask(fresh_log):
+    """A batch in which one row has holes: the whole call runs SDPA with that mask (sdpa's logits on
+    every real token), on a fresh cache and on a chunk on top of a cache."""
+    from tests.test_hf import _padded
+
+    model = make()
+    mf.set_patterns(model, ["stream_llm", 4, 16], min_sparse_len=16)
+    input_ids, mask, _ = _padded([ids(120, seed=2)[0], ids(70, seed=3)[0]], "left")
+    mask[0, [5, 6, 60]] = 0
+    ref = reference(model)
+    got, expected = model(input_ids, attention_mask=mask).logits, ref(input_ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+    cache, ref_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    model(input_ids[:, :80], attention_mask=mask[:, :80], past_key_values=cache, use_cache=True)
+    ref(input_ids[:, :80], attention_mask=mask[:, :80], past_key_values=ref_cache, use_cache=True)
+    got = model(input_ids[:, 80:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    expected = ref(input_ids[:, 80:], attention_mask=mask, past_key_values=ref_cache, use_cache=True).logits
+    torch.testing.assert_close(got[real[:, 80:]], expected[real[:, 80:]], atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- malformed pattern files
