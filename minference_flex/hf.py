@@ -456,6 +456,12 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
         # call is host-bound, and a microsecond of Python is 1-4% of it (docs/performance.md).
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                              enable_gqa=key.shape[1] != query.shape[1])
+    elif torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        # Autograd needs this call's gradient, and the sparse kernel has no backward: dense, exact mask.
+        _log_once("grad", "minference_flex: attention calls that need gradients (grad mode on, inputs that require "
+                          "grad) run dense SDPA; run inference under torch.no_grad() or torch.inference_mode() "
+                          "for sparse attention")
+        out = _sdpa(query, key, value, attention_mask, scaling)
     else:
         layer = _layer_config(module)
         if attention_mask is None:

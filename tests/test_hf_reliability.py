@@ -223,6 +223,36 @@ def test_mask_with_holes_runs_sdpa_with_the_exact_mask(fresh_log):
     torch.testing.assert_close(got[real[:, 80:]], expected[real[:, 80:]], atol=1e-5, rtol=0)
 
 
+# --------------------------------------------------------------------------- autograd
+
+def _loss(model, embeds):
+    return model(inputs_embeds=embeds).logits.float().pow(2).mean()
+
+
+def test_gradients_run_dense_and_leave_the_sparse_path_intact(fresh_log, caplog, monkeypatch):
+    model = make()
+    mf.set_patterns(model, ["stream_llm", 4, 16], min_sparse_len=16)
+    ref = reference(model)
+    x = ids(100)
+    with torch.no_grad():
+        sparse = model(x).logits
+        assert (sparse - ref(x).logits).abs().max() > 1e-2
+    grads = []
+    for m in (model, ref):
+        embeds = m.get_input_embeddings()(x).detach().requires_grad_(True)
+        m.zero_grad()
+        with caplog.at_level(logging.INFO, logger="minference_flex"):
+            _loss(m, embeds).backward()
+        grads.append([embeds.grad] + [p.grad for p in m.parameters()])
+    for g, h in zip(*grads):
+        torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
+    assert [r.name for r in caplog.records if r.name == "minference_flex"] == ["minference_flex"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, sparse, atol=0, rtol=0)
+    # eval mode without no_grad: the parameters need gradients, so the call runs dense
+    torch.testing.assert_close(model(x).logits, ref(x).logits, atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------- malformed pattern files
 
 @pytest.mark.parametrize("layer, message", [
