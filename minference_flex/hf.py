@@ -10,7 +10,11 @@ Qwen2, Qwen3, Mistral, Phi-3, ...) can be loaded with
 Prefill of ``min_sparse_len`` tokens or more runs ``mf.sparse_attention`` with each layer's per-head
 patterns; shorter prefills and decoding (one query) run ``scaled_dot_product_attention``. Padded
 batches are run sequence by sequence on their real tokens, so each sequence gets exactly the result
-it gets alone. Inference only.
+it gets alone. Static caches work: the queries sit at their real positions and the cache slots not
+written yet are no keys. Two cases run SDPA for the whole call instead (each logged once through the
+``minference_flex`` logger): a 2-D mask whose real tokens are not one contiguous run per sequence
+(holes), and a call whose gradient autograd needs (the sparse kernel has no backward). Attention
+dropout in training mode raises.
 
 SDPA fallback (``sdpa_fallback``, default on): on a CUDA device each prefill layer call of
 ``min_sparse_len`` keys or more first asks the cost model ``COST_MODEL`` (``minference_flex.cost``)
@@ -23,7 +27,8 @@ only: on other devices (``FALLBACK_DEVICES``) every prefill from ``min_sparse_le
 ``DISPATCH_COUNTS`` counts which way the uncompiled calls went.
 
 The configuration lives on the (text) config as ``config.minference_flex`` (a JSON-serialisable
-dict, so ``save_pretrained`` keeps it); a model without it uses ``DEFAULT_PATTERN`` for every head,
+dict, so ``save_pretrained`` keeps it; ``set_patterns`` first gives a model its own copy of a config
+object another model shares); a model without it uses ``DEFAULT_PATTERN`` for every head,
 ``DEFAULT_MIN_SPARSE_LEN`` and the SDPA fallback.
 
 ``COMPILED`` (module-level switch, default True) selects the compiled FlexAttention kernel; set
