@@ -148,6 +148,15 @@ def _is_single_entry(source) -> bool:
     )
 
 
+def _config_shared(model, config) -> bool:
+    """Whether a module outside ``model`` holds ``config`` or its text config: nn.Module instance
+    dicts among their referrers (about 30 ms with a few 100K objects alive; set_patterns is no hot path)."""
+    ours = {id(m.__dict__) for m in model.modules()}
+    configs = {id(config): config, id(text_config(config)): text_config(config)}.values()
+    return any(type(r) is dict and "_parameters" in r and "_modules" in r and id(r) not in ours
+               for c in configs for r in gc.get_referrers(c))
+
+
 def _own_config(model) -> None:
     """Give ``model`` a copy of its config when another model's modules use the same config object
     (``from_config(other.config)`` shares it), so that what ``set_patterns`` stores reaches this
@@ -156,12 +165,10 @@ def _own_config(model) -> None:
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         return
     config = model.config
-    ours = {id(m.__dict__) for m in model.modules()}
-    # nn.Module instance dicts outside this model that hold the config (found in ~30 ms; set_patterns is no hot path)
-    shared = any(type(r) is dict and "_parameters" in r and "_modules" in r and id(r) not in ours
-                 for c in {id(config): config, id(text_config(config)): text_config(config)}.values()
-                 for r in gc.get_referrers(c))
-    if not shared:
+    if not _config_shared(model, config):
+        return
+    gc.collect()  # modules of a model that is gone but not collected yet do not count
+    if not _config_shared(model, config):
         return
     from transformers import PretrainedConfig
 

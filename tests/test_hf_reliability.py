@@ -6,7 +6,7 @@ Tiny random Llamas as in test_hf.py; the sparse path runs the eager emulation.
 """
 from __future__ import annotations
 
-import copy
+import gc
 import json
 import logging
 import math
@@ -171,11 +171,20 @@ def test_models_sharing_a_config_keep_their_own_patterns(tmp_path):
 
 
 def test_unshared_config_stays_in_place():
-    """A model whose config nothing else uses keeps its config object."""
+    """A model whose config no other live model uses keeps its config object (a model that is gone
+    but not collected yet does not count)."""
     model = make()
     config = model.config
-    mf.set_patterns(model, ["dense"])
+    gc.disable()
+    try:
+        other = AutoModelForCausalLM.from_config(config, attn_implementation="minference_flex")
+        other.cycle = [other]
+        del other
+        mf.set_patterns(model, ["dense"])
+    finally:
+        gc.enable()
     assert model.config is config and model.model.layers[0].self_attn.config is config
+    assert model.config.minference_flex["patterns"][0]["0"] == ["dense", 0, 0, 0.0]
 
 
 # --------------------------------------------------------------------------- masks with holes
