@@ -173,8 +173,7 @@ def _own_config(model) -> None:
     from transformers import PretrainedConfig
 
     memo: dict = {}
-    copied = copy.deepcopy(config, memo)
-    assert memo[id(config)] is copied
+    copy.deepcopy(config, memo)  # memo: id of each original -> its copy (sub-configs included)
     for module in model.modules():
         for name, value in list(module.__dict__.items()):
             if isinstance(value, PretrainedConfig) and id(value) in memo:
