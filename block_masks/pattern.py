@@ -101,17 +101,23 @@ class Pattern:
 
     @classmethod
     def parse(cls, entry: "Pattern | list | tuple") -> "Pattern":
-        """Accept a Pattern or a MInference entry ``[type, a, b]`` / ``[type, a, b, score]``."""
+        """Accept a Pattern or a MInference entry ``[type, a, b]`` / ``[type, a, b, score]``, or
+        ``[type, a, b, score, block_size]`` (``to_list``'s form for a block size other than 64)."""
         if isinstance(entry, Pattern):
             return entry
-        if isinstance(entry, (list, tuple)) and len(entry) in (1, 3, 4):
+        if isinstance(entry, (list, tuple)) and len(entry) in (1, 3, 4, 5):
             if len(entry) == 1:
                 return cls(entry[0])
+            if len(entry) == 5:
+                return cls(entry[0], entry[1], entry[2], block_size=entry[4])
             return cls(entry[0], entry[1], entry[2])
         raise ValueError(
-            f"a pattern must be an mf.Pattern or a list [type, a, b] or [type, a, b, score]; got {entry!r}"
+            "a pattern must be an mf.Pattern or a list [type, a, b], [type, a, b, score] or "
+            f"[type, a, b, score, block_size]; got {entry!r}"
         )
 
     def to_list(self, score: float = 0.0) -> list:
-        """The MInference JSON form ``[type, a, b, score]``."""
-        return [self.kind, self.a, self.b, score]
+        """The MInference JSON form ``[type, a, b, score]``; a block size other than 64 is kept as a
+        fifth element (MInference's files, which have none, read as before)."""
+        entry = [self.kind, self.a, self.b, score]
+        return entry if self.block_size == TILE else entry + [self.block_size]

@@ -10,7 +10,11 @@ Qwen2, Qwen3, Mistral, Phi-3, ...) can be loaded with
 Prefill of ``min_sparse_len`` tokens or more runs ``mf.sparse_attention`` with each layer's per-head
 patterns; shorter prefills and decoding (one query) run ``scaled_dot_product_attention``. Padded
 batches are run sequence by sequence on their real tokens, so each sequence gets exactly the result
-it gets alone. Inference only.
+it gets alone. Static caches work: the queries sit at their real positions and the cache slots not
+written yet are no keys. Two cases run SDPA for the whole call instead (each logged once through the
+``minference_flex`` logger): a 2-D mask whose real tokens are not one contiguous run per sequence
+(holes), and a call whose gradient autograd needs (the sparse kernel has no backward). Attention
+dropout in training mode raises.
 
 SDPA fallback (``sdpa_fallback``, default on): on a CUDA device each prefill layer call of
 ``min_sparse_len`` keys or more first asks the cost model ``COST_MODEL`` (``minference_flex.cost``)
@@ -23,7 +27,8 @@ only: on other devices (``FALLBACK_DEVICES``) every prefill from ``min_sparse_le
 ``DISPATCH_COUNTS`` counts which way the uncompiled calls went.
 
 The configuration lives on the (text) config as ``config.minference_flex`` (a JSON-serialisable
-dict, so ``save_pretrained`` keeps it); a model without it uses ``DEFAULT_PATTERN`` for every head,
+dict, so ``save_pretrained`` keeps it; ``set_patterns`` first gives a model its own copy of a config
+object another model shares); a model without it uses ``DEFAULT_PATTERN`` for every head,
 ``DEFAULT_MIN_SPARSE_LEN`` and the SDPA fallback.
 
 ``COMPILED`` (module-level switch, default True) selects the compiled FlexAttention kernel; set
@@ -32,8 +37,14 @@ CPU compile per prompt length).
 """
 from __future__ import annotations
 
+import copy
 import functools
+import gc
 import json
+import logging
+import math
+import numbers
+import operator
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -70,6 +81,19 @@ DISPATCH_COUNTS: Counter = Counter()
 
 _CONFIG_ATTR = "minference_flex"
 
+logger = logging.getLogger("minference_flex")
+#: Reasons ``_log_once`` has logged in this process.
+_LOGGED: set[str] = set()
+
+
+def _log_once(reason: str, message: str) -> None:
+    """``logger.warning(message)`` the first time ``reason`` comes up in this process (not while
+    torch.compile traces: a log call would break the graph)."""
+    if torch.compiler.is_compiling() or reason in _LOGGED:
+        return
+    _LOGGED.add(reason)
+    logger.warning(message)
+
 
 # --------------------------------------------------------------------------- configuration
 
@@ -80,34 +104,102 @@ def text_config(model):
     return get() if callable(get) else config
 
 
+def _score(value) -> int | float:
+    """A MInference entry's score as a plain JSON number; ValueError unless it is a finite number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"the score (fourth element) must be a finite number, got {value!r}")
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _entry(entry) -> list:
-    """A normalised MInference entry [type, a, b, score] (score kept when given, else 0.0)."""
+    """A normalised MInference entry [type, a, b, score] (score kept when given, else 0.0), with the
+    block size as a fifth element when it is not 64 (``Pattern.to_list``)."""
     pattern = Pattern.parse(entry)
-    score = entry[3] if isinstance(entry, (list, tuple)) and len(entry) == 4 else 0.0
+    score = _score(entry[3]) if isinstance(entry, (list, tuple)) and len(entry) >= 4 else 0.0
     return pattern.to_list(score)
+
+
+def _head(layer: int, key, num_heads: int) -> int:
+    """The head number of a layer dict's key: a string of decimal digits or an integer (not a bool)."""
+    if isinstance(key, str):
+        head = int(key) if key.isascii() and key.isdecimal() else None
+    elif isinstance(key, bool) or not isinstance(key, numbers.Integral):
+        head = None
+    else:
+        head = operator.index(key)
+    if head is None:
+        raise ValueError(f"layer {layer}: head key {key!r} is not a head number")
+    if not 0 <= head < num_heads:
+        raise ValueError(f"layer {layer} names head {head} but the model has {num_heads} attention heads")
+    return head
+
+
+def _layer_entry(layer: int, key, entry) -> list:
+    """``_entry`` with the layer and the head key named in its error."""
+    try:
+        return _entry(entry)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"layer {layer}, head key {key!r}: {e}") from None
 
 
 def _is_single_entry(source) -> bool:
     return isinstance(source, Pattern) or (
-        isinstance(source, (list, tuple)) and len(source) in (1, 3, 4) and isinstance(source[0], str)
+        isinstance(source, (list, tuple)) and len(source) in (1, 3, 4, 5) and isinstance(source[0], str)
     )
+
+
+def _config_shared(model, config) -> bool:
+    """Whether a module outside ``model`` holds ``config`` or its text config: nn.Module instance
+    dicts among their referrers (about 30 ms with a few 100K objects alive; set_patterns is no hot path)."""
+    ours = {id(m.__dict__) for m in model.modules()}
+    configs = {id(config): config, id(text_config(config)): text_config(config)}.values()
+    return any(type(r) is dict and "_parameters" in r and "_modules" in r and id(r) not in ours
+               for c in configs for r in gc.get_referrers(c))
+
+
+def _own_config(model) -> None:
+    """Give ``model`` a copy of its config when another model's modules use the same config object
+    (``from_config(other.config)`` shares it), so that what ``set_patterns`` stores reaches this
+    model only. Every module of ``model`` that held the shared config (or one of its sub-configs)
+    gets the copy. A model whose config no other module uses keeps it."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        return
+    config = model.config
+    if not _config_shared(model, config):
+        return
+    gc.collect()  # modules of a model that is gone but not collected yet do not count
+    if not _config_shared(model, config):
+        return
+    from transformers import PretrainedConfig
+
+    memo: dict = {}
+    copy.deepcopy(config, memo)  # memo: id of each original -> its copy (sub-configs included)
+    for module in model.modules():
+        for name, value in list(module.__dict__.items()):
+            if isinstance(value, PretrainedConfig) and id(value) in memo:
+                module.__dict__[name] = memo[id(value)]
 
 
 def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN, sdpa_fallback: bool = True) -> None:
     """Configure a model loaded with ``attn_implementation="minference_flex"``.
 
     ``source``: a path to a MInference JSON file (a list with one dict per layer, head number as a
-    string -> ``[type, a, b, score]``), that list already loaded, or one pattern entry
-    (``[type, a, b]``, ``[type, a, b, score]`` or ``mf.Pattern``) used for every head of every layer.
+    string -> ``[type, a, b, score]``, or ``[type, a, b, score, block_size]`` for a block size other
+    than 64), that list already loaded, or one pattern entry (``[type, a, b]``, ``[type, a, b, score]``
+    or ``mf.Pattern``) used for every head of every layer.
     Heads a file leaves out get ``DEFAULT_PATTERN``. Prefills shorter than ``min_sparse_len`` keys
     run dense. ``sdpa_fallback`` lets the backend run SDPA where the cost model predicts the sparse
     kernel to be slower (on CUDA; see the module docstring); False always runs the sparse kernel
     from ``min_sparse_len`` on (accuracy measurements of the patterns themselves).
+
+    The configuration is stored on the model's config. A config object that another model's modules
+    also use (``from_config(other.config)`` does not copy it) is first replaced by a copy in every
+    module of ``model``, so that configuring one model never changes another.
     """
     config = text_config(model)
     num_layers = int(config.num_hidden_layers)
     num_heads = int(config.num_attention_heads)
-    if isinstance(min_sparse_len, bool) or not isinstance(min_sparse_len, int) or min_sparse_len < 1:
+    if isinstance(min_sparse_len, bool) or not isinstance(min_sparse_len, numbers.Integral) or min_sparse_len < 1:
         raise ValueError(f"min_sparse_len must be a positive integer, got {min_sparse_len!r}")
     if not isinstance(sdpa_fallback, bool):
         raise ValueError(f"sdpa_fallback must be True or False, got {sdpa_fallback!r}")
@@ -130,23 +222,25 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
                 raise ValueError(f"layer {i} of the pattern configuration must be a dict from head number to "
                                  f"[type, a, b, score], got {type(layer).__name__}")
             heads = {str(h): DEFAULT_PATTERN.to_list() for h in range(num_heads)}
+            keys = {}
             for key, entry in layer.items():
-                try:
-                    head = int(key)
-                except (TypeError, ValueError):
-                    raise ValueError(f"layer {i}: head key {key!r} is not a head number") from None
-                if not 0 <= head < num_heads:
-                    raise ValueError(f"layer {i} names head {head} but the model has {num_heads} attention heads")
-                heads[str(head)] = _entry(entry)
+                head = _head(i, key, num_heads)
+                if head in keys:
+                    raise ValueError(f"layer {i}: head keys {keys[head]!r} and {key!r} both name head {head}")
+                keys[head] = key
+                heads[str(head)] = _layer_entry(i, key, entry)
             layers.append(heads)
-    setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": int(min_sparse_len),
+    _own_config(model)
+    config = text_config(model)
+    setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": operator.index(min_sparse_len),
                                    "sdpa_fallback": sdpa_fallback})
     for heads in layers:
         _parsed(heads, num_heads)
 
 
 def get_patterns(model) -> list[dict[str, list]]:
-    """The model's configuration as a MInference list: one dict per layer, head string -> [type, a, b, score]."""
+    """The model's configuration as a MInference list: one dict per layer, head string -> [type, a, b, score]
+    (and block_size as a fifth element where it is not 64)."""
     config = text_config(model)
     stored = getattr(config, _CONFIG_ATTR, None)
     if stored:
@@ -157,8 +251,13 @@ def get_patterns(model) -> list[dict[str, list]]:
 
 
 def save_patterns(model, path) -> None:
-    """Write ``get_patterns(model)`` as a MInference JSON file."""
-    Path(path).write_text(json.dumps(get_patterns(model), indent=1) + "\n")
+    """Write ``get_patterns(model)`` as a MInference JSON file (strict JSON: a score that is not a
+    finite number, which only an edit of the stored dict can put there, raises ValueError)."""
+    try:
+        text = json.dumps(get_patterns(model), indent=1, allow_nan=False)
+    except ValueError as e:
+        raise ValueError(f"the stored pattern configuration is not valid JSON: {e}") from None
+    Path(path).write_text(text + "\n")
 
 
 _parsed_cache: dict = {}
@@ -307,20 +406,26 @@ def _prefill(query, key, value, layer: LayerConfig, scale):
 
 
 def _padded_prefill(query, key, value, key_mask, layer: LayerConfig, scale):
-    """Each sequence on its real tokens only; padded query rows get zeros."""
+    """Each sequence on its real tokens only; padded query rows get zeros. A mask in which some
+    sequence's real tokens are not one run (holes: a pad token inside a prompt, say)
+    runs SDPA with that mask for the whole call."""
     B, Hq, Nq, D = query.shape
     Nk = key.shape[2]
+    real = key_mask.to(torch.int8)
+    counts, firsts, lasts = torch.stack([real.sum(-1), real.argmax(-1), real.flip(-1).argmax(-1)]).tolist()
+    if all(n == Nk for n in counts):  # no padding (a static cache's prefill)
+        return _prefill(query, key, value, layer, scale)
+    if any(n and Nk - last - first != n for n, first, last in zip(counts, firsts, lasts)):
+        _log_once("holes", "minference_flex: an attention mask whose real tokens are not one contiguous run per "
+                           "sequence runs dense SDPA with that mask (sparse attention needs left or right padding "
+                           "only)")
+        return _sdpa(query, key, value, key_mask, scale)
     out = query.new_zeros(B, Hq, Nq, D)
-    counts = key_mask.sum(-1).tolist()
-    firsts = key_mask.to(torch.int8).argmax(-1).tolist()
     for b in range(B):
         n, s = int(counts[b]), int(firsts[b])
         e = s + n
         if n == 0:
             continue
-        if not bool(key_mask[b, s:e].all()):
-            raise ValueError("minference_flex needs each sequence's real tokens to be one contiguous run "
-                             "(left or right padding)")
         qs = max(s, Nk - Nq)
         if qs >= e:
             continue
@@ -342,8 +447,12 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
             raise ValueError("minference_flex expects a 2-D padding mask [batch, kv_len] from its mask function, got "
                              f"shape {tuple(attention_mask.shape)}; pass a 2-D attention_mask")
         if attention_mask.shape[1] != Nk:
-            raise NotImplementedError(f"minference_flex needs the padding mask to cover every key ({attention_mask.shape[1]} "
-                                      f"mask columns for {Nk} keys): static caches are not supported")
+            if attention_mask.shape[1] > Nk:
+                raise ValueError(f"minference_flex got a padding mask of {attention_mask.shape[1]} columns for {Nk} keys")
+            # A static cache's prefill: the mask function cut off the cache slots after the queries,
+            # which hold no token yet.
+            Nk = attention_mask.shape[1]
+            key, value = key[:, :, :Nk], value[:, :, :Nk]
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask.bool()
     sliding_window = kwargs.get("sliding_window")
@@ -358,6 +467,12 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
         # call is host-bound, and a microsecond of Python is 1-4% of it (docs/performance.md).
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                              enable_gqa=key.shape[1] != query.shape[1])
+    elif torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        # Autograd needs this call's gradient, and the sparse kernel has no backward: dense, exact mask.
+        _log_once("grad", "minference_flex: attention calls that need gradients (grad mode on, inputs that require "
+                          "grad) run dense SDPA; run inference under torch.no_grad() or torch.inference_mode() "
+                          "for sparse attention")
+        out = _sdpa(query, key, value, attention_mask, scaling)
     else:
         layer = _layer_config(module)
         if attention_mask is None:
@@ -367,16 +482,49 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
     return out.transpose(1, 2).contiguous(), None
 
 
+def _padding_mask(attention_mask: Tensor, kv_length: int, kv_offset: int) -> Tensor:
+    """The 2-D mask's columns of the ``kv_length`` keys from ``kv_offset`` on, as bool; keys past its
+    end are masked (as in transformers' sdpa mask)."""
+    mask = attention_mask.to(torch.bool)
+    missing = kv_offset + kv_length - mask.shape[-1]
+    if missing > 0:
+        mask = F.pad(mask, (0, missing))
+    return mask[:, kv_offset:kv_offset + kv_length]
+
+
+def _cache_slots_mask(batch_size: int, q_length: int, kv_length: int, q_offset, kv_offset: int,
+                      attention_mask: Tensor | None, device) -> Tensor:
+    """The mask of a cache whose keys go past the queries: a static cache hands over all its slots,
+    and the slots after the last query hold no token yet. A prefill's mask is cut after the last
+    query (one host sync per forward for a static cache's offset tensor): the attention function
+    drops the keys past the mask. A decoding step's mask keeps every slot and masks the empty ones
+    by a comparison on the device (no host sync: decoding with a static cache is what gets compiled)."""
+    padding = None if attention_mask is None else _padding_mask(attention_mask, kv_length, kv_offset)
+    if q_length == 1:
+        written = torch.arange(kv_offset, kv_offset + kv_length, device=device) < q_offset + q_length
+        return written.expand(batch_size, kv_length) if padding is None else padding & written
+    end = int(q_offset) + q_length - kv_offset
+    if padding is None:
+        return torch.ones(batch_size, end, dtype=torch.bool, device=device)
+    return padding[:, :end]
+
+
 def minference_flex_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                          mask_function=None, attention_mask: Tensor | None = None, **kwargs):
-    """transformers mask function: the 2-D boolean padding mask over the last ``kv_length`` keys
-    (True = real token), or None when there is no padding.
+    """transformers mask function: the 2-D boolean padding mask [batch, keys] (True = real token),
+    the queries being the last ``q_length`` of its keys, or None when there is no padding.
 
     For a prefill, a mask without padding is dropped here, once per forward (one host sync, as in
-    transformers' FlashAttention path), so that no layer has to look at it."""
+    transformers' FlashAttention path), so that no layer has to look at it. With a static cache
+    (``kv_length`` cache slots, more than the tokens so far) see ``_cache_slots_mask``."""
+    if isinstance(q_offset, Tensor) or q_offset + q_length != kv_offset + kv_length:
+        device = kwargs.get("device")
+        if device is None:
+            device = attention_mask.device if attention_mask is not None else "cpu"
+        return _cache_slots_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask, device)
     if attention_mask is None:
         return None
-    mask = attention_mask[:, -kv_length:].to(torch.bool)
+    mask = _padding_mask(attention_mask, kv_length, kv_offset)
     if q_length > 1 and bool(mask.all()):
         return None
     return mask

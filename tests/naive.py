@@ -31,10 +31,10 @@ ALIASES = {"vertical_slash": "vertical_and_slash", "a_shape": "stream_llm"}
 
 
 def parse(entry):
-    """(kind, a, b, block_size) of a Pattern-like object or a [type, a, b(, score)] list."""
+    """(kind, a, b, block_size) of a Pattern-like object or a [type, a, b(, score(, block_size))] list."""
     if isinstance(entry, (list, tuple)):
         kind, a, b = entry[0], entry[1], entry[2]
-        bs = 64
+        bs = entry[4] if len(entry) == 5 else 64
     else:
         kind, a, b, bs = entry.kind, entry.a, entry.b, entry.block_size
     kind = ALIASES.get(kind, kind)
