@@ -376,6 +376,39 @@ def _speedup(value: float | None) -> str:
     return f"{value:6.2f}x" if value is not None else f"{'-':>7}"
 
 
+#: The table's columns: (header, unit, width); the unit row under the header says what the numbers are in.
+COLUMNS = (("N", "tokens", 8), ("config", "", 24), ("strips", "", 6), ("budget", "(V, S)", 11), ("SDPA", "ms", 8),
+           ("flex", "ms", 8), ("dense", "ms", 8), ("est", "ms", 7), ("build", "ms", 7), ("kernel", "ms", 8),
+           ("total", "ms", 8), ("speedup", "x SDPA", 7), ("tiles", "frac", 6), ("recall", "mass", 6),
+           ("err", "rel", 8))
+LEGEND = ("SDPA, flex: dense causal SDPA and FlexAttention; dense: minference_flex with every head dense; est, build, "
+          "kernel: the parts of total\n(estimating the pattern, building the masks, the attention kernel); speedup: "
+          "SDPA ms / total ms; tiles: fraction of the causal tiles visited;\nrecall: attention mass kept (sampled "
+          "rows); err: largest relative error against float64 over the kept cells")
+
+
+def format_table(report: dict) -> str:
+    """The bench table of a report (``bench.json``): a header, a row of units, one row per run, a legend."""
+    lines = [f"{report['card']}, torch {report['torch']}, {report['geometry']}, {report['inputs']} inputs, bfloat16"
+             + (", eager kernels" if report.get("eager") else ""),
+             " ".join(f"{name:>{width}}" for name, _, width in COLUMNS),
+             " ".join(f"{unit:>{width}}" for _, unit, width in COLUMNS)]
+    for r in report["results"]:
+        for run in r["runs"]:
+            if "error" in run:
+                lines.append(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} failed: "
+                             f"{run['error'][:120]}")
+                continue
+            lines.append(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} "
+                         f"{str(tuple(run['budgets'])):>11} {_ms(r['sdpa_ms'])} "
+                         f"{_ms(r.get('flex_dense_ms'))} {_ms(run['dense_pattern_ms'])} "
+                         f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} "
+                         f"{run['total_ms']:8.2f} {_speedup(run['speedup_vs_sdpa'])} {run['tiles']['fraction']:6.3f} "
+                         f"{run['recall']:6.3f} {run['rel_err']:8.1e}")
+    lines.append(LEGEND)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--geometry", choices=sorted(GEOMETRIES), default=None,
@@ -447,6 +480,7 @@ def main(argv=None) -> dict:
         for name, c in report["counts"].items():
             built = ", ".join(f"{kernel} {n}" for kernel, n in c["triton_builds"].items())
             print(f"{name:>15}: {c['dynamo_graphs']} dynamo graphs; Triton builds: {built}")
+        print(f"wrote {args.out / 'compile_counts.json'}")
         return report
     budgets = list(args.budgets)
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -465,22 +499,10 @@ def main(argv=None) -> dict:
     if args.plot is not None:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_report(report, args.plot)
+    print(format_table(report))
+    print(f"wrote {args.out / 'bench.json'}")
+    if args.plot is not None:
         print(f"wrote {args.plot}")
-    print(f"{report['card']}, torch {report['torch']}, {geometry}, {args.inputs} inputs, bfloat16"
-          + (", eager kernels" if args.eager else ""))
-    print(f"{'N':>8} {'config':>24} {'strips':>6} {'budget':>11} {'SDPA':>8} {'flex':>8} {'dense':>8} {'est':>7} {'build':>7} "
-          f"{'kernel':>8} {'total':>8} {'speedup':>7} {'tiles':>6} {'recall':>6} {'err':>8}")
-    for r in report["results"]:
-        for run in r["runs"]:
-            if "error" in run:
-                print(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} failed: {run['error'][:120]}")
-                continue
-            print(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} {str(tuple(run['budgets'])):>11} "
-                  f"{_ms(r['sdpa_ms'])} "
-                  f"{_ms(r.get('flex_dense_ms'))} {_ms(run['dense_pattern_ms'])} "
-                  f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} {run['total_ms']:8.2f} "
-                  f"{_speedup(run['speedup_vs_sdpa'])} {run['tiles']['fraction']:6.3f} {run['recall']:6.3f} "
-                  f"{run['rel_err']:8.1e}")
     return report
 
 

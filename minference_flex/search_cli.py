@@ -141,11 +141,14 @@ def main(argv=None, prog: str = "minference-flex search") -> int:
 
     result = args.rechosen if args.rechoose else run_search(args)
     result.save(args.out)
+    written = [args.out]
     if args.details:
         with open(args.details, "w") as f:
             json.dump(result.to_dict(), f)
+        written.append(args.details)
     if args.plot:
         plot(result, args.plot)
+        written.append(args.plot)
     counts: dict = {}
     for row in result.choice.tolist():
         for c in row:
@@ -155,7 +158,11 @@ def main(argv=None, prog: str = "minference-flex search") -> int:
         r, cost = result.uniform(c)
         print(f"{str(c.to_list()[:3]):<34} {counts.get(c, 0):>5} {r:>15.4f} {cost:>13.3f}")
     print(f"{result.allocate} allocation, cost budget {result.cost_budget}: mean recall {result.mean_recall:.4f}, mean cost {result.mean_cost:.3f} of the causal tiles, "
-          f"{result.seconds} s; wrote {args.out}")
+          f"{result.seconds} s")
+    for path in written:
+        print(f"wrote {path}")
+    if args.checkpoint and not args.rechoose:
+        print(f"checkpoint (finished layers, resumable): {args.checkpoint}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """Argument checks of every ``minference-flex`` command: a bad argument ends in one argparse error line
-(exit status 2, on stderr, no traceback) before any model or input is loaded.
+(exit status 2, on stderr, no traceback) before any model or input is loaded, and the tools say
+where they wrote their results.
 
 No test here loads a model: the ``no_model`` fixture replaces every loader (and the long-running
 parts of ``layer`` and ``bench``) with one that raises ``Loaded``, so a check that comes too late
@@ -201,3 +202,39 @@ def test_model_constants_match_the_gguf_file():
     assert value("llama.block_count") == models.SMOLLM2_LAYERS == 30
     assert value("llama.attention.head_count") == models.SMOLLM2_HEADS == 9
     assert value("llama.attention.head_count_kv") == models.SMOLLM2_KV_HEADS == 3
+
+
+# --------------------------------------------------------------------------- readable output (item 16)
+
+def _bench_row(n: int) -> dict:
+    run = dict(config="strips", strip_kernel="auto", budgets=[100, 800], dense_pattern_ms=2.0, rel_err=1e-3,
+               recall=0.95, cell_fraction=0.1, tiles={"fraction": 0.2}, metadata_bytes=0, peak_memory_bytes=None,
+               estimate_ms=0.1, build_ms=0.2, kernel_ms=0.5, total_ms=0.8, speedup_vs_sdpa=2.5)
+    return {"length": n, "sdpa_ms": 2.0, "flex_dense_ms": 1.9, "runs": [run]}
+
+
+def test_bench_table_has_units_and_says_where_it_wrote(no_model, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "bench_length", lambda n, *a, **k: _bench_row(n))
+    out = tmp_path / "res"
+    bench.main(["--device", "cpu", "--eager", "--lengths", "256", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert f"wrote {out / 'bench.json'}" in text
+    table = bench.format_table(json.loads((out / "bench.json").read_text()))
+    header = "\n".join(table.splitlines()[:3])
+    assert "ms" in header and "x SDPA" in header and "tokens" in header
+    assert table in text
+
+
+def test_search_says_where_it_wrote_every_file(no_model, capsys, tmp_path):
+    from minference_flex.search import SearchResult
+
+    result = SearchResult.from_dict({
+        "candidates": [["vertical_and_slash", 100, 800, 64], ["stream_llm", 64, 512, 64]],
+        "recall": [[[0.9, 0.8], [0.7, 0.95]]], "cost": [[[0.5, 0.2], [0.5, 0.2]]], "choice": [[0, 1]],
+        "length": 1024, "cost_budget": 0.3, "allocate": "head", "prompts": 1, "seconds": 1.0})
+    details = tmp_path / "details.json"
+    details.write_text(json.dumps(result.to_dict()))
+    out, again = tmp_path / "p.json", tmp_path / "details2.json"
+    assert cli_main(["search", "--rechoose", str(details), "--out", str(out), "--details", str(again)]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and f"wrote {again}" in text
