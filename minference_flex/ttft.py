@@ -37,7 +37,8 @@ import torch
 from . import hf
 from .bench import timed_runs
 from .layer_timing import LayerTimes
-from .eval import Haystack, add_patterns_option, context_for, finish, load_patterns, use_side
+from .cli_checks import check_device, check_output, check_patterns, positive_int
+from .eval import Haystack, add_patterns_option, context_for, finish, use_side
 from .models import SMOLLM2_DESCRIPTION, smollm2
 
 log = logging.getLogger(__name__)
@@ -184,16 +185,16 @@ def format_table(report: dict) -> str:
 
 def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS,
+    p.add_argument("--lengths", type=positive_int, nargs="+", default=DEFAULT_LENGTHS,
                    help="prompt lengths in tokens (default 32768 131072)")
     add_patterns_option(p)
-    p.add_argument("--min-sparse-len", type=int, default=8192,
+    p.add_argument("--min-sparse-len", type=positive_int, default=8192,
                    help="prefills shorter than this run dense on the sparse side (default 8192, the backend's)")
-    p.add_argument("--reps", type=int, default=3, help="timed runs per side and length (default 3)")
+    p.add_argument("--reps", type=positive_int, default=3, help="timed runs per side and length (default 3)")
     p.add_argument("--layer-times", action="store_true",
                    help="(CUDA) also time every layer's attention call on both sides and on sdpa once more (A/A "
                         "control), --layer-reps more prefills each")
-    p.add_argument("--layer-reps", type=int, default=None,
+    p.add_argument("--layer-reps", type=positive_int, default=None,
                    help="rounds of prefills timed per layer with --layer-times (default: about 10 s of forwards "
                         "per length, 20 to 100 rounds; fewer leave the worst layer's ratio to noise at short lengths)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
@@ -202,19 +203,16 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="sparse side on the eager kernel emulation (small lengths)")
     p.add_argument("--out", default="ttft.json", help="JSON results file (default ttft.json); '' writes none")
     args = p.parse_args(argv)
-    if any(n < 1 for n in args.lengths) or min(args.reps, args.min_sparse_len) < 1 or (
-            args.layer_reps is not None and args.layer_reps < 1):
-        p.error("--lengths, --reps, --layer-reps and --min-sparse-len must be positive")
+    # Every check before the model loads.
+    check_device(p, args.device)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.layer_times and not args.device.startswith("cuda"):
         p.error("--layer-times times CUDA kernels: it needs --device cuda")
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    try:
-        args.patterns_value = load_patterns(args.patterns)
-    except ValueError as exc:
-        p.error(str(exc))
+    check_output(p, "--out", args.out)
+    args.patterns_value = check_patterns(p, args.patterns)
     return args
 
 
