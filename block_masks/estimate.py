@@ -123,17 +123,26 @@ def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTabl
     )
 
 
+def ranking_scores(scores: Tensor) -> Tensor:
+    """``scores`` with every value that is not finite (NaN or an infinity, from non-finite inputs)
+    set to -inf: it ranks last and ``_top`` never keeps it, so forced entries, set to +inf after
+    this, always rank first and the kept set is defined whatever the inputs hold."""
+    return torch.where(scores.isfinite(), scores, float("-inf"))
+
+
 def _top(scores: Tensor, k: int, counts: Tensor, ranked: bool = True) -> tuple[Tensor, Tensor]:
-    """Top-``k`` indices along the last dim and which of them a row keeps: its best ``counts``.
+    """Top-``k`` indices along the last dim and which of them a row keeps: its best ``counts``, of
+    those with a score above -inf (``ranking_scores``).
 
     ``ranked=False`` when every count is 0 or at least ``k`` (one budget for all heads): then the
     order does not matter and the indices come unsorted, which saves a sort of the k (a segmented
     radix sort of ~16 launches for k = 6096 on CUDA)."""
-    idx = scores.topk(k, dim=-1, sorted=ranked).indices
+    top = scores.topk(k, dim=-1, sorted=ranked)
+    scored = top.values > float("-inf")
     if not ranked:
-        return idx, (counts > 0).unsqueeze(-1).expand_as(idx)
+        return top.indices, (counts > 0).unsqueeze(-1) & scored
     rank = torch.arange(k, device=scores.device)
-    return idx, (rank < counts.unsqueeze(-1)).expand_as(idx)
+    return top.indices, (rank < counts.unsqueeze(-1)) & scored
 
 
 def diagonal_sums(probs: Tensor, first: int) -> Tensor:
@@ -214,7 +223,7 @@ def block_sparse_selection(
     scores = (pooled_q.reshape(B, Hkv, -1, D) @ pooled_k.transpose(-1, -2)).view(B, Hq, n_pq, n_pk)
     q_block = first + torch.arange(n_pq, device=query.device)
     k_block = torch.arange(n_pk, device=query.device)
-    scores = scores.masked_fill(k_block > q_block[:, None], float("-inf"))
+    scores = ranking_scores(scores).masked_fill(k_block > q_block[:, None], float("-inf"))
     scores = scores.masked_fill(k_block == q_block[:, None], float("inf"))  # the diagonal block always
     k = min(n_pk, max(max_a, 1))
     counts = torch.minimum(tables.a.clamp(min=1)[:, None], q_block + 1)  # [Hq, nPq]
@@ -340,7 +349,7 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
 
     columns = None
     if VERTICAL_SLASH in kinds:
-        vertical, slash = vertical_slash_scores(query, key, scale)
+        vertical, slash = map(ranking_scores, vertical_slash_scores(query, key, scale))
         vertical[..., :FORCED_COLUMNS] = float("inf")
         slash[..., :FORCED_OFFSETS] = float("inf")
         col_budgets = {max(p.a, FORCED_COLUMNS) for p in patterns if p.kind == VERTICAL_SLASH}

@@ -87,9 +87,20 @@ def _scale(scale, head_dim: int) -> float:
     return scale
 
 
+def _check_inference(query: Tensor, key: Tensor, value: Tensor) -> None:
+    """The kernels are inference only: raise before any of them (and any compiled state) is touched
+    when autograd would need the attention's gradient."""
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        raise ValueError("minference_flex's sparse attention is inference only (no backward): an input "
+                         "requires grad; call it under torch.no_grad() or torch.inference_mode(), or pass "
+                         "detached tensors")
+
+
 def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence, scale: float | None,
            *, with_value: bool = True):
     _check_tensors(query, key, value, with_value=with_value)
+    if with_value:
+        _check_inference(query, key, value)
     _scale(scale, query.shape[-1])
     return parse_patterns(patterns, query.shape[1])
 
@@ -256,6 +267,7 @@ def _check_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor) 
     if not isinstance(plan, AttentionPlan):
         raise TypeError(f"plan must be an AttentionPlan (from mf.plan_attention), got {type(plan).__name__}")
     _check_tensors(query, key, value)
+    _check_inference(query, key, value)
     sel = plan.selection
     B, Hq = sel.offsets.shape[:2]
     B_, Hq_, Nq_, D_ = query.shape

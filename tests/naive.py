@@ -44,8 +44,8 @@ def parse(entry):
 
 def _top_with_forced(scores: np.ndarray, forced: int, budget: int, rel_tol: float,
                      magnitude: np.ndarray | None = None):
-    """Keep indices 0..forced-1 plus the best ``budget - forced`` of the others (budget counts the
-    forced ones). Returns (kept bool array, ambiguous). ``ambiguous``: the last kept and the first
+    """Keep indices 0..forced-1 plus the best ``budget - forced`` of the others with a finite score
+    (budget counts the forced ones). Returns (kept bool array, ambiguous). ``ambiguous``: the last kept and the first
     dropped non-forced scores are within ``rel_tol`` of the scale of the scores (so float32
     rounding could swap them)."""
     n = len(scores)
@@ -53,7 +53,8 @@ def _top_with_forced(scores: np.ndarray, forced: int, budget: int, rel_tol: floa
     budget = min(max(budget, forced), n)
     kept = np.zeros(n, dtype=bool)
     kept[:forced] = True
-    rest = list(range(forced, n))
+    # A score that is not finite (from NaN or infinite inputs) is never kept.
+    rest = [i for i in range(forced, n) if np.isfinite(scores[i])]
     k = budget - forced
     # Sort the free candidates best first, by a plain insertion of (score, index) pairs.
     order = sorted(rest, key=lambda i: -scores[i])
