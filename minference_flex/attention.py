@@ -288,7 +288,9 @@ def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, 
     kernel of the diagonal strips where it runs, see ``strip_kernel.strip_attention``).
     ValueError if the inputs are not those the plan was made for (shapes, device: Python checks only)."""
     _check_plan(plan, query, key, value)
-    check_kernel(strip_kernel)  # also where no strip kernel runs (no strips, or the eager emulation)
+    check_kernel(strip_kernel)
+    # Without grad mode an input may still require grad; the kernels refuse such tensors.
+    query, key, value = query.detach(), key.detach(), value.detach()  # also where no strip kernel runs (no strips, or the eager emulation)
     if plan.vertical is not None and compiled and query.device.type == "cpu":
         raise ValueError("the compiled CPU kernel returns no log-sum-exp to merge a separate vertical part: "
                          "plan with fold_columns=True (the CPU default), or run with compiled=False")
