@@ -28,8 +28,8 @@ from .pattern import (
     Pattern,
     query_blocks,
 )
-from .mass_kernel import block_mass_estimate_triton
-from .score_kernel import HAS_TRITON, vertical_slash_scores_triton
+from .mass_kernel import block_mass_estimate_op, block_mass_estimate_triton
+from .score_kernel import HAS_TRITON, vertical_slash_scores_op, vertical_slash_scores_triton
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,8 @@ def vertical_slash_scores(query: Tensor, key: Tensor, scale: float) -> tuple[Ten
     PyTorch code is their definition and the CPU path.
     """
     if query.is_cuda and HAS_TRITON:
-        return vertical_slash_scores_triton(query, key, scale)
+        scores = vertical_slash_scores_op if torch.compiler.is_compiling() else vertical_slash_scores_triton
+        return scores(query, key, scale)
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
     m = min(LAST_Q, Nq)
@@ -318,7 +319,8 @@ def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ..
     forced = (k_block == q_block) | (k_block == 0)
     for rows, index, target in _mass_groups(patterns, query.device):
         if query.is_cuda and HAS_TRITON:
-            mass = block_mass_estimate_triton(query, key, scale, rows, index)
+            estimate = block_mass_estimate_op if torch.compiler.is_compiling() else block_mass_estimate_triton
+            mass = estimate(query, key, scale, rows, index)
         else:
             mass = block_mass_estimate(query[:, index], key[:, index // group], scale, rows)
         valid[:, index] = (ranked_prefix(mass, target) | forced) & (k_block <= q_block)

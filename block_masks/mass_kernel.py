@@ -86,3 +86,17 @@ def block_mass_estimate_triton(query: Tensor, key: Tensor, scale: float, rows: i
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
     )
     return mass
+
+
+@torch.library.custom_op("minference_flex::block_mass_estimate", mutates_args=())
+def block_mass_estimate_op(query: Tensor, key: Tensor, scale: float, rows: int, heads: Tensor) -> Tensor:
+    """``block_mass_estimate_triton`` as one opaque operator, for calls inside a caller's
+    ``torch.compile`` (see ``score_kernel.vertical_slash_scores_op``)."""
+    return block_mass_estimate_triton(query, key, scale, rows, heads)
+
+
+@block_mass_estimate_op.register_fake
+def _(query: Tensor, key: Tensor, scale: float, rows: int, heads: Tensor) -> Tensor:
+    _, n_qb = query_blocks(query.shape[2], key.shape[2])
+    n_kb = (key.shape[2] + TILE - 1) // TILE
+    return query.new_empty((query.shape[0], heads.shape[0], n_qb, n_kb), dtype=torch.float32)

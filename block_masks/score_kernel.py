@@ -155,3 +155,17 @@ def vertical_slash_scores_triton(query: Tensor, key: Tensor, scale: float) -> tu
     _vertical_slash[(triton.cdiv(Nk, KEYS), B * Hq)](query, key, mx, se, vertical, slash, *strides, Hq, Hq // Hkv,
                                                      Nq, Nk, m, n_chunks, qk_scale, **common)
     return vertical, slash
+
+
+@torch.library.custom_op("minference_flex::vertical_slash_scores", mutates_args=())
+def vertical_slash_scores_op(query: Tensor, key: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """``vertical_slash_scores_triton`` as one opaque operator, for calls inside a caller's
+    ``torch.compile``: inductor then neither traces nor re-plans the Triton launches (traced into
+    larger graphs they gave wrong results and failed to build with dynamic shapes)."""
+    return vertical_slash_scores_triton(query, key, scale)
+
+
+@vertical_slash_scores_op.register_fake
+def _(query: Tensor, key: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    shape = (query.shape[0], query.shape[1], key.shape[2])
+    return query.new_empty(shape, dtype=torch.float32), query.new_empty(shape, dtype=torch.float32)

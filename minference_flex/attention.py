@@ -27,7 +27,7 @@ from block_masks import (
 
 from .config import parse_patterns
 from .kernel import cell_mask, flex, merge
-from .strip_kernel import check_kernel, strip_attention
+from .strip_kernel import check_kernel, strip_attention, strip_attention_op
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -256,7 +256,8 @@ def _strip_part(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, 
         if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the strip kernel runs on CUDA: on CPU plan with strips=False, "
                              "or run with compiled=False (eager emulation)")
-        return strip_attention(query, key, value, plan.strips, plan.scale, kernel=kernel)
+        run = strip_attention_op if torch.compiler.is_compiling() else strip_attention
+        return run(query, key, value, plan.strips, plan.scale, kernel=kernel)
     cells = strip_cells(plan.strips) > 0
     return flex(query, key, value, cell_mask(cells, (plan.tiles.q, plan.tiles.kv)), plan.scale, compiled=False)
 
@@ -289,8 +290,9 @@ def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, 
     ValueError if the inputs are not those the plan was made for (shapes, device: Python checks only)."""
     _check_plan(plan, query, key, value)
     check_kernel(strip_kernel)
-    # Without grad mode an input may still require grad; the kernels refuse such tensors.
-    query, key, value = query.detach(), key.detach(), value.detach()  # also where no strip kernel runs (no strips, or the eager emulation)
+    if query.requires_grad or key.requires_grad or value.requires_grad:
+        # Outside grad mode (checked above) an input may still require grad: the kernels refuse it.
+        query, key, value = query.detach(), key.detach(), value.detach()  # also where no strip kernel runs (no strips, or the eager emulation)
     if plan.vertical is not None and compiled and query.device.type == "cpu":
         raise ValueError("the compiled CPU kernel returns no log-sum-exp to merge a separate vertical part: "
                          "plan with fold_columns=True (the CPU default), or run with compiled=False")

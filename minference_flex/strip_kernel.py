@@ -331,3 +331,29 @@ def triton_strips(query: Tensor, key: Tensor, value: Tensor, strips: Strips, sca
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out, lse
+
+
+@torch.library.custom_op("minference_flex::strip_attention", mutates_args=())
+def _strip_attention_op(query: Tensor, key: Tensor, value: Tensor, sigma: Tensor, counts: Tensor, words: Tensor,
+                        sink: Tensor, columns: Tensor, col_counts: Tensor, allowed: Tensor, q_start: int, nq: int,
+                        nk: int, has_sinks: bool, has_columns: bool, scale: float,
+                        kernel: str) -> tuple[Tensor, Tensor]:
+    strips = Strips(sigma, counts, words, sink, columns, col_counts, allowed, q_start, nq, nk, has_sinks, has_columns)
+    out, lse = strip_attention(query, key, value, strips, scale, kernel)
+    return out.contiguous(), lse.contiguous()
+
+
+@_strip_attention_op.register_fake
+def _(query, key, value, sigma, counts, words, sink, columns, col_counts, allowed, q_start, nq, nk, has_sinks,
+      has_columns, scale, kernel):
+    return torch.empty_like(query, memory_format=torch.contiguous_format), query.new_empty(query.shape[:3], dtype=torch.float32)
+
+
+def strip_attention_op(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
+                       kernel: str = "auto") -> tuple[Tensor, Tensor]:
+    """``strip_attention`` as one opaque operator, for calls inside a caller's ``torch.compile``:
+    inductor then neither traces nor re-plans the Triton and Gluon launches (traced into larger
+    graphs they gave wrong results and failed to build with dynamic shapes)."""
+    s = strips
+    return _strip_attention_op(query, key, value, s.sigma, s.counts, s.words, s.sink, s.columns, s.col_counts,
+                               s.allowed, s.q_start, s.nq, s.nk, s.has_sinks, s.has_columns, scale, kernel)
