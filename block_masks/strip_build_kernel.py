@@ -20,6 +20,8 @@ owned and words 0).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -177,3 +179,24 @@ def strip_layout_triton(offsets: Tensor, columns: Tensor, q_offset: int, nq: int
                      counts[0], counts[1], Nk, K, n_words, V, q_offset, n_qb, K.bit_length(), V.bit_length(),
                      STRIP=strip, COMPACT=COMPACT, CHUNK=chunk, FRONT=front, num_warps=4)
     return tops, owned, words, allowed, counts[0], counts[1]
+
+
+@torch.library.custom_op("minference_flex::strip_layout", mutates_args=())
+def strip_layout_op(offsets: Tensor, columns: Tensor, q_offset: int, nq: int, max_kept: int, strip: int,
+                    no_strip: int, front: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``strip_layout_triton`` as one opaque operator, for calls inside a caller's ``torch.compile``:
+    inductor then neither traces the launch nor re-plans its outputs, views of shared buffers that the
+    program writes in part (traced into larger graphs they came out wrong, and failed to build with
+    dynamic shapes). The outputs are copied apart (an operator's outputs may not alias)."""
+    return tuple(t.clone() for t in strip_layout_triton(offsets, columns, q_offset, nq, max_kept, strip, no_strip, front))
+
+
+@strip_layout_op.register_fake
+def _(offsets, columns, q_offset, nq, max_kept, strip, no_strip, front):
+    B, H, Nk = offsets.shape
+    K = max(1, min(Nk, max_kept))
+    n_qb = (nq + strip - 1) // strip
+    n_words = (Nk + front) // 32 + 4
+    new = functools.partial(offsets.new_empty, dtype=torch.int32)
+    return (new((B, H, K)), new((B, H, K, 2)), new((B, H, K, 4)), new((B, H, n_words)), new((B, H, n_qb)),
+            new((B, H, n_qb)))

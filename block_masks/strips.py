@@ -27,7 +27,7 @@ from torch import Tensor
 from .build import column_flags, compact
 from .estimate import Selection
 from .pattern import TILE
-from .strip_build_kernel import HAS_TRITON, strip_layout_triton
+from .strip_build_kernel import HAS_TRITON, strip_layout_op, strip_layout_triton
 
 #: Rows and keys of one strip (the kernel's tile).
 STRIP = TILE
@@ -229,7 +229,8 @@ def strip_layout(selection: Selection) -> Strips:
     if columns is None:  # no head has columns: one padding column each, never counted
         columns = torch.full((B, H, 1), Nk, dtype=torch.int64, device=offsets.device)
     if offsets.is_cuda and HAS_TRITON:
-        sigma, _, words, allowed, counts, col_counts = strip_layout_triton(
+        build = strip_layout_op if torch.compiler.is_compiling() else strip_layout_triton
+        sigma, _, words, allowed, counts, col_counts = build(
             offsets, columns, selection.q_offset, selection.nq, selection.max_offsets, STRIP, NO_STRIP, ALLOWED_FRONT)
     else:
         sigma, owned = strip_tops(offsets, selection.max_offsets)
