@@ -88,7 +88,7 @@ class Strips:
 @dataclass(frozen=True)
 class Segments:
     """The diagonal strips cut into segments of ``width`` consecutive keys, empty segments dropped (the
-    layout of the Hopper kernel, ``minference_flex.hopper_strips``).
+    layout of the Hopper kernel, ``minference_flex.kernels.hopper_strips``).
 
     A narrow cluster of kept offsets a .. b needs STRIP + b - a keys per query block, but its chain
     of strips holds up to twice that (two strips once a < b); in segments it costs STRIP + b - a

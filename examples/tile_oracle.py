@@ -28,9 +28,9 @@ import torch
 
 from block_masks import TILE, block_means
 from block_masks.estimate import block_mass_estimate, ranked_prefix
-from minference_flex.eval import Haystack, perplexity
+from minference_flex.tools.eval import Haystack, perplexity
 from minference_flex.hooks import wrap_attention
-from minference_flex.models import smollm2
+from minference_flex.tools.models import smollm2
 
 DEFAULT_RULES = ["oracle-global:0.4", "oracle:0.95", "oracle:0.98", "pooled-count:0.4", "pooled:0.99",
                  "sampled-8:0.98", "sampled-16:0.98"]

@@ -5,10 +5,10 @@
 """
 from block_masks import Pattern
 
-from .attention import AttentionPlan, plan_attention, run_plan, sparse_attention, token_mask
-from .config import DEFAULT_PATTERN, parse_patterns
-from .hf import DEFAULT_MIN_SPARSE_LEN, get_patterns, register, save_patterns, set_patterns
-from .search import SearchResult, search_patterns
+from minference_flex.attention import AttentionPlan, plan_attention, run_plan, sparse_attention, token_mask
+from minference_flex.head_patterns import DEFAULT_PATTERN, parse_patterns
+from minference_flex.hf import DEFAULT_MIN_SPARSE_LEN, get_patterns, register, save_patterns, set_patterns
+from minference_flex.search import SearchResult, search_patterns
 
 register()  # attn_implementation="minference_flex" in transformers
 

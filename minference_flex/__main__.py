@@ -1,6 +1,6 @@
 """``python -m minference_flex``: the same as the ``minference-flex`` command."""
 import sys
 
-from .cli import main
+from minference_flex.tools.cli import main
 
 sys.exit(main())

@@ -25,9 +25,9 @@ from block_masks import (
     vertical_block_mask,
 )
 
-from .config import parse_patterns
-from .kernel import cell_mask, flex, merge
-from .strip_kernel import check_kernel, strip_attention, strip_attention_op
+from minference_flex.head_patterns import parse_patterns
+from minference_flex.kernels.flex import cell_mask, flex, merge
+from minference_flex.kernels.strips import check_kernel, strip_attention, strip_attention_op
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

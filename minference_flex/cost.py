@@ -38,7 +38,7 @@ from block_masks.pattern import (
 )
 
 if TYPE_CHECKING:
-    from .attention import AttentionPlan
+    from minference_flex.attention import AttentionPlan
 
 #: Cells of one 64x64 tile or strip.
 TILE_CELLS = TILE * STRIP

@@ -57,9 +57,9 @@ from torch import Tensor
 
 from block_masks import Pattern
 
-from .attention import kernel_plan, run_plan, sparse_attention
-from .config import DEFAULT_PATTERN
-from .cost import H100, CostModel, choose, kernel_beats_sdpa
+from minference_flex.attention import kernel_plan, run_plan, sparse_attention
+from minference_flex.head_patterns import DEFAULT_PATTERN
+from minference_flex.cost import H100, CostModel, choose, kernel_beats_sdpa
 
 NAME = "minference_flex"
 

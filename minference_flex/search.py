@@ -19,7 +19,7 @@ Layers are measured inside one forward pass per prompt (attention itself runs wi
 current implementation, normally ``sdpa``); with ``checkpoint=`` every finished layer is written to
 a JSON file and an interrupted search resumes from it.
 
-    model, tokenizer = minference_flex.models.smollm2(context=16384)
+    model, tokenizer = minference_flex.tools.models.smollm2(context=16384)
     result = mf.search_patterns(model, tokenizer, [text], length=16384, cost_budget=0.3)
     result.save("patterns.json")            # MInference format, score = recall
     mf.set_patterns(model, "patterns.json")
@@ -44,9 +44,9 @@ from torch import Tensor
 from block_masks import Pattern, attention_recall, select
 from block_masks.pattern import A_SHAPE, BLOCK_MASS, BLOCK_SPARSE, VERTICAL_SLASH
 
-from .attention import plan_selection
-from .hf import text_config
-from .hooks import wrap_attention
+from minference_flex.attention import plan_selection
+from minference_flex.hf import text_config
+from minference_flex.hooks import wrap_attention
 
 log = logging.getLogger(__name__)
 

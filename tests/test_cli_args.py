@@ -14,8 +14,22 @@ import sys
 import pytest
 import torch
 
-from minference_flex import bench, capture, demo, eval as ev, layer_demo, models, search_cli, ttft
-from minference_flex.cli import main as cli_main
+from minference_flex.tools import bench
+
+from minference_flex.tools import capture
+
+from minference_flex.tools import demo
+
+from minference_flex.tools import eval as ev
+
+from minference_flex.tools import layer_demo
+
+from minference_flex.tools import models
+
+from minference_flex.tools import search_cli
+
+from minference_flex.tools import ttft
+from minference_flex.tools.cli import main as cli_main
 
 
 class Loaded(AssertionError):

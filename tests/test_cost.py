@@ -13,7 +13,7 @@ from torch._dynamo.testing import CompileCounter
 
 import minference_flex as mf
 from block_masks import select, strip_layout
-from minference_flex.config import parse_patterns
+from minference_flex.head_patterns import parse_patterns
 from minference_flex.cost import H100, MAX_LOSS, CostModel, choose, kernel_beats_sdpa, plan_tiles, sdpa_dims, tile_bounds
 from tests.strategies import cases, examples
 

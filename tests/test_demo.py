@@ -5,9 +5,9 @@ import importlib.util
 
 import pytest
 
-from minference_flex.cli import main as cli_main
-from minference_flex.demo import clip, summary_line
-from minference_flex.eval import passes
+from minference_flex.tools.cli import main as cli_main
+from minference_flex.tools.demo import clip, summary_line
+from minference_flex.tools.eval import passes
 
 
 def _rec(dense, sparse, same, dp, sp, skipped):

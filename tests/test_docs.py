@@ -299,7 +299,7 @@ def collect_commands():
 HELP_SCRIPT = r"""
 import contextlib, io, json, runpy, sys
 commands, examples, out = json.loads(ARGS)
-from minference_flex import cli
+from minference_flex.tools import cli
 
 def capture(fn):
     buf = io.StringIO()

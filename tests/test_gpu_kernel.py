@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import minference_flex as mf
+import minference_flex.kernels.flex
 from block_masks import strip_cells
-from minference_flex import hopper_strips
-from minference_flex.strip_kernel import strip_attention
+from minference_flex.kernels import hopper_strips
+from minference_flex.kernels.strips import strip_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -97,7 +98,7 @@ def test_one_compile_across_lengths_and_budgets():
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
-    mf.kernel.compiled_flex.cache_clear()
+    minference_flex.kernels.flex.compiled_flex.cache_clear()
     g = torch.Generator(device="cuda").manual_seed(0)
     before = counters["stats"]["unique_graphs"]
     for i, n in enumerate([1100, 1500, 2100, 2500, 3000, 3500, 4100, 4500, 5000, 6000]):
@@ -139,7 +140,7 @@ def test_log_sum_exp_stays_exact_over_many_strips(kernel):
     against float64: a per-strip rounding in the rescale of the running sum (the scale applied to an
     unscaled row maximum) once drifted it by 1e-3 with the output unchanged."""
     from block_masks.build import column_flags
-    from minference_flex.bench_inputs import structured_qkv
+    from minference_flex.tools.bench_inputs import structured_qkv
 
     N = 32768
     q, k, v = structured_qkv(4, 1, N, 128, device="cuda")

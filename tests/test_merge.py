@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minference_flex.kernel import merge
-from minference_flex.merge_kernel import merge_pair
+from minference_flex.kernels.flex import merge
+from minference_flex.kernels.merge import merge_pair
 from tests.strategies import examples
 
 pytestmark = pytest.mark.skipif(

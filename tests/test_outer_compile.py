@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import minference_flex as mf
-from minference_flex.bench_inputs import structured_qkv
+from minference_flex.tools.bench_inputs import structured_qkv
 from tests.naive import reference_attention
 
 CAPABLE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 import minference_flex as mf
-from minference_flex.kernel import flex
+from minference_flex.kernels.flex import flex
 from tests.naive import reference_attention
 from tests.strategies import examples
 

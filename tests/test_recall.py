@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from block_masks import Pattern, attention_recall, diagonal_sums, select, token_cells
-from minference_flex.config import parse_patterns
+from minference_flex.head_patterns import parse_patterns
 from tests.strategies import cases, examples
 
 

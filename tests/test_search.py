@@ -164,7 +164,7 @@ def test_bad_arguments_raise(kwargs, message):
 
 
 def test_rechoose_and_cli_rechoose(tmp_path):
-    from minference_flex import search_cli
+    from minference_flex.tools import search_cli
 
     model = tiny_model()
     result = mf.search_patterns(model, None, texts(1), length=N, cost_budget=0.9, candidates=CANDIDATES,
@@ -185,7 +185,7 @@ def test_shipped_smollm2_configuration_is_the_searched_one():
     model of SmolLM2's shape, and beats the uniform default's recall at a lower cost."""
     from pathlib import Path
 
-    from minference_flex.models import SMOLLM2_PATTERNS
+    from minference_flex.tools.models import SMOLLM2_PATTERNS
 
     root = Path(__file__).resolve().parent.parent
     details = json.loads((root / "docs/search/smollm2_16k_gpu_details.json").read_text())

@@ -17,8 +17,8 @@ from block_masks.strip_build_kernel import CHUNK, strip_layout_triton
 from block_masks.build import column_flags
 from block_masks.strips import (ALLOWED_FRONT, NO_STRIP, SEGMENT_WIDTHS, STRIP, segment_cells, strip_cells, strip_layout,
                                 strip_segments, strip_tops)
-from minference_flex.config import parse_patterns
-from minference_flex.strip_kernel import strip_attention, triton_strips
+from minference_flex.head_patterns import parse_patterns
+from minference_flex.kernels.strips import strip_attention, triton_strips
 from tests.naive import reference_attention
 from tests.strategies import cases, examples
 
@@ -290,7 +290,7 @@ def test_strip_kernel_reads_any_key_layout(layout, caplog):
     patterns = [["vertical_and_slash", 4, 20], ["a_shape", 64, 64], ["vertical_and_slash", 10, 40], ["dense", 0, 0]]
     q, k, v = (t.to(device) for t in (q, k, v))
     plan = mf.plan_attention(q, k, patterns, strips=True, fold_columns=False, full_width=False)
-    with caplog.at_level("WARNING", logger="minference_flex.strip_kernel"):
+    with caplog.at_level("WARNING", logger="minference_flex.kernels.strips"):
         out, _ = strip_attention(q, k, v, plan.strips, plan.scale)
     assert ("not 16-byte aligned" in caplog.text) == (layout == "unaligned")  # a copy is never silent
     cells = strip_cells(plan.strips) > 0

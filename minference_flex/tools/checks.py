@@ -23,7 +23,7 @@ import math
 import os
 from types import SimpleNamespace
 
-from .models import SMOLLM2_HEADS, SMOLLM2_LAYERS
+from minference_flex.tools.models import SMOLLM2_HEADS, SMOLLM2_LAYERS
 
 ENTRY_EXAMPLE = "vertical_and_slash,100,800"
 
@@ -129,7 +129,7 @@ def read_patterns(spec: str, option: str = "--patterns"):
 def validate_patterns(patterns, num_layers: int = SMOLLM2_LAYERS, num_heads: int = SMOLLM2_HEADS) -> None:
     """ValueError when ``mf.set_patterns`` would reject ``patterns`` on a model of ``num_layers``
     layers and ``num_heads`` query heads (layer count, head numbers, pattern types and budgets)."""
-    from .hf import set_patterns
+    from minference_flex.hf import set_patterns
 
     stand_in = SimpleNamespace(num_hidden_layers=num_layers, num_attention_heads=num_heads)
     try:

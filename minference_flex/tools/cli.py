@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="minference-flex", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    from . import __version__
+    from minference_flex import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     if args.command in MODULES:
         module = importlib.import_module(f".{MODULES[args.command]}", __package__)
         return module.main(rest, prog=prog)
-    from .bench import main as bench_main
+    from minference_flex.tools.bench import main as bench_main
 
     sys.argv[0] = prog  # bench's parser names itself after argv[0]
     bench_main(rest)

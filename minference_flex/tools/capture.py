@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from .cli_checks import check_device, check_output, non_negative_int, positive_int
-from .eval import Haystack, context_for
-from .hooks import wrap_attention
-from .models import SMOLLM2_DESCRIPTION, SMOLLM2_LAYERS, smollm2
+from minference_flex.tools.checks import check_device, check_output, non_negative_int, positive_int
+from minference_flex.tools.eval import Haystack, context_for
+from minference_flex.hooks import wrap_attention
+from minference_flex.tools.models import SMOLLM2_DESCRIPTION, SMOLLM2_LAYERS, smollm2
 
 log = logging.getLogger(__name__)
 

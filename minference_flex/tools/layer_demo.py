@@ -26,12 +26,12 @@ import torch.nn.functional as F
 
 from block_masks import token_cells
 
-from .attention import plan_attention, sparse_attention, token_mask
-from .bench_inputs import structured_qkv
-from .cli_checks import budgets, check_device, positive_int
-from .config import parse_patterns
+from minference_flex.attention import plan_attention, sparse_attention, token_mask
+from minference_flex.tools.bench_inputs import structured_qkv
+from minference_flex.tools.checks import budgets, check_device, positive_int
+from minference_flex.head_patterns import parse_patterns
 
-log = logging.getLogger("minference_flex.layer_demo")
+log = logging.getLogger("minference_flex.tools.layer_demo")
 
 #: Largest length at which the kept-cell fraction is computed from the full token mask.
 FULL_MASK_MAX = 4096

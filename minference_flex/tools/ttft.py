@@ -34,12 +34,12 @@ import time
 
 import torch
 
-from . import hf
-from .bench import timed_runs
-from .layer_timing import LayerTimes
-from .cli_checks import check_device, check_output, check_patterns, positive_int
-from .eval import Haystack, add_patterns_option, context_for, finish, use_side
-from .models import SMOLLM2_DESCRIPTION, smollm2
+from minference_flex import hf
+from minference_flex.tools.bench import timed_runs
+from minference_flex.tools.layer_timing import LayerTimes
+from minference_flex.tools.checks import check_device, check_output, check_patterns, positive_int
+from minference_flex.tools.eval import Haystack, add_patterns_option, context_for, finish, use_side
+from minference_flex.tools.models import SMOLLM2_DESCRIPTION, smollm2
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import torch
 
 from block_masks import Pattern
 
-from .cli_checks import (check_at_least, check_device, check_files, check_json, check_matplotlib, check_output,
+from minference_flex.tools.checks import (check_at_least, check_device, check_files, check_json, check_matplotlib, check_output,
                          fraction, parse_entry, positive_int)
-from .search import ALLOCATIONS, DEFAULT_CANDIDATES, SearchResult, plot, search_patterns
+from minference_flex.search import ALLOCATIONS, DEFAULT_CANDIDATES, SearchResult, plot, search_patterns
 
 CALIBRATION_SEED = 1234
 
@@ -30,7 +30,7 @@ def calibration_prompt(tokenizer, length: int) -> list[int]:
     """A needle prompt of ``length`` tokens (needle at 50% depth) on pydoc prose."""
     import random
 
-    from .eval import Haystack, needle_prompt
+    from minference_flex.tools.eval import Haystack, needle_prompt
 
     rng = random.Random(CALIBRATION_SEED)
     hay = Haystack.build(tokenizer)
@@ -47,8 +47,8 @@ def parse_candidates(spec: str) -> list[Pattern]:
 
 def load_model(name: str, length: int, device: str, dtype: torch.dtype):
     if name == "smollm2":
-        from .eval import context_for
-        from .models import smollm2
+        from minference_flex.tools.eval import context_for
+        from minference_flex.tools.models import smollm2
 
         return smollm2(dtype=dtype, device=device, context=context_for(length))
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,7 +76,7 @@ def run_search(args) -> SearchResult:
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every check before a model loads; sets ``args.rechosen`` (the --rechoose result) and
     ``args.candidate_patterns``."""
-    from .eval import NEEDLE_MIN_LENGTH
+    from minference_flex.tools.eval import NEEDLE_MIN_LENGTH
 
     for option, path in (("--out", args.out), ("--details", args.details), ("--plot", args.plot)):
         check_output(p, option, path)

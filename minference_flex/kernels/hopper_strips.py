@@ -379,7 +379,7 @@ def hopper_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, 
     column_keys = column_values = None
     if strips.has_columns:
         column_keys, column_values = gather_columns(key, strips.columns), gather_columns(value, strips.columns)
-    launch = torch.ops.minference_flex.hopper_strips if torch.compiler.is_compiling() else _launch
+    launch = torch.ops.minference_flex.kernels.hopper_strips if torch.compiler.is_compiling() else _launch
     return launch(query, key, value, column_keys, column_values, segments.tops, segments.words, segments.full,
                   segments.counts, strips.sink, strips.columns, strips.col_counts, strips.allowed, strips.q_start,
                   segments.width, scale)

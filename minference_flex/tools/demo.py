@@ -25,11 +25,11 @@ import time
 
 import torch
 
-from .cli_checks import check_device, check_patterns, percent, positive_int
-from .eval import (NEEDLE_MIN_LENGTH, Haystack, add_patterns_option, greedy, layer_patterns, load_patterns,
+from minference_flex.tools.checks import check_device, check_patterns, percent, positive_int
+from minference_flex.tools.eval import (NEEDLE_MIN_LENGTH, Haystack, add_patterns_option, greedy, layer_patterns, load_patterns,
                    needle_prompt, passes, sparse_available, tile_counter, use_side)
-from .hf import text_config
-from .models import SMOLLM2_ORIGINAL_CONTEXT, smollm2
+from minference_flex.hf import text_config
+from minference_flex.tools.models import SMOLLM2_ORIGINAL_CONTEXT, smollm2
 
 
 class PrefillTimer:
@@ -66,7 +66,7 @@ def warm_up(model, length: int, patterns) -> None:
     """Compile the sparse kernel for ``length`` tokens: one ``sparse_attention`` call with the query/key
     layout and dtype the model's attention layers pass (random values; the kernel is compiled per
     shape on CPU, shared by all layers and budgets), instead of a whole untimed sparse prefill."""
-    from .attention import sparse_attention
+    from minference_flex.attention import sparse_attention
 
     tc = text_config(model)
     hq, hkv = tc.num_attention_heads, tc.num_key_value_heads
@@ -128,7 +128,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 
 def run(args, out=print) -> list[dict]:
     if args.eager:
-        from . import hf
+        from minference_flex.tools import hf
 
         hf.COMPILED = False
     patterns = getattr(args, "patterns_value", None) or load_patterns(args.patterns)
@@ -192,7 +192,7 @@ def run(args, out=print) -> list[dict]:
 def main(argv=None, prog: str | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--synthetic" in argv:
-        from .layer_demo import main as layer_main
+        from minference_flex.tools.layer_demo import main as layer_main
 
         return layer_main([a for a in argv if a != "--synthetic"], prog=f"{prog or 'demo'} --synthetic")
     args = parse_args(argv, prog)

@@ -1,7 +1,7 @@
 """Benchmark one attention layer: SDPA, FlexAttention dense causal and minference_flex, side by side.
 
-    python -m minference_flex.bench --lengths 32768 131072 --budgets 1000,6096 100,800 --out results
-    python -m minference_flex.bench --inputs smollm2 --capture smollm2_capture.pt --plot results/bench.png
+    python -m minference_flex.tools.bench --lengths 32768 131072 --budgets 1000,6096 100,800 --out results
+    python -m minference_flex.tools.bench --inputs smollm2 --capture smollm2_capture.pt --plot results/bench.png
 
 Every number comes from one run on one card: CUDA events around each call, warm-up first, the
 median of repeated runs. Before timing, the sparse output is checked on sampled query rows against a
@@ -35,14 +35,14 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from block_masks import Tiles, select, token_cells
 
-from .attention import plan_attention, plan_selection, run_plan, sparse_attention
-from .bench_inputs import structured_qkv
-from .cli_checks import (budgets as budgets_arg, check_device, check_matplotlib, check_output, check_output_folder,
+from minference_flex.attention import plan_attention, plan_selection, run_plan, sparse_attention
+from minference_flex.tools.bench_inputs import structured_qkv
+from minference_flex.tools.checks import (budgets as budgets_arg, check_device, check_matplotlib, check_output, check_output_folder,
                          non_negative_int, positive_int)
-from .config import parse_patterns
-from .layer_demo import row_stats, sample_rows
-from .kernel import compiled_flex
-from .strip_kernel import KERNELS
+from minference_flex.head_patterns import parse_patterns
+from minference_flex.tools.layer_demo import row_stats, sample_rows
+from minference_flex.kernels.flex import compiled_flex
+from minference_flex.kernels.strips import KERNELS
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def compile_counts(geometry: dict) -> dict:
 
     from block_masks import score_kernel, strip_build_kernel
 
-    from . import hopper_strips, merge_kernel, strip_kernel
+    from minference_flex.kernels import hopper_strips, merge as merge_kernel, strips as strip_kernel
 
     kernels = {"strip kernel": strip_kernel._strip_forward, "merge": merge_kernel._merge_pair,
                "scores pass 1": score_kernel._row_stats, "scores pass 2": score_kernel._vertical_slash,

