@@ -29,7 +29,8 @@ from .pattern import (
     query_blocks,
 )
 from .mass_kernel import block_mass_estimate_op, block_mass_estimate_triton
-from .score_kernel import HAS_TRITON, vertical_slash_scores_op, vertical_slash_scores_triton
+from .score_kernel import vertical_slash_scores_op, vertical_slash_scores_triton
+from .triton_support import HAS_TRITON
 
 
 @dataclass(frozen=True)

@@ -18,16 +18,14 @@ import torch
 from torch import Tensor
 
 from .pattern import TILE, query_blocks
-from .score_kernel import HAS_TRITON, kernel_operands
+from .score_kernel import kernel_operands
+from .triton_support import HAS_TRITON, tl, triton
 
 #: Sampled rows the kernel computes at least per query block (its dot needs 16 rows).
 MIN_ROWS = 16
 
 if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    from .score_kernel import _online_step, _tile_scores
+    from .score_kernel import online_step, tile_scores
 
     # Lengths and the strides that follow them are not specialised on: one build per sampled-row
     # count and head dim, not per prompt length.
@@ -56,12 +54,12 @@ if HAS_TRITON:
         mx = tl.full([PADDED_ROWS], float("-inf"), tl.float32)
         se = tl.zeros([PADDED_ROWS], tl.float32)
         for j0 in range(0, end, KEYS):
-            s, _ = _tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
-            mx, se = _online_step(mx, se, s)
+            s, _ = tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
+            mx, se = online_step(mx, se, s)
         lse = tl.where(row_ok, mx + tl.math.log2(tl.where(row_ok, se, 1.0)), 0.0)
         out = Mass + b * smb + g * smh + t.to(tl.int64) * smq
         for j0 in range(0, end, KEYS):
-            s, _ = _tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
+            s, _ = tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
             p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
             tl.store(out + j0 // KEYS, tl.sum(tl.sum(p, 1), 0) / ROWS)
 

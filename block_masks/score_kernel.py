@@ -24,13 +24,7 @@ import math
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without Triton use the PyTorch definition
-    triton = None
-
-HAS_TRITON = triton is not None
+from .triton_support import HAS_TRITON, tl, triton
 
 #: Query rows scored (the last LAST_Q queries), keys per tile, and the most key chunks of pass 1.
 ROWS = 64
@@ -40,7 +34,7 @@ MAX_CHUNKS = 32
 if triton is not None:
 
     @triton.jit
-    def _tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM: tl.constexpr, KEYS: tl.constexpr,
+    def tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM: tl.constexpr, KEYS: tl.constexpr,
                      qk_scale, PRECISION: tl.constexpr):
         """Scores (log2 domain, float32) of the query rows against keys j0 .. j0 + KEYS - 1, -inf
         where the key is past the row's position, past the keys or the row is padding."""
@@ -53,7 +47,7 @@ if triton is not None:
         return tl.where(ok, s, float("-inf")), cols
 
     @triton.jit
-    def _online_step(mx, se, s):
+    def online_step(mx, se, s):
         """One key tile of a running row max and sum of exp2 (log2 domain) of scores ``s``."""
         new = tl.maximum(mx, tl.max(s, 1))
         safe = tl.where(new == float("-inf"), 0.0, new)
@@ -84,8 +78,8 @@ if triton is not None:
         mx = tl.full([ROWS], float("-inf"), tl.float32)
         se = tl.zeros([ROWS], tl.float32)
         for j0 in range(c * chunk, tl.minimum((c + 1) * chunk, Nk), KEYS):
-            s, _ = _tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
-            mx, se = _online_step(mx, se, s)
+            s, _ = tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
+            mx, se = online_step(mx, se, s)
         out = (bh * MAX_CHUNKS + c) * ROWS + r
         tl.store(Mx + out, mx)
         tl.store(Se + out, se)
@@ -107,7 +101,7 @@ if triton is not None:
         top = tl.where(top == float("-inf"), 0.0, top)
         lse = top + tl.math.log2(tl.sum(se * tl.math.exp2(mx - top[None, :]), 0))
         j0 = t * KEYS
-        s, cols = _tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
+        s, cols = tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
         # 0 where the cell is masked; padding rows (lse -inf) would give nan.
         p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
         out = bh.to(tl.int64) * Nk

@@ -25,13 +25,7 @@ import functools
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without Triton use the PyTorch definition
-    triton = None
-
-HAS_TRITON = triton is not None
+from .triton_support import HAS_TRITON, tl, triton
 
 #: Offsets per chunk when compacting (step 1: a flag each) and when walking the kept list (steps 2-3).
 COMPACT = 2048

@@ -27,7 +27,8 @@ from torch import Tensor
 from .build import column_flags, compact
 from .estimate import Selection
 from .pattern import TILE
-from .strip_build_kernel import HAS_TRITON, strip_layout_op, strip_layout_triton
+from .strip_build_kernel import strip_layout_op, strip_layout_triton
+from .triton_support import HAS_TRITON
 
 #: Rows and keys of one strip (the kernel's tile).
 STRIP = TILE

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask
 
 from block_masks import (
+    Segments,
     Selection,
     Strips,
     TileGeometry,
@@ -21,13 +22,14 @@ from block_masks import (
     select,
     strip_layout,
     strip_cells,
+    strip_segments,
     token_cells,
     vertical_block_mask,
 )
 
 from minference_flex.head_patterns import parse_patterns
 from minference_flex.kernels.flex import cell_mask, flex, merge
-from minference_flex.kernels.strips import check_kernel, strip_attention, strip_attention_op
+from minference_flex.kernels.dispatch import BACKENDS, check_kernel, strip_attention, strip_attention_op, strip_backend
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -130,6 +132,8 @@ class AttentionPlan:
     strips: Strips | None = None
     head_dim: int | None = None   # None: not checked by run_plan (plan_selection without it)
     kv_heads: int | None = None
+    strip_backend: str | None = None   # with strips: "triton" or "hopper" (kernels.dispatch.strip_backend)
+    segments: Segments | None = None   # with the Hopper backend: strip_segments(strips)
 
     def flex_tiles(self) -> Tensor:
         """[B, Hq] int64: tiles the FlexAttention parts visit per head (partial and full tiles of the
@@ -176,7 +180,8 @@ class AttentionPlan:
 
 def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
                    full_width: bool | None = None, fold_columns: bool | None = None, strips: bool | None = None,
-                   tiles: Tiles = Tiles(), kernel_options: dict | None = None) -> AttentionPlan:
+                   tiles: Tiles = Tiles(), kernel_options: dict | None = None,
+                   strip_kernel: str = "auto") -> AttentionPlan:
     """Estimate each head's pattern from the prompt and build the kernel's metadata (no host sync).
 
     ``strips`` computes the kept diagonals, sinks and vertical columns with the strip kernel (``block_masks.strips``;
@@ -186,6 +191,10 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
     Both default to what the compiled kernel of the query's device needs.
     ``tiles`` sets the BlockMask tile (block-sparse block sizes must be multiples of its query side);
     ``kernel_options`` are passed to the FlexAttention kernel on CUDA.
+    ``strip_kernel`` picks the backend of the strip part (``kernels.dispatch.KERNELS``), stored as
+    ``plan.strip_backend``: ``"auto"`` the Hopper Gluon kernel where it runs these tensors
+    (``hopper_strips.supported``), else the Triton kernel; ``"hopper"`` where it does not run them is a
+    ValueError. The Hopper backend's segments are built here (``plan.segments``).
 
     ``scale``: a positive finite real number (Python or numpy, or a 0-d tensor: a CUDA tensor is read
     back to the host, one synchronisation; pass a Python float on the hot path); default 1/sqrt(D).
@@ -193,16 +202,18 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
     ``run_plan`` returns the empty output [B, Hq, Nq, D].
     """
     patterns = _check(query, key, None, patterns, scale, with_value=False)
+    check_kernel(strip_kernel)
     scale = _scale(scale, query.shape[-1])
     if query.numel() == 0:  # head dim >= 1 (checked): batch, query heads or queries are 0
         return _empty_plan(query, key, scale, tiles, kernel_options)
     cpu = query.device.type == "cpu"
     fold_columns = cpu if fold_columns is None else fold_columns
+    strips = not (cpu or fold_columns) if strips is None else strips
     return plan_selection(select(query, key, patterns, scale), scale=scale,
                           full_width=cpu if full_width is None else full_width, fold_columns=fold_columns,
-                          strips=not (cpu or fold_columns) if strips is None else strips,
-                          tiles=tiles, kernel_options=kernel_options,
-                          head_dim=query.shape[-1], kv_heads=key.shape[1])
+                          strips=strips, tiles=tiles, kernel_options=kernel_options,
+                          head_dim=query.shape[-1], kv_heads=key.shape[1],
+                          strip_backend=strip_backend(query, key, strip_kernel) if strips else "triton")
 
 
 def _empty_plan(query: Tensor, key: Tensor, scale: float, tiles: Tiles, kernel_options: dict | None) -> AttentionPlan:
@@ -222,18 +233,24 @@ def _empty_plan(query: Tensor, key: Tensor, scale: float, tiles: Tiles, kernel_o
 
 def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold_columns: bool,
                    strips: bool = False, tiles: Tiles = Tiles(), kernel_options: dict | None = None,
-                   head_dim: int | None = None, kv_heads: int | None = None) -> AttentionPlan:
+                   head_dim: int | None = None, kv_heads: int | None = None,
+                   strip_backend: str = "triton") -> AttentionPlan:
     """The kernel metadata of an already estimated Selection (see ``plan_attention``); ``head_dim``
-    and ``kv_heads``, where given, are checked by ``run_plan``."""
+    and ``kv_heads``, where given, are checked by ``run_plan``. ``strip_backend`` (``"triton"`` or
+    ``"hopper"``, as ``kernels.dispatch.strip_backend`` chose it for the tensors) runs the strips."""
     bad = sorted({g.block_size for g in selection.blocks if g.block_size % tiles.q})
     if bad:
         raise ValueError(f"block sizes {bad} (block_sparse, block_mass heads) are not multiples of the query tile {tiles.q}")
     if strips and fold_columns:
         raise ValueError("strips=True computes the vertical columns in the strip kernel: it needs fold_columns=False")
+    if strip_backend not in BACKENDS:
+        raise ValueError(f"strip_backend must be one of {BACKENDS}, got {strip_backend!r}")
     split = selection.columns is not None and not fold_columns and not strips
     main = None
     if not strips or selection.blocks:
         main = main_block_mask(selection, tiles, full_width=full_width, fold_columns=fold_columns, diagonals=not strips)
+    layout = strip_layout(selection) if strips else None
+    hopper = strips and strip_backend == "hopper"
     return AttentionPlan(
         selection=selection,
         main=main,
@@ -242,22 +259,23 @@ def plan_selection(selection: Selection, *, scale: float, full_width: bool, fold
         scale=scale,
         tiles=tiles,
         kernel_options=kernel_options,
-        strips=strip_layout(selection) if strips else None,
+        strips=layout,
         head_dim=head_dim,
         kv_heads=kv_heads,
+        strip_backend=strip_backend if strips else None,
+        segments=strip_segments(layout) if hopper else None,
     )
 
 
-def _strip_part(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, compiled: bool,
-                kernel: str = "auto"):
-    """(out, lse) of the strip cells: the strip kernels (``kernel``: see ``strip_attention``), or their
-    eager emulation with ``compiled=False``."""
+def _strip_part(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, compiled: bool):
+    """(out, lse) of the strip cells: the strip kernels of the plan's backend (``plan.strip_backend``,
+    ``plan.segments``), or their eager emulation with ``compiled=False``."""
     if compiled or torch.compiler.is_compiling():
         if query.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("the strip kernel runs on CUDA: on CPU plan with strips=False, "
                              "or run with compiled=False (eager emulation)")
         run = strip_attention_op if torch.compiler.is_compiling() else strip_attention
-        return run(query, key, value, plan.strips, plan.scale, kernel=kernel)
+        return run(query, key, value, plan.strips, plan.scale, plan.strip_backend, plan.segments)
     cells = strip_cells(plan.strips) > 0
     return flex(query, key, value, cell_mask(cells, (plan.tiles.q, plan.tiles.kv)), plan.scale, compiled=False)
 
@@ -282,14 +300,11 @@ def _check_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor) 
                          + "; make a plan for these inputs with plan_attention")
 
 
-def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True,
-             strip_kernel: str = "auto") -> Tensor:
-    """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key.
-    ``strip_kernel`` picks the kernel of the strip part (``strip_kernel.KERNELS``; ``"auto"``: the Hopper
-    kernel of the diagonal strips where it runs, see ``strip_kernel.strip_attention``).
+def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, compiled: bool = True) -> Tensor:
+    """Sparse attention [B, Hq, Nq, D] (query dtype) of a plan made for these query and key, with the
+    kernels the plan chose (``plan.strip_backend``: see ``plan_attention``'s ``strip_kernel``).
     ValueError if the inputs are not those the plan was made for (shapes, device: Python checks only)."""
     _check_plan(plan, query, key, value)
-    check_kernel(strip_kernel)
     if query.requires_grad or key.requires_grad or value.requires_grad:
         # Outside grad mode (checked above) an input may still require grad: the kernels refuse it.
         query, key, value = query.detach(), key.detach(), value.detach()  # also where no strip kernel runs (no strips, or the eager emulation)
@@ -301,7 +316,7 @@ def run_plan(plan: AttentionPlan, query: Tensor, key: Tensor, value: Tensor, *, 
         return query.new_zeros(query.shape)
     parts = []
     if plan.strips is not None:
-        parts.append(_strip_part(plan, query, key, value, compiled, strip_kernel))
+        parts.append(_strip_part(plan, query, key, value, compiled))
     # The FlexAttention parts run over queries padded by plan.pad rows in front (tile alignment);
     # the strips start anywhere and need no padding.
     needs_pad = plan.pad and (plan.main is not None or plan.vertical is not None)

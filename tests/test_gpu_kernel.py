@@ -7,9 +7,9 @@ import torch
 
 import minference_flex as mf
 import minference_flex.kernels.flex
-from block_masks import strip_cells
+from block_masks import strip_cells, strip_segments
 from minference_flex.kernels import hopper_strips
-from minference_flex.kernels.strips import strip_attention
+from minference_flex.kernels.dispatch import strip_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -73,8 +73,9 @@ def test_strip_kernels_match_float64_over_the_strip_cells(kernel, mix, nq, nk, D
     if kernel == "hopper" and not hopper_strips.supported(q, k, v):
         pytest.skip("the Hopper strip kernel needs a compute-capability 9.x GPU and Triton with Gluon")
     patterns = [["dense", 0, 0]] * 8 if mix == "dense" else MIXES[mix]
-    plan = mf.plan_attention(q, k, patterns)
-    out, lse = strip_attention(q, k, v, plan.strips, plan.scale, kernel=kernel)
+    plan = mf.plan_attention(q, k, patterns, strip_kernel=kernel)
+    assert plan.strip_backend == kernel and (plan.segments is not None) == (kernel == "hopper")
+    out, lse = strip_attention(q, k, v, plan.strips, plan.scale, plan.strip_backend, plan.segments)
     cells = strip_cells(plan.strips) > 0
     live = cells.any(-1)
     ref = reference(q, k, v, cells, plan.scale)
@@ -89,9 +90,12 @@ def test_strip_kernels_match_float64_over_the_strip_cells(kernel, mix, nq, nk, D
 def test_hopper_kernel_refuses_what_it_cannot_run():
     for dtype, D in ((torch.float32, 64), (torch.bfloat16, 96)):
         q = torch.randn(1, 2, 300, D, device="cuda").to(dtype)
-        plan = mf.plan_attention(q, q, [["vertical_and_slash", 30, 100]] * 2)
         with pytest.raises(ValueError, match="Hopper strip kernel"):
-            strip_attention(q, q, q, plan.strips, plan.scale, kernel="hopper")
+            mf.plan_attention(q, q, [["vertical_and_slash", 30, 100]] * 2, strip_kernel="hopper")
+        plan = mf.plan_attention(q, q, [["vertical_and_slash", 30, 100]] * 2)
+        assert plan.strip_backend == "triton"
+        with pytest.raises(ValueError, match="Hopper strip kernel"):
+            strip_attention(q, q, q, plan.strips, plan.scale, "hopper", strip_segments(plan.strips))
 
 
 def test_one_compile_across_lengths_and_budgets():
@@ -146,8 +150,8 @@ def test_log_sum_exp_stays_exact_over_many_strips(kernel):
     q, k, v = structured_qkv(4, 1, N, 128, device="cuda")
     if kernel == "hopper" and not hopper_strips.supported(q, k, v):
         pytest.skip("the Hopper strip kernel needs a compute-capability 9.x GPU and Triton with Gluon")
-    plan = mf.plan_attention(q, k, [["vertical_and_slash", 1000, 6096]] * 4)
-    _, lse = strip_attention(q, k, v, plan.strips, plan.scale, kernel=kernel)
+    plan = mf.plan_attention(q, k, [["vertical_and_slash", 1000, 6096]] * 4, strip_kernel=kernel)
+    _, lse = strip_attention(q, k, v, plan.strips, plan.scale, plan.strip_backend, plan.segments)
     sel = plan.selection
     rows = torch.arange(N - 64, N, device="cuda")
     keys = torch.arange(N, device="cuda")

@@ -18,7 +18,8 @@ from block_masks.build import column_flags
 from block_masks.strips import (ALLOWED_FRONT, NO_STRIP, SEGMENT_WIDTHS, STRIP, segment_cells, strip_cells, strip_layout,
                                 strip_segments, strip_tops)
 from minference_flex.head_patterns import parse_patterns
-from minference_flex.kernels.strips import strip_attention, triton_strips
+from minference_flex.kernels.dispatch import strip_attention
+from minference_flex.kernels.triton_strips import triton_strips
 from tests.naive import reference_attention
 from tests.strategies import cases, examples
 
@@ -290,7 +291,7 @@ def test_strip_kernel_reads_any_key_layout(layout, caplog):
     patterns = [["vertical_and_slash", 4, 20], ["a_shape", 64, 64], ["vertical_and_slash", 10, 40], ["dense", 0, 0]]
     q, k, v = (t.to(device) for t in (q, k, v))
     plan = mf.plan_attention(q, k, patterns, strips=True, fold_columns=False, full_width=False)
-    with caplog.at_level("WARNING", logger="minference_flex.kernels.strips"):
+    with caplog.at_level("WARNING", logger="minference_flex.kernels.contract"):
         out, _ = strip_attention(q, k, v, plan.strips, plan.scale)
     assert ("not 16-byte aligned" in caplog.text) == (layout == "unaligned")  # a copy is never silent
     cells = strip_cells(plan.strips) > 0
@@ -305,13 +306,21 @@ def test_bad_strip_requests_raise_value_error(monkeypatch):
     plan = mf.plan_attention(q, k, [["vertical_and_slash", 30, 100]] * 2, strips=True, fold_columns=False)
     with pytest.raises(ValueError, match="cannot run on"):
         strip_attention(q[:, :, :50], k, v, plan.strips, plan.scale)
-    with pytest.raises(ValueError, match="kernel must be one of"):
-        strip_attention(q, k, v, plan.strips, plan.scale, kernel="gluon")
-    with pytest.raises(ValueError, match="kernel must be one of"):  # also where the emulation runs
-        mf.run_plan(plan, q, k, v, compiled=False, strip_kernel="gluon")
-    if not torch.cuda.is_available():  # the Hopper kernel runs on sm_90 GPUs only, and says so
-        with pytest.raises(ValueError, match="compute-capability 9"):
-            strip_attention(q, k, v, plan.strips, plan.scale, kernel="hopper")
+    assert plan.strip_backend == "triton" and plan.segments is None  # float32, head dim 16: not the Hopper kernel's
+    with pytest.raises(ValueError, match="backend must be one of"):
+        strip_attention(q, k, v, plan.strips, plan.scale, backend="gluon")
+    with pytest.raises(ValueError, match="strip_kernel must be one of"):  # decided when planning
+        mf.plan_attention(q, k, [["vertical_and_slash", 30, 100]] * 2, strips=True, fold_columns=False,
+                          strip_kernel="gluon")
+    with pytest.raises(ValueError, match="segments"):  # the Hopper backend runs the plan's segments
+        strip_attention(q, k, v, plan.strips, plan.scale, backend="hopper")
+    # The Hopper kernel runs on sm_90 GPUs, bf16/fp16, head dim 64/128 only, and says so when planning.
+    with pytest.raises(ValueError, match="compute-capability 9"):
+        mf.plan_attention(q, k, [["vertical_and_slash", 30, 100]] * 2, strips=True, fold_columns=False,
+                          strip_kernel="hopper")
+    with pytest.raises(ValueError, match="strip_backend must be one of"):
+        mf.attention.plan_selection(plan.selection, scale=plan.scale, full_width=False, fold_columns=False,
+                                    strips=True, strip_backend="auto")
     with pytest.raises(ValueError, match="columns=False"):  # leaving the columns out needs a part that holds them
         triton_strips(q, k, v, plan.strips, plan.scale, columns=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -13,7 +13,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from block_masks import visited_cells
 
-from minference_flex.kernels.merge import HAS_TRITON, merge_pair
+from minference_flex.kernels.contract import HAS_TRITON
+from minference_flex.kernels.merge import merge_pair
 
 try:  # torch >= 2.9; older versions return the log-sum-exp through return_lse
     from torch.nn.attention.flex_attention import AuxRequest

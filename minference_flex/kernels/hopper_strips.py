@@ -1,6 +1,6 @@
 """The strips and columns on Hopper (sm_90): a warp-specialized Gluon kernel over segments of 32 keys.
 
-The Triton strip kernel (``strip_kernel``) computes one 64x64 strip per loop iteration. This kernel
+The Triton strip kernel (``triton_strips``) computes one 64x64 strip per loop iteration. This kernel
 computes the same cells in steps of 128 keys: the diagonal strips are cut into segments of
 ``block_masks.strips.SEGMENT`` keys with the empty ones dropped (``strip_segments``: a narrow cluster
 of kept offsets needs 64 + its width keys, its chain of strips holds up to twice that; at 1M the
@@ -23,7 +23,7 @@ head (``block_masks.gather_columns``), copied 128 at a time, each step's cells f
 time (a budget of V columns is at most V / 128 steps). Keys below the head's sink (or below 0) never
 count here: heads with sink tokens (A-shape) get their sink strips from the Triton kernel, which
 continues the online softmax from this kernel's output and log-sum-exp
-(``strip_kernel.strip_attention``). Measured on the H100 in docs/performance.md.
+(``dispatch.strip_attention``). Measured on the H100 in docs/performance.md.
 """
 from __future__ import annotations
 
@@ -34,13 +34,15 @@ import torch
 from torch import Tensor
 
 from block_masks.build import gather_columns
-from block_masks.strips import ALLOWED_FRONT, STRIP, Segments, Strips, strip_segments
+
+from minference_flex.kernels.contract import ALLOWED_FRONT, STRIP, Segments, Strips, triton
 
 #: Oldest Triton whose Gluon API this kernel is written against (Gluon is experimental: its API moves).
 MIN_TRITON = (3, 6)
 
 try:
-    import triton
+    if triton is None:
+        raise ImportError("no Triton")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -67,7 +69,8 @@ def supported(query: Tensor, key: Tensor, value: Tensor) -> bool:
         return False
     if key.dtype != query.dtype or value.dtype != query.dtype:
         return False
-    return torch.cuda.get_device_capability(query.device)[0] == 9
+    # get_device_properties, not get_device_capability: dynamo folds it when a plan is traced.
+    return torch.cuda.get_device_properties(query.device).major == 9
 
 
 if gluon is not None:
@@ -88,6 +91,7 @@ if gluon is not None:
             tma.async_copy_global_to_shared(desc, [b, kvh, start, 0], bar, buf.slice(m * WIDTH, WIDTH, dim=2),
                                             pred=NSEG * j < n)
 
+    # Triton twin of this bit window: triton_strips._diagonal_strip.
     @gluon.jit
     def _segment_window(words, t, live, rows, WIDTH: gl.constexpr):
         """Bits r .. r + WIDTH - 1 of segment t's words for each row r (zeros for a segment that does not
@@ -101,6 +105,7 @@ if gluon is not None:
         window = gl.where(rows == 0, lo, (lo >> rows.to(gl.uint64)) | (hi << (64 - rows).to(gl.uint64)))
         return (window & ((1 << WIDTH) - 1)).to(gl.int32)
 
+    # Triton twin: triton_strips._softmax_step.
     @gluon.jit
     def _online_softmax(qk, m_i, l_i, s):
         """One online-softmax step over scores ``qk`` (unscaled, -inf where a cell does not count):
@@ -146,6 +151,7 @@ if gluon is not None:
         for m in gl.static_range(NSEG):
             tma.async_copy_global_to_shared(desc, [b, h, 128 * g + m * WIDTH, 0], bar, buf.slice(m * WIDTH, WIDTH, dim=2))
 
+    # Triton twin of this column window: the column loop of triton_strips._strip_forward.
     @gluon.jit
     def _column_words(columns, allowed, n_cols, g, i0, cols, FRONT: gl.constexpr):
         """Which rows count in gathered columns 128 g ..: (bits for rows 0..31, rows 32..63), one
@@ -363,23 +369,22 @@ if gluon is not None:
         return query.new_empty(B, Hq, Nq, D), query.new_empty(B, Hq, Nq, dtype=torch.float32)
 
 
-def hopper_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
-                     segments: Segments | None = None) -> tuple[Tensor, Tensor]:
+def hopper_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, segments: Segments,
+                     scale: float) -> tuple[Tensor, Tensor]:
     """Attention of query [B, Hq, Nq, D] over the diagonal-strip and column cells of ``strips`` (no sink
     strips): (out [B, Hq, Nq, D] in the query dtype, lse [B, Hq, Nq] float32, -inf for rows with no
-    such cell). ``segments`` are ``strip_segments(strips)`` if given (made here if not); the columns'
+    such cell). ``segments``: ``strip_segments(strips)``, made by the caller (the plan); the columns'
     keys and values are gathered here (``block_masks.gather_columns``, [B, Hq, V, D]).
     ``supported(query, key, value)`` must hold; query, key and value must be TMA-addressable
-    (``strip_kernel._tma_operand`` makes them so)."""
+    (``contract.tma_operand`` makes them so)."""
     if not supported(query, key, value):
         raise ValueError("the Hopper strip kernel needs a compute-capability 9.x GPU, Triton >= 3.6 (Gluon), "
                          f"bf16/fp16 and head dim in {HEAD_DIMS}; got {query.dtype}, head dim {query.shape[-1]} "
                          f"on {query.device}")
-    segments = strip_segments(strips) if segments is None else segments
     column_keys = column_values = None
     if strips.has_columns:
         column_keys, column_values = gather_columns(key, strips.columns), gather_columns(value, strips.columns)
-    launch = torch.ops.minference_flex.kernels.hopper_strips if torch.compiler.is_compiling() else _launch
+    launch = torch.ops.minference_flex.hopper_strips if torch.compiler.is_compiling() else _launch
     return launch(query, key, value, column_keys, column_values, segments.tops, segments.words, segments.full,
                   segments.counts, strips.sink, strips.columns, strips.col_counts, strips.allowed, strips.q_start,
                   segments.width, scale)

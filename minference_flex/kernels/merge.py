@@ -9,13 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without Triton merge in PyTorch
-    triton = None
-
-HAS_TRITON = triton is not None
+from minference_flex.kernels.contract import HAS_TRITON, tl, triton  # CPU installs without Triton merge in PyTorch
 
 if triton is not None:
 

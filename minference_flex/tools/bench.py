@@ -42,7 +42,7 @@ from minference_flex.tools.checks import (budgets as budgets_arg, check_device, 
 from minference_flex.head_patterns import parse_patterns
 from minference_flex.tools.layer_demo import row_stats, sample_rows
 from minference_flex.kernels.flex import compiled_flex
-from minference_flex.kernels.strips import KERNELS
+from minference_flex.kernels.dispatch import KERNELS
 
 log = logging.getLogger(__name__)
 
@@ -295,16 +295,16 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
                         fold_columns=not q.is_cuda, full_width=not q.is_cuda)
     dense_ms = None
     if dense_pattern:
-        dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, **plan_options)
-        dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v, compiled=compiled, strip_kernel=strip_kernel), **timer)
+        dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, strip_kernel=strip_kernel, **plan_options)
+        dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v, compiled=compiled), **timer)
         del dense_plan
     for a, b in budgets:
         patterns = parse_patterns([["vertical_and_slash", a, b]] * H, H)
         if q.is_cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        plan = plan_attention(q, k, patterns, **plan_options)
-        out = run_plan(plan, q, k, v, compiled=compiled, strip_kernel=strip_kernel)
+        plan = plan_attention(q, k, patterns, strip_kernel=strip_kernel, **plan_options)
+        out = run_plan(plan, q, k, v, compiled=compiled)
         peak = torch.cuda.max_memory_allocated() if q.is_cuda else None
         err, recall, cells = row_check(q, k, v, plan, out, rows)
         sel = plan.selection
@@ -312,10 +312,11 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
                    cell_fraction=cells, tiles=plan.tile_counts(), metadata_bytes=plan_bytes(plan),
                    peak_memory_bytes=peak)
         run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), **timer)
-        run["build_ms"] = time_ms(lambda: plan_selection(sel, scale=scale, **plan_options), **timer)
-        run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v, compiled=compiled, strip_kernel=strip_kernel), **timer)
-        run["total_ms"] = time_ms(lambda: run_plan(plan_attention(q, k, patterns, **plan_options),
-                                                   q, k, v, compiled=compiled, strip_kernel=strip_kernel), **timer)
+        backend = plan.strip_backend or "triton"  # the build includes the Hopper backend's segments
+        run["build_ms"] = time_ms(lambda: plan_selection(sel, scale=scale, strip_backend=backend, **plan_options), **timer)
+        run["kernel_ms"] = time_ms(lambda: run_plan(plan, q, k, v, compiled=compiled), **timer)
+        run["total_ms"] = time_ms(lambda: run_plan(plan_attention(q, k, patterns, strip_kernel=strip_kernel, **plan_options),
+                                                   q, k, v, compiled=compiled), **timer)
         run["speedup_vs_sdpa"] = sdpa_ms / run["total_ms"] if sdpa_ms else None
         runs.append(run)
         del out  # at 1M tokens it is 8.6 GB: gone before the next budget runs
@@ -337,9 +338,9 @@ def compile_counts(geometry: dict) -> dict:
 
     from block_masks import score_kernel, strip_build_kernel
 
-    from minference_flex.kernels import hopper_strips, merge as merge_kernel, strips as strip_kernel
+    from minference_flex.kernels import hopper_strips, merge as merge_kernel, triton_strips
 
-    kernels = {"strip kernel": strip_kernel._strip_forward, "merge": merge_kernel._merge_pair,
+    kernels = {"strip kernel": triton_strips._strip_forward, "merge": merge_kernel._merge_pair,
                "scores pass 1": score_kernel._row_stats, "scores pass 2": score_kernel._vertical_slash,
                "strip builder": strip_build_kernel._build}
     if hopper_strips.gluon is not None:

@@ -19,41 +19,24 @@ strip cells and their log-sum-exp, to be merged with the other parts of a plan. 
 cell get output 0 and log-sum-exp -inf.
 
 On Hopper GPUs (bf16/fp16, head dim 64 or 128) the diagonal strips and the columns run in the
-faster Gluon kernel of ``hopper_strips``; this kernel then only adds the sink strips of heads that
-have them, resuming the online softmax from that kernel's output and log-sum-exp
-(``triton_strips(..., resume=..., columns=False)``).
+faster Gluon kernel of ``hopper_strips`` (where the plan chose it: ``dispatch``); this kernel then only
+adds the sink strips of heads that have them, resuming the online softmax from that kernel's output
+and log-sum-exp (``triton_strips(..., resume=..., columns=False)``).
 """
 from __future__ import annotations
 
-import functools
-import logging
 import math
 
 import torch
 from torch import Tensor
 
-from block_masks.strips import ALLOWED_FRONT, STRIP, Strips
-
-from minference_flex.kernels import hopper_strips
-
-log = logging.getLogger(__name__)
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - CPU installs without Triton use the emulation
-    triton = None
-try:  # host-side TMA descriptors: Triton >= 3.3
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
+from minference_flex.kernels.contract import ALLOWED_FRONT, STRIP, TensorDescriptor, Strips, count_at_most, tl, triton
 
 #: Triton launch options, measured on the H100 (docs/performance.md).
 NUM_WARPS = 4
 NUM_STAGES = 2
 
 if triton is not None:
-    from block_masks.strip_build_kernel import count_at_most
 
     @triton.jit
     def _tile(KD, VD, b, kvh, start, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -73,6 +56,7 @@ if triton is not None:
         v = tl.load(v_base + cols[:, None] * svn, mask=in_range, other=0.0)
         return k, v
 
+    # Gluon twin: hopper_strips._online_softmax.
     @triton.jit
     def _softmax_step(qk, v, m_i, l_i, acc, s, PRECISION: tl.constexpr):
         """One tile of the online softmax. ``qk``: unscaled scores (float32), -inf where a cell does
@@ -107,6 +91,7 @@ if triton is not None:
         if EDGE:
             masked = masked | (start < sink)
         if masked:
+            # Gluon twin of this bit window: hopper_strips._segment_window.
             # Row r tests bits r .. r + 63 of the 128 (cell (r, c) is bit r - c + 63): one 64-bit
             # window per row, then one 32-bit shift per cell (bits r + 32 .. r + 63 for keys 0..31,
             # bits r .. r + 31 for keys 32..63). 1.2x faster than picking one of the four words per cell.
@@ -203,6 +188,7 @@ if triton is not None:
         allowed_row = Allowed + b * sab + h * sah
         row_shift = (lane % 32).to(tl.uint32)
         for c0 in range(0, n_cols, BLOCK):
+            # Gluon twin of this column window: hopper_strips._column_words.
             j = c0 + lane
             cols = tl.load(col_row + j, mask=j < n_cols, other=Nk).to(tl.int64)
             k, v = _gathered(k_base, v_base, cols, dims, skn, svn, Nk)
@@ -227,78 +213,9 @@ if triton is not None:
         tl.store(lse_rows, lse, mask=rows < Nq)
 
 
-def _tma_operand(t: Tensor) -> Tensor:
-    """``t`` [B, H, N, D] itself if a TMA descriptor can address it (unit last stride, 16-byte aligned
-    base and strides), else a contiguous copy with the head dim zero-padded to a multiple of 16 bytes."""
-    unit = 16 // t.element_size()
-    aligned = t.stride(-1) == 1 and all(stride % unit == 0 for stride in t.stride()[:-1])
-    # Under torch.compile the base address is not known; buffers it allocates are aligned.
-    compiling = torch.compiler.is_compiling()
-    misalignment = 0 if compiling else t.data_ptr() % 16
-    if aligned and misalignment == 0:
-        return t
-    if not compiling:
-        _warn_copy(t.dtype, t.shape[-1], aligned, misalignment)
-    return torch.nn.functional.pad(t, (0, -t.shape[-1] % unit)).contiguous()
-
-
-@functools.lru_cache(maxsize=64)
-def _warn_copy(dtype: torch.dtype, head_dim: int, aligned_strides: bool, misalignment: int) -> None:
-    """Say once per layout (not per prompt length) that ``_tma_operand`` copies keys/values: a slower
-    path is never silent."""
-    log.warning("strip kernel: keys/values (%s, head dim %d, %s, base %d bytes past a 16-byte boundary) "
-                "are not 16-byte aligned for TMA: each call copies them; a contiguous tensor whose head dim "
-                "x element size is a multiple of 16 bytes needs no copy", dtype, head_dim,
-                "strides aligned" if aligned_strides else "strides not multiples of 16 bytes", misalignment)
-
-
-#: ``strip_attention``'s kernel choices.
-KERNELS = ("auto", "triton", "hopper")
-
-
-def check_kernel(kernel: str) -> None:
-    """ValueError unless ``kernel`` is one of ``KERNELS``."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-
-
-def strip_attention(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
-                    kernel: str = "auto") -> tuple[Tensor, Tensor]:
-    """Attention of query [B, Hq, Nq, D] over the strip and column cells of key/value [B, Hkv, Nk, D].
-
-    Returns (out [B, Hq, Nq, D] in the query dtype, lse [B, Hq, Nq] float32, -inf for rows with no
-    such cell). Runs the Triton kernel on CUDA (on CPU only under ``TRITON_INTERPRET=1``). On a
-    Hopper GPU with bf16/fp16 and head dim 64 or 128 (``hopper_strips.supported``), ``"auto"`` runs
-    the diagonal strips and columns in the Gluon kernel of ``hopper_strips`` and the sink strips, if
-    any, in the Triton kernel, which continues from its output; ``kernel="triton"`` runs
-    everything in the Triton kernel, ``"hopper"`` requires the Gluon path.
-    """
-    check_kernel(kernel)
-    if triton is None or TensorDescriptor is None:
-        raise ValueError("the strip kernel needs Triton >= 3.3 (tensor descriptors): install or upgrade it, "
-                         "or plan with strips=False")
-    B, Hq, Nq, D = query.shape
-    Nk = key.shape[2]
-    if tuple(strips.sigma.shape[:2]) != (B, Hq) or (strips.nq, strips.nk) != (Nq, Nk):
-        raise ValueError(f"strips made for batch x heads {tuple(strips.sigma.shape[:2])}, {strips.nq} queries and "
-                         f"{strips.nk} keys cannot run on {B} x {Hq}, {Nq} queries and {Nk} keys")
-    if not 1 <= D <= 256:
-        raise ValueError(f"the strip kernel supports head dims up to 256, got {D}")
-    if not all(t.is_contiguous() for t in (strips.sigma, strips.words, strips.columns, strips.allowed)):
-        raise ValueError("strip tops, words, columns and allowed offsets must be contiguous (as strip_layout makes them)")
-    query = query if query.stride(-1) == 1 else query.contiguous()
-    key, value = _tma_operand(key), _tma_operand(value)
-    if kernel == "hopper" or (kernel == "auto" and hopper_strips.supported(query, key, value)):
-        part = hopper_strips.hopper_attention(_tma_operand(query), key, value, strips, scale)
-        if not strips.has_sinks:
-            return part
-        return triton_strips(query, key, value, strips, scale, resume=part, columns=False)
-    return triton_strips(query, key, value, strips, scale)
-
-
 def triton_strips(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
                   resume: tuple[Tensor, Tensor] | None = None, columns: bool = True) -> tuple[Tensor, Tensor]:
-    """The Triton kernel of ``strip_attention`` (key and value TMA-addressable). With ``resume`` =
+    """The Triton kernel of ``dispatch.strip_attention`` (key and value TMA-addressable). With ``resume`` =
     (out [B, Hq, Nq, D], lse [B, Hq, Nq] float32) of the diagonal strips, it skips them and continues
     the online softmax over the sink strips and columns from there, in place; ``columns=False`` (with
     ``resume`` only: the part already holds them) skips the columns too."""
@@ -331,29 +248,3 @@ def triton_strips(query: Tensor, key: Tensor, value: Tensor, strips: Strips, sca
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out, lse
-
-
-@torch.library.custom_op("minference_flex::strip_attention", mutates_args=())
-def _strip_attention_op(query: Tensor, key: Tensor, value: Tensor, sigma: Tensor, counts: Tensor, words: Tensor,
-                        sink: Tensor, columns: Tensor, col_counts: Tensor, allowed: Tensor, q_start: int, nq: int,
-                        nk: int, has_sinks: bool, has_columns: bool, scale: float,
-                        kernel: str) -> tuple[Tensor, Tensor]:
-    strips = Strips(sigma, counts, words, sink, columns, col_counts, allowed, q_start, nq, nk, has_sinks, has_columns)
-    out, lse = strip_attention(query, key, value, strips, scale, kernel)
-    return out.contiguous(), lse.contiguous()
-
-
-@_strip_attention_op.register_fake
-def _(query, key, value, sigma, counts, words, sink, columns, col_counts, allowed, q_start, nq, nk, has_sinks,
-      has_columns, scale, kernel):
-    return torch.empty_like(query, memory_format=torch.contiguous_format), query.new_empty(query.shape[:3], dtype=torch.float32)
-
-
-def strip_attention_op(query: Tensor, key: Tensor, value: Tensor, strips: Strips, scale: float,
-                       kernel: str = "auto") -> tuple[Tensor, Tensor]:
-    """``strip_attention`` as one opaque operator, for calls inside a caller's ``torch.compile``:
-    inductor then neither traces nor re-plans the Triton and Gluon launches (traced into larger
-    graphs they gave wrong results and failed to build with dynamic shapes)."""
-    s = strips
-    return _strip_attention_op(query, key, value, s.sigma, s.counts, s.words, s.sink, s.columns, s.col_counts,
-                               s.allowed, s.q_start, s.nq, s.nk, s.has_sinks, s.has_columns, scale, kernel)
