@@ -63,8 +63,8 @@ from minference_flex.cost import H100, CostModel, choose, kernel_beats_sdpa
 
 NAME = "minference_flex"
 
-#: Below ~10K tokens sparsity gives no gain (MInference paper, REFERENCE.md §1); to be re-measured on
-#: the GPU (issue 4).
+#: Below ~10K tokens sparsity gives no gain (MInference paper, arXiv:2407.02490); to be re-measured on
+#: the GPU.
 DEFAULT_MIN_SPARSE_LEN = 8192
 
 #: Use the compiled FlexAttention kernel (True) or the eager emulation (False, for tests).

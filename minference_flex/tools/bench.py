@@ -323,7 +323,7 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
     return runs
 
 
-#: Prompt lengths and budget sets of ``--compile-counts`` (issue 4: at most 2 compilations across 10
+#: Prompt lengths and budget sets of ``--compile-counts`` (the target: at most 2 compilations across 10
 #: lengths, one across 10 budget sets).
 COUNT_LENGTHS = (4096, 5000, 6144, 7777, 8192, 9001, 10240, 12345, 14000, 16384)
 COUNT_BUDGETS = ((100, 800), (200, 1000), (300, 1500), (500, 2000), (1000, 6096), (50, 300), (64, 512), (128, 256),

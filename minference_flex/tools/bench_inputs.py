@@ -1,7 +1,7 @@
 """RoPE-structured synthetic long-context inputs: the documented benchmark input.
 
 These are the inputs on which MInference's reference pipeline was measured (the project's
-REFERENCE notes, section 3), so timings on them compare directly with those numbers. Each KV head
+comparison in docs/performance.md), so timings on them compare directly with those numbers. Each KV head
 has a content direction shared by its keys and by the queries of its GQA group, so after RoPE the
 scores decay with distance (local slashes); key 0 is an attention sink and 64 random keys per KV
 head are heavy hitters (verticals); queries are scaled by 1.5 so the last queries' attention is

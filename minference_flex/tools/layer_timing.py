@@ -7,7 +7,7 @@
 While active, the attention function registered under the given name is wrapped: every call of a
 module with a ``layer_idx`` records a CUDA event before and after it. Times are read (one
 synchronize) only when asked for. Used by ``minference-flex ttft --layer-times`` to compare each
-layer's attention under ``sdpa`` and ``minference_flex`` (issue 4: no layer call slower than SDPA by
+layer's attention under ``sdpa`` and ``minference_flex`` (the target: no layer call slower than SDPA by
 more than 5%).
 """
 from __future__ import annotations
