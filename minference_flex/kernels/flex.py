@@ -211,7 +211,7 @@ def merge(parts: list[tuple[Tensor, Tensor]], dtype: torch.dtype) -> Tensor:
     """Combine attentions over disjoint key sets, given as (out [B, H, M, D], lse [B, H, M]) pairs,
     into one in ``dtype``. A part empty for a row (lse -inf) adds nothing to it.
 
-    On CUDA outside ``torch.compile`` the Triton kernel of ``merge_kernel`` merges pair by pair
+    On CUDA outside ``torch.compile`` the Triton kernel of ``kernels.merge`` merges pair by pair
     without float32 copies of the parts; elsewhere (and inside a compiled graph, which fuses it) the
     definition below."""
     if parts[0][0].is_cuda and HAS_TRITON and not torch.compiler.is_compiling():

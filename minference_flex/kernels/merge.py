@@ -1,6 +1,6 @@
 """Merging the parts of a plan on CUDA: one Triton pass per pair of parts.
 
-``kernel.merge`` says what a merge is (attentions over disjoint key sets, combined through their
+``flex.merge`` says what a merge is (attentions over disjoint key sets, combined through their
 log-sum-exp) in plain PyTorch, which builds float32 copies of every part: 16 GB each at 1M tokens in
 Llama-3-8B geometry. This kernel reads each part once and writes the result in the output dtype.
 """
