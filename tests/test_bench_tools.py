@@ -229,7 +229,6 @@ def test_ttft_times_both_sides(smollm2_model, tmp_path, monkeypatch, capsys):
     if getattr(small.config, "layer_types", None):
         small.config.layer_types = small.config.layer_types[:2]
     monkeypatch.setattr(ttft, "smollm2", lambda **kw: (small, tokenizer))
-    monkeypatch.setattr(hf, "COMPILED", True)  # restored after --eager switches it off
     calls = []
     inner = hf.sparse_attention
 

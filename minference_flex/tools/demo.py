@@ -127,10 +127,6 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 
 
 def run(args, out=print) -> list[dict]:
-    if args.eager:
-        from minference_flex.tools import hf
-
-        hf.COMPILED = False
     patterns = getattr(args, "patterns_value", None) or load_patterns(args.patterns)
     t_start = time.perf_counter()
     model, tokenizer = smollm2(dtype=torch.float32, device=args.device)
@@ -163,7 +159,7 @@ def run(args, out=print) -> list[dict]:
         rec = {"depth": depth, "number": number}
         out(f"[{i + 1}/{len(prompts)}] depth {depth:g}% (needle at token {pos}), number {number}")
         for side in ("dense", "sparse"):
-            impl = use_side(model, side, patterns, args.min_sparse_len)
+            impl = use_side(model, side, patterns, args.min_sparse_len, compiled=not args.eager)
             stats: dict = {}
             counting = tile_counter(model, per_layer, args.min_sparse_len, stats) if side == "sparse" else None
             with PrefillTimer(model) as timer:

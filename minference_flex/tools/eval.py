@@ -151,12 +151,14 @@ def layer_patterns(patterns, num_layers: int, num_heads: int) -> list[list]:
 _SIDE = "_minference_flex_side"
 
 
-def use_side(model, side: str, patterns, min_sparse_len: int, *, sdpa_fallback: bool = False) -> str:
+def use_side(model, side: str, patterns, min_sparse_len: int, *, sdpa_fallback: bool = False,
+             compiled: bool = True) -> str:
     """Switch the loaded model to dense SDPA or minference_flex; returns the implementation in use.
 
     ``sdpa_fallback`` (off by default: eval and demo measure the patterns, so every prefill from
     ``min_sparse_len`` on runs the sparse kernel) lets the backend run SDPA where its cost model
-    predicts the sparse kernel to be slower, as users get it (ttft turns it on)."""
+    predicts the sparse kernel to be slower, as users get it (ttft turns it on). ``compiled`` False
+    runs the kernel's eager emulation (``--eager``)."""
     if side == "dense" or not sparse_available():
         model.set_attn_implementation("sdpa")
         return "sdpa"
@@ -166,12 +168,13 @@ def use_side(model, side: str, patterns, min_sparse_len: int, *, sdpa_fallback: 
     # Stored again only when it changes: a new configuration object makes every attention module
     # parse its layer's configuration again on its next call, and ttft times the calls that follow
     # a switch (users configure once).
-    wanted = (patterns, min_sparse_len, sdpa_fallback)
+    wanted = (patterns, min_sparse_len, sdpa_fallback, compiled)
     config = text_config(model)
     noted = model.__dict__.get(_SIDE)
     stored = getattr(config, _CONFIG_ATTR, None)
     if noted is None or noted[0] != wanted or noted[1] is not stored:
-        mf.set_patterns(model, patterns, min_sparse_len=min_sparse_len, sdpa_fallback=sdpa_fallback)
+        mf.set_patterns(model, patterns, min_sparse_len=min_sparse_len, sdpa_fallback=sdpa_fallback,
+                        compiled=compiled)
         model.__dict__[_SIDE] = (wanted, getattr(config, _CONFIG_ATTR))
     return "minference_flex"
 
@@ -263,13 +266,6 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
     ``perplexity[ppl_length][side]``; ``identical[length][side]`` counts answers equal to dense."""
     from tqdm.auto import tqdm
 
-    if cfg.eager:
-        try:
-            from minference_flex.tools import hf
-
-            hf.COMPILED = False
-        except ImportError:
-            pass
     dtype = getattr(torch, cfg.dtype)
     rng = random.Random(cfg.seed)
     lengths = sorted(set(cfg.lengths))
@@ -307,7 +303,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
                     ids, pos = needle_prompt(hay, tokenizer, n, depth / 100, number, start)
                     answers = {}
                     for side in sides:
-                        impl = use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len)
+                        impl = use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len,
+                                        compiled=not cfg.eager)
                         if side != "dense":
                             results["sparse_backend"] = results["sparse_backend"] or impl
                         count = side != "dense" and s == 0 and depth == cfg.depths[0]
@@ -336,7 +333,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
             ids = torch.tensor([hay.text_ids(hay.boundaries[0], cfg.ppl_length)])
             ppl = {}
             for side in sides:
-                use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len)
+                use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len, compiled=not cfg.eager)
                 t0 = time.perf_counter()
                 ppl[side] = round(perplexity(model, ids), 3)
                 ppl[f"{side}_seconds"] = round(time.perf_counter() - t0, 1)

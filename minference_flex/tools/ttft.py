@@ -72,7 +72,8 @@ def first_token(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: int, hay: Haystack | None = None,
-             context: int | None = None, layer_times: bool = False, layer_reps: int | None = None) -> list[dict]:
+             context: int | None = None, layer_times: bool = False, layer_reps: int | None = None,
+             compiled: bool = True) -> list[dict]:
     """Both sides at every length of ``lengths`` on an already loaded model; one record per length.
 
     Per side one untimed warm-up (it compiles the sparse kernel and fills caches), then ``reps``
@@ -93,12 +94,12 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
 
         def switch(side: str) -> str:
             impls[side] = use_side(model, "dense" if side == "sdpa" else "sparse", patterns, min_sparse_len,
-                                   sdpa_fallback=True)
+                                   sdpa_fallback=True, compiled=compiled)
             return impls[side]
 
         sides = {side: {"runs_ms": [], "peak_bytes": None, "dispatch": {}} for side in SIDES}
         tokens = {}
-        hf.DISPATCH_COUNTS.clear()
+        hf.clear_dispatch_counts(model)
         for side in SIDES:
             log.info("length %d, %s: warm-up", n, switch(side))
             tokens[side] = int(first_token(model, ids))
@@ -141,7 +142,7 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
             res["backend"] = impls[side]
             rec["sides"][side] = res
         # Every backend decision of the sparse side (warm-up and timed runs; the dense side runs none).
-        rec["sides"]["minference_flex"]["dispatch"] = dict(hf.DISPATCH_COUNTS)
+        rec["sides"]["minference_flex"]["dispatch"] = dict(hf.dispatch_counts(model))
         dense, sparse = rec["sides"]["sdpa"], rec["sides"]["minference_flex"]
         rec["speedup"] = dense["ms"] / sparse["ms"]
         rec["same_first_token"] = dense["token"] == sparse["token"]
@@ -217,8 +218,6 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 
 
 def run(args) -> dict:
-    if args.eager:
-        hf.COMPILED = False
     cuda = args.device.startswith("cuda")
     import transformers
 
@@ -241,7 +240,8 @@ def run(args) -> dict:
         hay = hay or Haystack.build(tokenizer)
         report["results"] += run_ttft(model, tokenizer, lengths, patterns=args.patterns_value,
                                       min_sparse_len=args.min_sparse_len, reps=args.reps, hay=hay, context=context,
-                                      layer_times=args.layer_times, layer_reps=args.layer_reps)
+                                      layer_times=args.layer_times, layer_reps=args.layer_reps,
+                                      compiled=not args.eager)
         del model
         gc.collect()
         if cuda:
