@@ -31,7 +31,7 @@ SMOLLM2_KV_HEADS = 3
 SMOLLM2_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
 #: The per-head configuration found by ``minference-flex search`` for SmolLM2-135M-Instruct at 16K
 #: tokens (docs/search.md): the default of ``smollm2(attn_implementation="minference_flex")``.
-SMOLLM2_PATTERNS = os.path.join(os.path.dirname(__file__), "configs", "smollm2_135m_instruct.json")
+SMOLLM2_PATTERNS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "smollm2_135m_instruct.json")
 
 log = logging.getLogger(__name__)
 
