@@ -7,7 +7,7 @@ import pytest
 
 from minference_flex.tools.cli import main as cli_main
 from minference_flex.tools.demo import clip, summary_line
-from minference_flex.tools.eval import passes
+from minference_flex.tools.haystack import passes
 
 
 def _rec(dense, sparse, same, dp, sp, skipped):

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minference_flex as mf
-import minference_flex.hf as mf_hf
 from tests.naive import reference_attention
 from tests.strategies import examples, patterns
 from tests.test_hf import ids, make, reference

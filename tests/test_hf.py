@@ -429,7 +429,7 @@ def test_sdpa_fallback_round_trips(tmp_path):
 def test_accuracy_tools_measure_the_sparse_kernel():
     """eval and demo switch sides with use_side: the fallback off (they measure the patterns); ttft
     asks for it on."""
-    from minference_flex.tools.eval import use_side
+    from minference_flex.tools.sides import use_side
 
     model = make()
     assert use_side(model, "sparse", ["stream_llm", 4, 16], 16) == "minference_flex"
