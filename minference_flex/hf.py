@@ -75,6 +75,7 @@ DEFAULT_MIN_SPARSE_LEN = 8192
 #: Run settings of a model without them (``configure``): the compiled kernel, the H100 cost model
 #: (``cost.COST_MODELS``), applied on CUDA only (it is calibrated for CUDA; tests add "cpu").
 DEFAULT_SETTINGS = {"compiled": True, "cost_model": "H100", "fallback_devices": ["cuda"]}
+_DEFAULT_DEVICES = ("cuda",)  # DEFAULT_SETTINGS["fallback_devices"] where a stored dict has none (compared by value)
 
 _CONFIG_ATTR = "minference_flex"
 
@@ -410,8 +411,9 @@ def _min_sparse_len(stored: dict | None) -> int:
 
 def _settings_key(stored: dict) -> tuple:
     """The values of a stored dict a LayerConfig is built from, besides the head dict."""
-    return (_min_sparse_len(stored), stored.get("sdpa_fallback", True),
-            *(stored.get(name, default) for name, default in DEFAULT_SETTINGS.items()))
+    get = stored.get  # spelled out: this runs on every long layer call
+    return (get("min_sparse_len", DEFAULT_MIN_SPARSE_LEN), get("sdpa_fallback", True), get("compiled", True),
+            get("cost_model", "H100"), get("fallback_devices", _DEFAULT_DEVICES))
 
 
 def _layer_config(module) -> LayerConfig:
