@@ -1,7 +1,7 @@
 """Batched ``model.generate()`` with ``attn_implementation="minference_flex"`` on SmolLM2-135M-Instruct.
 
 Two needle-in-a-haystack prompts of different lengths (``--lengths``, default 4096 and 3072 tokens,
-built with ``minference_flex.tools.eval``'s helpers) go through one ``generate()`` call as a left-padded
+built with ``minference_flex.tools.haystack``'s helpers) go through one ``generate()`` call as a left-padded
 batch. Every prefill of ``--min-sparse-len`` tokens or more runs minference_flex's sparse attention
 with ``--patterns`` on every head (each sequence on its own real tokens); decoding runs SDPA.
 
@@ -19,7 +19,8 @@ import time
 import torch
 
 import minference_flex as mf
-from minference_flex.tools.eval import Haystack, load_patterns, needle_prompt, passes
+from minference_flex.tools.haystack import Haystack, needle_prompt, passes
+from minference_flex.tools.sides import load_patterns
 from minference_flex.tools.models import smollm2
 
 

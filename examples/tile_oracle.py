@@ -28,7 +28,8 @@ import torch
 
 from block_masks import TILE, block_means
 from block_masks.estimate import block_mass_estimate, ranked_prefix
-from minference_flex.tools.eval import Haystack, perplexity
+from minference_flex.tools.haystack import Haystack
+from minference_flex.tools.sides import perplexity
 from minference_flex.hooks import wrap_attention
 from minference_flex.tools.models import smollm2
 

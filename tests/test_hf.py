@@ -1,13 +1,12 @@
 """The transformers backend (attn_implementation="minference_flex") on tiny random-weight models.
 
-The sparse path runs the eager emulation (``minference_flex.hf.COMPILED = False``): the compiled CPU
+The sparse path runs the eager emulation (``make`` configures ``compiled=False``): the compiled CPU
 kernel compiles once per prompt length.
 """
 from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 
 import pytest
 import torch
@@ -37,15 +36,14 @@ PATTERN_TYPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _eager_kernel(monkeypatch):
-    monkeypatch.setattr(mf_hf, "COMPILED", False)
-
-
 def make(arch: str = "llama", attn: str = "minference_flex", seed: int = 0):
-    """A tiny model in eval mode (a config of its own: from_config does not copy it)."""
+    """A tiny model in eval mode (a config of its own: from_config does not copy it), set to run the
+    kernel's eager emulation."""
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(ARCHS[arch](), attn_implementation=attn, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(ARCHS[arch](), attn_implementation=attn, dtype=torch.float32).eval()
+    if attn == "minference_flex":
+        mf.configure(model, compiled=False)
+    return model
 
 
 def reference(model):
@@ -205,10 +203,11 @@ def test_training_dropout_is_rejected():
 # --------------------------------------------------------------------------- configuration
 
 def test_default_configuration():
-    model = make()
+    model = make(attn="sdpa")  # not configured
     layers = mf.get_patterns(model)
     assert layers == [{str(h): mf.DEFAULT_PATTERN.to_list() for h in range(4)}] * 2
-    assert mf_hf._layer_config(model.model.layers[0].self_attn) == (None, mf.DEFAULT_MIN_SPARSE_LEN, True)
+    layer = mf_hf._layer_config(model.model.layers[0].self_attn)
+    assert layer[:6] == (None, mf.DEFAULT_MIN_SPARSE_LEN, True, True, H100, ("cuda",))
 
 
 def test_set_patterns_sources(tmp_path):
@@ -216,9 +215,9 @@ def test_set_patterns_sources(tmp_path):
     attn = model.model.layers[1].self_attn
     mf.set_patterns(model, ["a_shape", 4, 16, 0.5], min_sparse_len=99)
     assert mf.get_patterns(model) == [{str(h): ["stream_llm", 4, 16, 0.5] for h in range(4)}] * 2
-    assert mf_hf._layer_config(attn) == ((mf.Pattern("stream_llm", 4, 16),) * 4, 99, True)
+    assert mf_hf._layer_config(attn)[:3] == ((mf.Pattern("stream_llm", 4, 16),) * 4, 99, True)
     mf.set_patterns(model, mf.Pattern("dense"), sdpa_fallback=False)
-    assert mf_hf._layer_config(attn) == ((mf.Pattern("dense"),) * 4, mf.DEFAULT_MIN_SPARSE_LEN, False)
+    assert mf_hf._layer_config(attn)[:3] == ((mf.Pattern("dense"),) * 4, mf.DEFAULT_MIN_SPARSE_LEN, False)
 
     layers = [{"0": ["stream_llm", 4, 16, 0.9]}, {"3": ["block_sparse", 2, 0, 0.25], 1: ["dense", 0, 0]}]
     mf.set_patterns(model, layers)
@@ -274,7 +273,7 @@ def test_compiled_kernel_matches_eager(monkeypatch):
     mf.set_patterns(model, [{str(h): p for h, p in enumerate(heads)}] * 2, min_sparse_len=16)
     x = ids(100)  # one prompt length: one compile
     eager = model(x).logits
-    monkeypatch.setattr(mf_hf, "COMPILED", True)
+    mf.configure(model, compiled=True)
     torch.testing.assert_close(model(x).logits, eager, atol=1e-5, rtol=0)
 
 
@@ -295,15 +294,11 @@ def checking(flex_tile_ms: float) -> CostModel:
                      strip_tile_ms=1e9, flex_tile_ms=flex_tile_ms, mass_cell_ms=0.0)
 
 
-@pytest.fixture
-def fallback_on_cpu(monkeypatch):
-    """Apply the cost model on CPU too (it is calibrated for CUDA only) and count from zero."""
-    monkeypatch.setattr(mf_hf, "FALLBACK_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(mf_hf, "DISPATCH_COUNTS", Counter())
-
-    def use(cost):
-        monkeypatch.setattr(mf_hf, "COST_MODEL", cost)
-    return use
+def fallback_on_cpu(model, cost):
+    """Apply ``cost`` on CPU too (the cost model is calibrated for CUDA only) and count from zero."""
+    mf.configure(model, cost_model=cost, fallback_devices=["cuda", "cpu"])
+    mf.clear_dispatch_counts(model)
+    return model
 
 
 FALLBACK_PATTERNS = [["stream_llm", 4, 16], ["vertical_and_slash", 8, 16], ["block_sparse", 1, 0], ["dense", 0, 0]]
@@ -328,24 +323,24 @@ def fallback_model(sdpa_fallback: bool = True):
 
 
 @torch.no_grad()
-def test_fallback_runs_sdpa_when_the_model_says_so(fallback_on_cpu):
-    fallback_on_cpu(SDPA_ALWAYS_FASTER)
-    out, sdpa, sparse = layer_call(fallback_model())
+def test_fallback_runs_sdpa_when_the_model_says_so():
+    model = fallback_on_cpu(fallback_model(), SDPA_ALWAYS_FASTER)
+    out, sdpa, sparse = layer_call(model)
     assert torch.equal(out, sdpa)
     assert not torch.allclose(sdpa, sparse, atol=1e-3)  # the two sides differ: the test can tell
-    assert mf_hf.DISPATCH_COUNTS == {"sdpa": 1}
+    assert mf.dispatch_counts(model) == {"sdpa": 1}
 
 
 @torch.no_grad()
-def test_fallback_runs_sparse_when_the_model_says_so(fallback_on_cpu):
-    fallback_on_cpu(SPARSE_ALWAYS_FASTER)
-    out, _, sparse = layer_call(fallback_model())
+def test_fallback_runs_sparse_when_the_model_says_so():
+    model = fallback_on_cpu(fallback_model(), SPARSE_ALWAYS_FASTER)
+    out, _, sparse = layer_call(model)
     assert torch.equal(out, sparse)
-    assert mf_hf.DISPATCH_COUNTS == {"sparse": 1}
+    assert mf.dispatch_counts(model) == {"sparse": 1}
 
 
 @torch.no_grad()
-def test_check_plans_and_picks_by_the_tile_count(fallback_on_cpu):
+def test_check_plans_and_picks_by_the_tile_count():
     """The tiles of these patterns at 200 tokens do not depend on the data (the vertical-slash head
     keeps its forced columns and offsets only), so a model can put SDPA's time just above or below
     the plan's predicted kernel time."""
@@ -357,49 +352,67 @@ def test_check_plans_and_picks_by_the_tile_count(fallback_on_cpu):
     for factor, expected in [(0.9, "check-sparse"), (1.1, "check-sdpa")]:
         cost = checking(factor * 1000 / tiles / CostModel.min_dim_factor)  # head dim 16: the smallest factor
         assert choose(cost, 1, 200, 200, 16, patterns) == "check"
-        fallback_on_cpu(cost)
-        mf_hf.DISPATCH_COUNTS.clear()
+        fallback_on_cpu(model, cost)
         out, sdpa, sparse = layer_call(model)
         assert torch.equal(out, sparse if expected == "check-sparse" else sdpa), expected
-        assert mf_hf.DISPATCH_COUNTS == {expected: 1}
+        assert mf.dispatch_counts(model) == {expected: 1}
 
 
 @torch.no_grad()
-def test_fallback_off_always_runs_sparse(fallback_on_cpu):
-    fallback_on_cpu(SDPA_ALWAYS_FASTER)
-    out, _, sparse = layer_call(fallback_model(sdpa_fallback=False))
+def test_fallback_off_always_runs_sparse():
+    model = fallback_on_cpu(fallback_model(sdpa_fallback=False), SDPA_ALWAYS_FASTER)
+    out, _, sparse = layer_call(model)
     assert torch.equal(out, sparse)
-    assert mf_hf.DISPATCH_COUNTS == {"sparse": 1}
+    assert mf.dispatch_counts(model) == {"sparse": 1}
 
 
 @torch.no_grad()
-def test_fallback_in_a_whole_model(fallback_on_cpu):
+def test_fallback_in_a_whole_model():
     """Small budgets change the logits; with an SDPA decision in every layer the model gives the dense
     logits back, padded batch included (each sequence decides alone), and short prompts stay dense."""
     model = make()
     mf.set_patterns(model, ["stream_llm", 4, 16], min_sparse_len=16)
     x = ids(300)
     dense = reference(model)(x).logits
-    fallback_on_cpu(SDPA_ALWAYS_FASTER)
+    fallback_on_cpu(model, SDPA_ALWAYS_FASTER)
     torch.testing.assert_close(model(x).logits, dense, atol=1e-5, rtol=0)
-    assert mf_hf.DISPATCH_COUNTS == {"sdpa": 2}
+    assert mf.dispatch_counts(model) == {"sdpa": 2}
     input_ids, mask, position_ids = _padded([ids(230, seed=2)[0], ids(150, seed=3)[0]], "left")
     padded = model(input_ids, attention_mask=mask, position_ids=position_ids).logits
     expected = reference(model)(input_ids, attention_mask=mask, position_ids=position_ids).logits
     torch.testing.assert_close(padded[:, -1], expected[:, -1], atol=1e-5, rtol=0)
-    assert mf_hf.DISPATCH_COUNTS == {"sdpa": 2 + 2 * 2}
-    fallback_on_cpu(SPARSE_ALWAYS_FASTER)
+    assert mf.dispatch_counts(model) == {"sdpa": 2 + 2 * 2}
+    fallback_on_cpu(model, SPARSE_ALWAYS_FASTER)
     assert (model(x).logits - dense).abs().max() > 1e-2
-    assert mf_hf.DISPATCH_COUNTS["sparse"] == 2
+    assert mf.dispatch_counts(model)["sparse"] == 2
 
 
 @torch.no_grad()
-def test_fallback_is_off_on_cpu_by_default(monkeypatch):
-    monkeypatch.setattr(mf_hf, "DISPATCH_COUNTS", Counter())
-    assert mf_hf.FALLBACK_DEVICES == ("cuda",) and mf_hf.COST_MODEL is H100
-    out, _, sparse = layer_call(fallback_model())
+def test_fallback_is_off_on_cpu_by_default():
+    model = fallback_model()
+    assert mf.settings(model) == {"compiled": False, "cost_model": "H100", "fallback_devices": ["cuda"]}
+    assert mf_hf._layer_config(model.model.layers[1].self_attn).cost is H100
+    out, _, sparse = layer_call(model)
     assert torch.equal(out, sparse)
-    assert mf_hf.DISPATCH_COUNTS == {"sparse": 1}
+    assert mf.dispatch_counts(model) == {"sparse": 1}
+
+
+@torch.no_grad()
+def test_settings_are_per_model_and_json(tmp_path):
+    """One model's settings and counts leave another's alone; a CostModel is stored by its fields."""
+    a, b = fallback_model(), fallback_model()
+    fallback_on_cpu(a, SDPA_ALWAYS_FASTER)
+    assert mf.settings(b)["fallback_devices"] == ["cuda"]
+    layer_call(a), layer_call(b)
+    assert mf.dispatch_counts(a) == {"sdpa": 1} and mf.dispatch_counts(b) == {"sparse": 1}
+    stored = json.loads(json.dumps(a.config.minference_flex))
+    assert stored["cost_model"]["sdpa_fixed_ms"] == 1000.0 and stored["fallback_devices"] == ["cuda", "cpu"]
+    a.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="minference_flex").eval()
+    assert mf.settings(loaded) == mf.settings(a)
+    assert mf_hf._layer_config(loaded.model.layers[1].self_attn).cost == SDPA_ALWAYS_FASTER
+    with pytest.raises(ValueError, match="unknown cost model"):
+        mf.configure(a, cost_model="A100")
 
 
 def test_sdpa_fallback_round_trips(tmp_path):
@@ -416,7 +429,7 @@ def test_sdpa_fallback_round_trips(tmp_path):
 def test_accuracy_tools_measure_the_sparse_kernel():
     """eval and demo switch sides with use_side: the fallback off (they measure the patterns); ttft
     asks for it on."""
-    from minference_flex.tools.eval import use_side
+    from minference_flex.tools.sides import use_side
 
     model = make()
     assert use_side(model, "sparse", ["stream_llm", 4, 16], 16) == "minference_flex"

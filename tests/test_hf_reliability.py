@@ -21,23 +21,10 @@ import minference_flex.hf as mf_hf
 from tests.test_hf import ids, make, reference
 
 
-@pytest.fixture(autouse=True)
-def _eager_kernel(monkeypatch):
-    monkeypatch.setattr(mf_hf, "COMPILED", False)
-
-
 @pytest.fixture
 def fresh_log(monkeypatch):
     """Forget which reasons were logged already, so that a test sees its own first warning."""
     monkeypatch.setattr(mf_hf, "_LOGGED", set())
-
-
-def counting(monkeypatch):
-    from collections import Counter
-
-    counts = Counter()
-    monkeypatch.setattr(mf_hf, "DISPATCH_COUNTS", counts)
-    return counts
 
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -53,10 +40,10 @@ def test_static_cache_generate_matches_sdpa(monkeypatch):
     model = make()
     mf.set_patterns(model, ["vertical_and_slash", 1000, 6096], min_sparse_len=16)
     x = ids(80)
-    counts = counting(monkeypatch)
+    mf.clear_dispatch_counts(model)
     kw = dict(max_new_tokens=8, return_dict_in_generate=True, output_logits=True, **GREEDY)
     ours = model.generate(x, cache_implementation="static", **kw)
-    assert counts["sparse"] == 2  # the prefill ran sparse in both layers
+    assert mf.dispatch_counts(model)["sparse"] == 2  # the prefill ran sparse in both layers
     theirs = reference(model).generate(x, cache_implementation="static", **kw)
     dynamic = reference(model).generate(x, **kw)
     assert ours.sequences.tolist() == theirs.sequences.tolist() == dynamic.sequences.tolist()
@@ -154,7 +141,7 @@ def test_models_sharing_a_config_keep_their_own_patterns(tmp_path):
     before = a(x).logits
     mf.set_patterns(b, ["stream_llm", 4, 16], min_sparse_len=16)
     torch.testing.assert_close(a(x).logits, before, atol=0, rtol=0)
-    assert getattr(a.config, "minference_flex", None) is None
+    assert a.config.minference_flex["min_sparse_len"] == mf.DEFAULT_MIN_SPARSE_LEN  # a keeps make's configuration
     assert (b(x).logits - before).abs().max() > 1e-2
     assert all(m.config is b.config for m in b.modules() if "config" in m.__dict__)
     # the other way round, and a model configured before the sharing

@@ -53,7 +53,8 @@ def test_yarn_parameters():
 
 
 def test_eval_context_groups():
-    from minference_flex.tools.eval import context_for, load_patterns
+    from minference_flex.tools.haystack import context_for
+    from minference_flex.tools.sides import load_patterns
 
     assert context_for(4096) is None and context_for(8192) is None
     assert context_for(16384) == 16384 and context_for(9000) == 16384
@@ -63,7 +64,7 @@ def test_eval_context_groups():
 
 
 def test_haystack_is_real_prose():
-    from minference_flex.tools.eval import haystack_text
+    from minference_flex.tools.haystack import haystack_text
 
     text = haystack_text()
     assert len(text) > 300_000 and "the" in text
@@ -79,7 +80,7 @@ def smollm2_model():
 @needs_smollm2
 def test_smollm2_dense_retrieval(smollm2_model):
     """A ~2K-token prompt of real prose with a planted number: finite logits, the number retrieved."""
-    from minference_flex.tools.eval import Haystack, needle_prompt
+    from minference_flex.tools.haystack import Haystack, needle_prompt
 
     start = time.perf_counter()
     model, tokenizer = smollm2_model

@@ -62,12 +62,10 @@ def test_uniform_configurations_under_outer_compile_on_cuda():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CAPABLE, reason="the compiled CPU kernel needs AVX2")
-def test_compiled_transformers_model_with_one_vertical_and_slash_entry(monkeypatch):
+def test_compiled_transformers_model_with_one_vertical_and_slash_entry():
     """``torch.compile(model)`` as docs/transformers.md shows it, every head ``vertical_and_slash``:
     the logits of the compiled prefill equal those of the kernel's eager emulation."""
     from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from minference_flex import hf
 
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          intermediate_size=128, vocab_size=128)
@@ -79,6 +77,6 @@ def test_compiled_transformers_model_with_one_vertical_and_slash_entry(monkeypat
     with torch.no_grad():
         with torch._inductor.config.patch(force_disable_caches=True):
             compiled = torch.compile(model, dynamic=False)(ids, use_cache=False).logits
-        monkeypatch.setattr(hf, "COMPILED", False)
+        mf.configure(model, compiled=False)
         eager = model(ids, use_cache=False).logits
     assert (compiled - eager).abs().max().item() < 1e-3

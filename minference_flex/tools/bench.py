@@ -22,11 +22,10 @@ smoke test of the script at small lengths (timings there mean nothing).
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import logging
 import math
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -40,7 +39,7 @@ from minference_flex.tools.bench_inputs import structured_qkv
 from minference_flex.tools.checks import (budgets as budgets_arg, check_device, check_matplotlib, check_output, check_output_folder,
                          non_negative_int, positive_int)
 from minference_flex.head_patterns import parse_patterns
-from minference_flex.tools.layer_demo import row_stats, sample_rows
+from minference_flex.tools.timing import row_stats, sample_rows, time_ms
 from minference_flex.kernels.flex import compiled_flex
 from minference_flex.kernels.dispatch import KERNELS
 
@@ -55,32 +54,6 @@ GEOMETRIES = {
 INPUTS = ("structured", "smollm2")
 #: The geometry each input kind implies when --geometry is not given.
 DEFAULT_GEOMETRY = {"structured": "llama3-8b", "smollm2": "smollm2-135m"}
-
-
-def time_ms(fn, warmup: int = 3, reps: int = 10, device: str = "cuda") -> float:
-    """Median milliseconds of ``fn()`` over ``reps`` runs after ``warmup`` runs (CUDA events; on the
-    CPU wall-clock time)."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(timed_runs(fn, reps, device))
-
-
-def timed_runs(fn, reps: int, device: str = "cuda") -> list[float]:
-    """Milliseconds of each of ``reps`` calls of ``fn()``: CUDA events on ``"cuda"``, else wall clock."""
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
 
 
 # --------------------------------------------------------------------------- SmolLM2 inputs
@@ -410,7 +383,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """``main`` returning the report (bench.json's contents)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--geometry", choices=sorted(GEOMETRIES), default=None,
                    help="head layout of the structured inputs (default llama3-8b; smollm2-135m with --inputs smollm2)")
@@ -507,5 +481,10 @@ def main(argv=None) -> dict:
     return report
 
 
+def main(argv: list[str] | None = None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from minference_flex.tools.checks import check_device, check_output, non_negative_int, positive_int
-from minference_flex.tools.eval import Haystack, context_for
+from minference_flex.tools.haystack import Haystack, context_for
 from minference_flex.hooks import wrap_attention
 from minference_flex.tools.models import SMOLLM2_DESCRIPTION, SMOLLM2_LAYERS, smollm2
 
@@ -115,8 +115,8 @@ def capture(model, tokenizer, length: int, layers=DEFAULT_LAYERS, *, dtype: torc
     }
 
 
-def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=positive_int, default=DEFAULT_LENGTH, help=f"prompt tokens (default {DEFAULT_LENGTH})")
     p.add_argument("--layers", type=non_negative_int, nargs="+", default=DEFAULT_LAYERS,
                    help=f"layers to capture, 0..{SMOLLM2_LAYERS - 1} (default 15, a middle layer)")
@@ -140,8 +140,8 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None, prog: str | None = None) -> int:
-    args = parse_args(argv, prog)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
     context = context_for(args.length)

@@ -31,12 +31,13 @@ COMMANDS = {
     "ttft": "time to first token of SmolLM2-135M: SDPA vs minference_flex per prompt length",
 }
 
-#: Commands whose module has ``main(argv, prog=...)`` (``bench`` names itself after ``sys.argv[0]``).
+#: The module of each command; each has ``main(argv: list[str] | None = None) -> int`` and names itself
+#: after ``sys.argv[0]``. ``demo --synthetic`` is ``layer``.
 MODULES = {"demo": "demo", "layer": "layer_demo", "eval": "eval", "search": "search_cli", "capture": "capture",
-           "ttft": "ttft"}
+           "ttft": "ttft", "bench": "bench"}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="minference-flex", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,15 +49,17 @@ def main(argv=None) -> int:
         # The subcommand's own parser handles its options (and its --help).
         sub.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    prog = f"minference-flex {args.command}"
-    if args.command in MODULES:
-        module = importlib.import_module(f".{MODULES[args.command]}", __package__)
-        return module.main(rest, prog=prog)
-    from minference_flex.tools.bench import main as bench_main
-
-    sys.argv[0] = prog  # bench's parser names itself after argv[0]
-    bench_main(rest)
-    return 0
+    command, prog = args.command, f"minference-flex {args.command}"
+    if command == "demo" and "--synthetic" in rest:
+        command, prog = "layer", f"{prog} --synthetic"
+        rest = [a for a in rest if a != "--synthetic"]
+    module = importlib.import_module(f".{MODULES[command]}", __package__)
+    program = sys.argv[0]
+    sys.argv[0] = prog  # the command's parser names itself after argv[0]
+    try:
+        return module.main(rest)
+    finally:
+        sys.argv[0] = program
 
 
 if __name__ == "__main__":

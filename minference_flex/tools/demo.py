@@ -25,11 +25,11 @@ import time
 
 import torch
 
-from minference_flex.tools.checks import check_device, check_patterns, percent, positive_int
-from minference_flex.tools.eval import (NEEDLE_MIN_LENGTH, Haystack, add_patterns_option, greedy, layer_patterns, load_patterns,
-                   needle_prompt, passes, sparse_available, tile_counter, use_side)
 from minference_flex.hf import text_config
+from minference_flex.tools.checks import check_device, check_patterns, percent, positive_int
+from minference_flex.tools.haystack import NEEDLE_MIN_LENGTH, Haystack, needle_prompt, passes
 from minference_flex.tools.models import SMOLLM2_ORIGINAL_CONTEXT, smollm2
+from minference_flex.tools.sides import add_patterns_option, greedy, layer_patterns, load_patterns, tile_counter, use_side
 
 
 class PrefillTimer:
@@ -99,8 +99,8 @@ def summary_line(records: list[dict]) -> str:
             f"sparse {mean('sparse_prefill'):.2f} s, tiles skipped {tiles}")
 
 
-def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic", action="store_true",
                    help="run the synthetic one-layer demo instead (same as `minference-flex layer`; "
                         "see `minference-flex layer --help` for its options)")
@@ -127,20 +127,15 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 
 
 def run(args, out=print) -> list[dict]:
-    if args.eager:
-        from minference_flex.tools import hf
-
-        hf.COMPILED = False
     patterns = getattr(args, "patterns_value", None) or load_patterns(args.patterns)
     t_start = time.perf_counter()
     model, tokenizer = smollm2(dtype=torch.float32, device=args.device)
     out(f"model: SmolLM2-135M-Instruct, float32 on {args.device} ({torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; loaded in {model.load_seconds:.1f} s")
-    sparse_name = "minference_flex" if sparse_available() else "sdpa (minference_flex backend unavailable)"
     described = (f"{patterns[0]} {','.join(map(str, patterns[1:]))} on every head" if isinstance(patterns[0], str)
                  else f"per-head patterns from {args.patterns}")
     out(f"prompts: {args.length} tokens, needle at depths {', '.join(f'{d:g}%' for d in args.depths)}; "
-        f"dense = sdpa, sparse = {sparse_name}, {described}, min_sparse_len {args.min_sparse_len}")
+        f"dense = sdpa, sparse = minference_flex, {described}, min_sparse_len {args.min_sparse_len}")
     hay = Haystack.build(tokenizer)
     tc = text_config(model)
     per_layer = layer_patterns(patterns, tc.num_hidden_layers, tc.num_attention_heads)
@@ -152,7 +147,7 @@ def run(args, out=print) -> list[dict]:
         ids, pos = needle_prompt(hay, tokenizer, args.length, depth / 100, number, start)
         prompts.append((depth, number, ids, pos))
 
-    if not args.eager and sparse_available() and args.length >= args.min_sparse_len:
+    if not args.eager and args.length >= args.min_sparse_len:
         t0 = time.perf_counter()
         warm_up(model, args.length, per_layer[0])
         out(f"warm-up: compiled the sparse kernel for {args.length} tokens on one layer's shapes, untimed: "
@@ -163,7 +158,7 @@ def run(args, out=print) -> list[dict]:
         rec = {"depth": depth, "number": number}
         out(f"[{i + 1}/{len(prompts)}] depth {depth:g}% (needle at token {pos}), number {number}")
         for side in ("dense", "sparse"):
-            impl = use_side(model, side, patterns, args.min_sparse_len)
+            impl = use_side(model, side, patterns, args.min_sparse_len, compiled=not args.eager)
             stats: dict = {}
             counting = tile_counter(model, per_layer, args.min_sparse_len, stats) if side == "sparse" else None
             with PrefillTimer(model) as timer:
@@ -189,14 +184,13 @@ def run(args, out=print) -> list[dict]:
     return records
 
 
-def main(argv=None, prog: str | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--synthetic" in argv:
-        from minference_flex.tools.layer_demo import main as layer_main
-
-        return layer_main([a for a in argv if a != "--synthetic"], prog=f"{prog or 'demo'} --synthetic")
-    args = parse_args(argv, prog)
-    run(args)
+    if "--synthetic" in argv:  # the command line (tools/cli.py) runs `layer` for it
+        print("--synthetic is the one-layer demo: run `minference-flex demo --synthetic ...` or `minference-flex "
+              "layer ...`", file=sys.stderr)
+        return 2
+    run(parse_args(argv))
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import statistics
 import sys
 import time
 
@@ -30,6 +29,7 @@ from minference_flex.attention import plan_attention, sparse_attention, token_ma
 from minference_flex.tools.bench_inputs import structured_qkv
 from minference_flex.tools.checks import budgets, check_device, positive_int
 from minference_flex.head_patterns import parse_patterns
+from minference_flex.tools.timing import median_ms, row_stats, sample_rows
 
 log = logging.getLogger("minference_flex.tools.layer_demo")
 
@@ -39,8 +39,8 @@ FULL_MASK_MAX = 4096
 TOLERANCE = 2e-2
 
 
-def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=positive_int, default=8192, help="prompt length N (default 8192)")
     p.add_argument("--heads", type=positive_int, default=8, help="query heads (default 8)")
     p.add_argument("--kv-heads", type=positive_int, default=2, help="key/value heads (default 2)")
@@ -61,50 +61,6 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
-
-
-def median_ms(fn, device: torch.device, reps: int) -> float:
-    """Median wall-clock milliseconds of ``fn()`` over ``reps`` runs (the caller warms up)."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def sample_rows(n: int, count: int, device: torch.device) -> torch.Tensor:
-    """``count`` query rows (fixed seed) spread over the prompt, the last 8 always among them."""
-    if count >= n:
-        return torch.arange(n, device=device)
-    g = torch.Generator().manual_seed(1)
-    last = min(8, count)
-    rows = torch.cat([torch.randperm(n - last, generator=g)[: count - last], torch.arange(n - last, n)])
-    return rows.sort().values.to(device)
-
-
-def row_stats(q, k, v, out, kept: torch.Tensor, rows: torch.Tensor, scale: float) -> tuple[float, float]:
-    """On query ``rows`` (kept [B, H, R, Nk] bool): the attention recall of the kept cells (mean over
-    heads and rows of the dense causal softmax mass they hold) and the largest relative error
-    ||out - ref|| / ||ref|| over heads and rows, ref being float64 attention over the kept cells."""
-    G = q.shape[1] // k.shape[1]
-    Nq, Nk = q.shape[2], k.shape[2]
-    causal = torch.arange(Nk, device=q.device) <= (Nk - Nq + rows)[:, None]
-    recalls, errs = [], []
-    for h in range(q.shape[1]):  # one head at a time: float64 keys of all heads are 34 GB at 1M tokens
-        kh, vh = k[:, h // G].double(), v[:, h // G].double()
-        scores = (q[:, h, rows].double() @ kh.transpose(-1, -2)) * scale          # [B, R, Nk]
-        recalls.append((scores.masked_fill(~causal, float("-inf")).softmax(-1) * kept[:, h]).sum(-1))
-        ref = scores.masked_fill(~kept[:, h], float("-inf")).softmax(-1) @ vh
-        errs.append((out[:, h, rows].double() - ref).norm(dim=-1) / ref.norm(dim=-1))
-    recall, err = torch.stack(recalls, 1).mean().item(), torch.stack(errs, 1)
-    return recall, err.max().item()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -186,8 +142,8 @@ def report(r: dict) -> str:
     return "\n".join(f"{k:<13} {v}" for k, v in lines)
 
 
-def main(argv=None, prog: str | None = None) -> int:
-    args = parse_args(argv, prog)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     result = run(args)

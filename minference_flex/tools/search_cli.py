@@ -30,7 +30,7 @@ def calibration_prompt(tokenizer, length: int) -> list[int]:
     """A needle prompt of ``length`` tokens (needle at 50% depth) on pydoc prose."""
     import random
 
-    from minference_flex.tools.eval import Haystack, needle_prompt
+    from minference_flex.tools.haystack import Haystack, needle_prompt
 
     rng = random.Random(CALIBRATION_SEED)
     hay = Haystack.build(tokenizer)
@@ -47,7 +47,7 @@ def parse_candidates(spec: str) -> list[Pattern]:
 
 def load_model(name: str, length: int, device: str, dtype: torch.dtype):
     if name == "smollm2":
-        from minference_flex.tools.eval import context_for
+        from minference_flex.tools.haystack import context_for
         from minference_flex.tools.models import smollm2
 
         return smollm2(dtype=dtype, device=device, context=context_for(length))
@@ -76,7 +76,7 @@ def run_search(args) -> SearchResult:
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every check before a model loads; sets ``args.rechosen`` (the --rechoose result) and
     ``args.candidate_patterns``."""
-    from minference_flex.tools.eval import NEEDLE_MIN_LENGTH
+    from minference_flex.tools.haystack import NEEDLE_MIN_LENGTH
 
     for option, path in (("--out", args.out), ("--details", args.details), ("--plot", args.plot)):
         check_output(p, option, path)
@@ -110,8 +110,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         check_output(p, "--checkpoint", args.checkpoint)
 
 
-def main(argv=None, prog: str = "minference-flex search") -> int:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (the bundled SmolLM2-135M-Instruct) or a local "
                    "transformers model folder")
     p.add_argument("--length", type=positive_int, default=16384,

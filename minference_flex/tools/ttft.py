@@ -25,7 +25,6 @@ The table goes to stdout, everything to ``--out`` (JSON).
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import math
 import statistics
@@ -35,11 +34,12 @@ import time
 import torch
 
 from minference_flex import hf
-from minference_flex.tools.bench import timed_runs
-from minference_flex.tools.layer_timing import LayerTimes
 from minference_flex.tools.checks import check_device, check_output, check_patterns, positive_int
-from minference_flex.tools.eval import Haystack, add_patterns_option, context_for, finish, use_side
-from minference_flex.tools.models import SMOLLM2_DESCRIPTION, smollm2
+from minference_flex.tools.haystack import Haystack
+from minference_flex.tools.layer_timing import LayerTimes
+from minference_flex.tools.models import SMOLLM2_DESCRIPTION
+from minference_flex.tools.sides import add_patterns_option, each_context, finish, use_side
+from minference_flex.tools.timing import timed_runs
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def first_token(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: int, hay: Haystack | None = None,
-             context: int | None = None, layer_times: bool = False, layer_reps: int | None = None) -> list[dict]:
+             context: int | None = None, layer_times: bool = False, layer_reps: int | None = None,
+             compiled: bool = True) -> list[dict]:
     """Both sides at every length of ``lengths`` on an already loaded model; one record per length.
 
     Per side one untimed warm-up (it compiles the sparse kernel and fills caches), then ``reps``
@@ -93,12 +94,12 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
 
         def switch(side: str) -> str:
             impls[side] = use_side(model, "dense" if side == "sdpa" else "sparse", patterns, min_sparse_len,
-                                   sdpa_fallback=True)
+                                   sdpa_fallback=True, compiled=compiled)
             return impls[side]
 
         sides = {side: {"runs_ms": [], "peak_bytes": None, "dispatch": {}} for side in SIDES}
         tokens = {}
-        hf.DISPATCH_COUNTS.clear()
+        hf.clear_dispatch_counts(model)
         for side in SIDES:
             log.info("length %d, %s: warm-up", n, switch(side))
             tokens[side] = int(first_token(model, ids))
@@ -141,7 +142,7 @@ def run_ttft(model, tokenizer, lengths, *, patterns, min_sparse_len: int, reps: 
             res["backend"] = impls[side]
             rec["sides"][side] = res
         # Every backend decision of the sparse side (warm-up and timed runs; the dense side runs none).
-        rec["sides"]["minference_flex"]["dispatch"] = dict(hf.DISPATCH_COUNTS)
+        rec["sides"]["minference_flex"]["dispatch"] = dict(hf.dispatch_counts(model))
         dense, sparse = rec["sides"]["sdpa"], rec["sides"]["minference_flex"]
         rec["speedup"] = dense["ms"] / sparse["ms"]
         rec["same_first_token"] = dense["token"] == sparse["token"]
@@ -183,8 +184,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=positive_int, nargs="+", default=DEFAULT_LENGTHS,
                    help="prompt lengths in tokens (default 32768 131072)")
     add_patterns_option(p)
@@ -217,8 +218,6 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
 
 
 def run(args) -> dict:
-    if args.eager:
-        hf.COMPILED = False
     cuda = args.device.startswith("cuda")
     import transformers
 
@@ -229,28 +228,23 @@ def run(args) -> dict:
               "patterns": args.patterns, "min_sparse_len": args.min_sparse_len, "reps": args.reps,
               "layer_reps": (args.layer_reps or "auto") if args.layer_times else None,
               "eager": args.eager, "text": "pydoc_data.topics", "load_seconds": {}, "results": []}
-    groups: dict = {}
-    for n in args.lengths:
-        groups.setdefault(context_for(n), []).append(n)
-    hay = None
-    for context, lengths in sorted(groups.items(), key=lambda kv: kv[0] or 0):
-        model, tokenizer = smollm2(dtype=getattr(torch, args.dtype), device=args.device, context=context,
-                                   attn_implementation="sdpa")
-        label = "native" if context is None else f"yarn{context}"
+    hays = []
+
+    def run(context, label, lengths, model, tokenizer):
         report["load_seconds"][label] = round(model.load_seconds, 1)
-        hay = hay or Haystack.build(tokenizer)
+        if not hays:
+            hays.append(Haystack.build(tokenizer))
         report["results"] += run_ttft(model, tokenizer, lengths, patterns=args.patterns_value,
-                                      min_sparse_len=args.min_sparse_len, reps=args.reps, hay=hay, context=context,
-                                      layer_times=args.layer_times, layer_reps=args.layer_reps)
-        del model
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+                                      min_sparse_len=args.min_sparse_len, reps=args.reps, hay=hays[0],
+                                      context=context, layer_times=args.layer_times, layer_reps=args.layer_reps,
+                                      compiled=not args.eager)
+
+    each_context(args.lengths, run, dtype=getattr(torch, args.dtype), device=args.device, attn_implementation="sdpa")
     return report
 
 
-def main(argv=None, prog: str | None = None) -> int:
-    args = parse_args(argv, prog)
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
     report = run(args)
