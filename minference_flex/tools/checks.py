@@ -30,48 +30,35 @@ ENTRY_EXAMPLE = "vertical_and_slash,100,800"
 
 # --------------------------------------------------------------------------- argparse type= converters
 
+def _number(text: str, convert, ok, allowed: str):
+    """``convert(text)`` if it parses and ``ok`` holds for it, else argparse's error saying ``allowed``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def percent(text: str) -> float:
     """A percentage, 0..100."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be a percentage between 0 and 100, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 <= v <= 100, "a percentage between 0 and 100")
 
 
 def fraction(text: str) -> float:
     """A fraction in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction above 0 and at most 1, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 < v <= 1, "a fraction above 0 and at most 1")
 
 
 def budgets(text: str) -> tuple[int, int]:
