@@ -50,6 +50,7 @@ def pooled_mass(q: torch.Tensor, k: torch.Tensor, scale: float, causal: torch.Te
     return scores.masked_fill(~causal, float("-inf")).softmax(-1)
 
 
+@torch.no_grad()
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=int, default=8192, help="tokens of text, a multiple of 64 (default 8192)")
@@ -59,7 +60,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.length % TILE:
         p.error(f"--length must be a multiple of {TILE}")
-    torch.set_grad_enabled(False)
     model, tokenizer = smollm2(dtype=torch.float32, device=args.device,
                                context=args.length if args.length > 8192 else None)
     hay = Haystack.build(tokenizer)

@@ -39,3 +39,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_left_on():
+    """No test may leave autograd switched off for the tests after it (the process is shared)."""
+    yield
+    assert torch.is_grad_enabled(), "this test left autograd disabled for the rest of the process"

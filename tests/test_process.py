@@ -38,10 +38,10 @@ def _error(out, q, k, v, patterns) -> float:
 def test_call_with_grad_raises_value_error_before_any_kernel():
     q, k, v = _qkv()
     for compiled in (True, False):
-        with pytest.raises(ValueError, match="inference only"):
+        with torch.enable_grad(), pytest.raises(ValueError, match="inference only"):
             mf.sparse_attention(q.clone().requires_grad_(), k, v, BLOCKS, compiled=compiled)
         plan = mf.plan_attention(q, k, BLOCKS)
-        with pytest.raises(ValueError, match="inference only"):
+        with torch.enable_grad(), pytest.raises(ValueError, match="inference only"):
             mf.run_plan(plan, q, k, v.clone().requires_grad_(), compiled=compiled)
     with torch.no_grad():  # no gradient needed: runs
         mf.sparse_attention(q.clone().requires_grad_(), k, v, BLOCKS, compiled=False)
@@ -56,12 +56,13 @@ def test_failed_compile_does_not_poison_later_calls():
         before = mf.sparse_attention(q, k, v, BLOCKS)
     assert _error(before, q, k, v, BLOCKS) < 1e-5
     plan = mf.plan_attention(q, k, BLOCKS)
-    with pytest.raises(Exception):  # noqa: B017 - whatever the compiler raises
+    with torch.enable_grad(), pytest.raises(Exception):  # noqa: B017 - whatever the compiler raises
         flex(q.clone().requires_grad_(), k, v, plan.main, plan.scale, compiled=True, lse=False)
     with torch.no_grad():
         after = mf.sparse_attention(q, k, v, BLOCKS)
     assert _error(after, q, k, v, BLOCKS) < 1e-5
-    after_with_grad_mode = mf.sparse_attention(q, k, v, BLOCKS)  # grad mode on, no input requires grad
+    with torch.enable_grad():  # grad mode on, no input requires grad
+        after_with_grad_mode = mf.sparse_attention(q, k, v, BLOCKS)
     assert _error(after_with_grad_mode, q, k, v, BLOCKS) < 1e-5
 
 
@@ -112,7 +113,7 @@ class CallSequence(RuleBasedStateMachine):
     @rule(data=st.data(), patterns=st.sampled_from(PATTERN_SETS), compiled=st.booleans())
     def call_needing_grad(self, data, patterns, compiled):
         q, k, v = self._inputs(data, torch.float32)
-        with pytest.raises(ValueError, match="inference only"):
+        with torch.enable_grad(), pytest.raises(ValueError, match="inference only"):
             mf.sparse_attention(q.requires_grad_(), k, v, patterns, compiled=compiled)
 
     @rule(data=st.data(), compiled=st.booleans())
