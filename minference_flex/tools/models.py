@@ -88,17 +88,30 @@ def smollm2(*, dtype: torch.dtype = torch.float32, device: str | torch.device = 
     ``rope_scaling`` (a transformers rope-parameters dict) overrides that directly.
     ``model.load_seconds`` holds the load time. With ``attn_implementation="minference_flex"`` the
     searched per-head configuration ``SMOLLM2_PATTERNS`` is set (``mf.set_patterns`` changes it)."""
-    folder, name = smollm2_gguf()
+    model, tokenizer = _load_gguf(*smollm2_gguf(), "SmolLM2-135M-Instruct", SMOLLM2_ORIGINAL_CONTEXT, 100000.0,
+                                  dtype, device, attn_implementation, context, rope_scaling, verbose)
+    if attn_implementation == "minference_flex":
+        from minference_flex.hf import set_patterns
+
+        set_patterns(model, SMOLLM2_PATTERNS)
+    return model, tokenizer
+
+
+def _load_gguf(folder: str, name: str, description: str, original_context: int, default_theta: float, dtype,
+               device, attn_implementation: str, context: int | None, rope_scaling: dict | None, verbose: bool):
+    """(model, tokenizer) from a GGUF file, offline, in eval mode: YaRN for ``context`` above
+    ``original_context`` (``yarn_rope_parameters``) unless ``rope_scaling`` says otherwise, the load
+    time in ``model.load_seconds``."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    if rope_scaling is None and context is not None and context > SMOLLM2_ORIGINAL_CONTEXT:
-        rope_scaling = yarn_rope_parameters(config, context)
+    if rope_scaling is None and context is not None and context > original_context:
+        rope_scaling = yarn_rope_parameters(config, context, original=original_context)
     if rope_scaling is not None:
         params = dict(getattr(config, "rope_parameters", None) or {})
-        params.update(rope_scaling)
-        params.setdefault("rope_theta", getattr(config, "rope_theta", 100000.0))
+        params.update({k: v for k, v in rope_scaling.items() if not (k == "rope_theta" and v is None)})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", None) or default_theta)
         config.rope_parameters = params
         if "factor" in params and "original_max_position_embeddings" in params:
             config.max_position_embeddings = max(
@@ -108,13 +121,9 @@ def smollm2(*, dtype: torch.dtype = torch.float32, device: str | torch.device = 
         folder, gguf_file=name, config=config, dtype=dtype, attn_implementation=attn_implementation,
         local_files_only=True)
     model.to(device).eval()
-    if attn_implementation == "minference_flex":
-        from minference_flex.hf import set_patterns
-
-        set_patterns(model, SMOLLM2_PATTERNS)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model.load_seconds = time.perf_counter() - start
-    msg = (f"loaded SmolLM2-135M-Instruct from {os.path.join(folder, name)} in {model.load_seconds:.1f} s "
+    msg = (f"loaded {description} from {os.path.join(folder, name)} in {model.load_seconds:.1f} s "
            f"({dtype}, {device}, rope {config.rope_parameters.get('rope_type')}, "
            f"max positions {config.max_position_embeddings})")
     (print if verbose else log.info)(msg)
@@ -147,30 +156,5 @@ def qwen2_5_coder(*, dtype: torch.dtype = torch.float32, device: str | torch.dev
     original_max_position_embeddings 32768, rope_theta kept at 1e6) and raises max_position_embeddings
     to it; ``rope_scaling`` overrides that directly. ``model.load_seconds`` holds the load time. No
     per-head pattern file is set for ``attn_implementation="minference_flex"``."""
-    folder, name = qwen2_5_coder_gguf(cache)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    start = time.perf_counter()
-    config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    if rope_scaling is None and context is not None and context > QWEN_ORIGINAL_CONTEXT:
-        rope_scaling = yarn_rope_parameters(config, context, original=QWEN_ORIGINAL_CONTEXT)
-    if rope_scaling is not None:
-        params = dict(getattr(config, "rope_parameters", None) or {})
-        params.update({k: v for k, v in rope_scaling.items() if not (k == "rope_theta" and v is None)})
-        params.setdefault("rope_theta", getattr(config, "rope_theta", None) or QWEN_ROPE_THETA)
-        config.rope_parameters = params
-        if "factor" in params and "original_max_position_embeddings" in params:
-            config.max_position_embeddings = max(
-                config.max_position_embeddings,
-                int(params["factor"] * params["original_max_position_embeddings"]))
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, config=config, dtype=dtype, attn_implementation=attn_implementation,
-        local_files_only=True)
-    model.to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    model.load_seconds = time.perf_counter() - start
-    msg = (f"loaded Qwen2.5-Coder-1.5B-Instruct from {os.path.join(folder, name)} in {model.load_seconds:.1f} s "
-           f"({dtype}, {device}, rope {config.rope_parameters.get('rope_type')}, "
-           f"max positions {config.max_position_embeddings})")
-    (print if verbose else log.info)(msg)
-    return model, tokenizer
+    return _load_gguf(*qwen2_5_coder_gguf(cache), "Qwen2.5-Coder-1.5B-Instruct", QWEN_ORIGINAL_CONTEXT,
+                      QWEN_ROPE_THETA, dtype, device, attn_implementation, context, rope_scaling, verbose)
