@@ -99,12 +99,12 @@ def _check_inference(query: Tensor, key: Tensor, value: Tensor) -> None:
 
 
 def _check(query: Tensor, key: Tensor, value: Tensor | None, patterns: Sequence, scale: float | None,
-           *, with_value: bool = True):
+           *, with_value: bool = True) -> tuple[tuple, float]:
+    """The checked call: (one Pattern per query head, the scale as a float)."""
     _check_tensors(query, key, value, with_value=with_value)
     if with_value:
         _check_inference(query, key, value)
-    _scale(scale, query.shape[-1])
-    return parse_patterns(patterns, query.shape[1])
+    return parse_patterns(patterns, query.shape[1]), _scale(scale, query.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -201,9 +201,8 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
     Empty inputs (batch 0, no query heads or no queries) give an empty plan, with no parts, for which
     ``run_plan`` returns the empty output [B, Hq, Nq, D].
     """
-    patterns = _check(query, key, None, patterns, scale, with_value=False)
+    patterns, scale = _check(query, key, None, patterns, scale, with_value=False)
     check_kernel(strip_kernel)
-    scale = _scale(scale, query.shape[-1])
     if query.numel() == 0:  # head dim >= 1 (checked): batch, query heads or queries are 0
         return _empty_plan(query, key, scale, tiles, kernel_options)
     cpu = query.device.type == "cpu"
@@ -348,7 +347,7 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, patterns: Sequen
     into the caller's graph. On CPU the compiled kernel (inference only, one compile per prompt
     length) gets one mask with the vertical columns folded in: it cannot return a log-sum-exp.
     """
-    _check(query, key, value, patterns, scale)
+    _, scale = _check(query, key, value, patterns, scale)  # the scale read once (a 0-d CUDA tensor syncs)
     plan = kernel_plan(query, key, patterns, scale=scale, compiled=compiled)
     return run_plan(plan, query, key, value, compiled=compiled)
 
@@ -367,8 +366,7 @@ def token_mask(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float |
 
     Builds a dense mask: for tests and inspection at small sizes; the fast path never builds it.
     """
-    patterns = _check(query, key, None, patterns, scale, with_value=False)
-    scale = _scale(scale, query.shape[-1])
+    patterns, scale = _check(query, key, None, patterns, scale, with_value=False)
     if query.numel() == 0:  # empty call: an empty mask
         return torch.zeros(*query.shape[:3], key.shape[2], dtype=torch.bool, device=query.device)
     return token_cells(select(query, key, patterns, scale))
