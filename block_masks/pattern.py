@@ -39,15 +39,19 @@ def _budget(name: str, value: object) -> int:
     """A budget as a Python int: an int (Python, numpy, or a 0-d integer tensor) or an integral float
     (Python or numpy), of any size (budgets past the prompt length keep everything they can).
     TypeError for bools (Python, numpy, tensors) and other values, ValueError for negative ones."""
-    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+    if isinstance(value, int) and not isinstance(value, bool):
+        pass  # dynamo passes a traced int (torch.compile(dynamic=True) makes closure ints symbolic) as an int
+    elif isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
         raise TypeError(f"pattern budget {name} must be an integer, got a bool ({value!r})")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-            value = int(value)
-        else:
-            raise TypeError(f"pattern budget {name} must be an integer (or an integral float), got {value!r}") from None
+    else:
+        try:
+            value = operator.index(value)
+        except TypeError:
+            if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+                value = int(value)
+            else:
+                raise TypeError(f"pattern budget {name} must be an integer (or an integral float), "
+                                f"got {value!r}") from None
     if value < 0:
         raise ValueError(f"pattern budget {name} must be >= 0, got {value}")
     return value

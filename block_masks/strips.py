@@ -122,6 +122,9 @@ def strip_segments(strips: Strips, width: int = SEGMENT) -> Segments:
     Sink strips and columns are not segments."""
     if width not in SEGMENT_WIDTHS:
         raise ValueError(f"segment width must be one of {SEGMENT_WIDTHS} keys, got {width}")
+    # A plain int even where dynamo traces this as a frame of its own and makes ``width`` symbolic: the
+    # bit arithmetic below needs constant shifts.
+    width = SEGMENT_WIDTHS[SEGMENT_WIDTHS.index(width)]
     sigma = strips.sigma
     B, H, S = sigma.shape
     device = sigma.device

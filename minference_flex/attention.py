@@ -84,7 +84,7 @@ def _scale(scale, head_dim: int) -> float:
             scale = float(scale)
         except OverflowError:
             scale = math.inf
-    if not (math.isfinite(scale) and scale > 0):
+    if not 0 < scale < math.inf:  # comparisons, not math.isfinite: dynamo traces them on a symbolic scale
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return scale
 

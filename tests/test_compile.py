@@ -213,6 +213,35 @@ def _compile_dynamic_over_lengths(patterns) -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def test_plan_traced_with_dynamic_shapes_is_one_graph():
+    """The plan of a ``sparse_attention`` call (its pattern check, the traced scale, the strip layout
+    and the Hopper backend's segments) under ``torch.compile(dynamic=True)``: dynamo makes the closure's
+    budgets and the head dim symbolic, and a check that reads them in Python (``getattr``,
+    ``math.isfinite``, shifts by a traced width) breaks the graph. One graph for three lengths, the
+    same layout as eager."""
+    from block_masks import strip_segments
+    from minference_flex.attention import _check
+
+    patterns = [["vertical_and_slash", 100, 300]] * 4
+
+    def plan(q, k, v):
+        _, scale = _check(q, k, v, patterns, None)
+        layout = mf.plan_attention(q, k, patterns, scale=scale, strips=True, fold_columns=False,
+                                   full_width=False).strips
+        segments = strip_segments(layout)
+        return layout.sigma, layout.words, segments.tops, segments.words, segments.counts
+
+    traced = torch.compile(plan, dynamic=True, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    for n in (640, 700, 1024):
+        q = torch.randn(1, 4, n, 64, generator=g)
+        k, v = torch.randn(2, 1, 2, n, 64, generator=g)
+        for got, want in zip(traced(q, k, v), plan(q, k, v)):
+            assert torch.equal(got, want)
+    assert not counters["graph_break"]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.gpu
 def test_user_compile_with_dynamic_shapes_on_cuda():
     """A user's ``torch.compile(dynamic=True)`` around ``mf.sparse_attention`` with vertical-slash
