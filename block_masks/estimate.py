@@ -23,8 +23,10 @@ from .pattern import (
     FORCED_COLUMNS,
     FORCED_OFFSETS,
     LAST_Q,
+    SCORED_KINDS,
     TILE,
     VERTICAL_SLASH,
+    VERTICAL_SLASH_MASS,
     Pattern,
     query_blocks,
 )
@@ -90,8 +92,11 @@ class HeadTables:
     window: Tensor           # offsets 0 .. window - 1 kept by construction: all (DENSE_WINDOW) for dense
                              # heads, the local window for A-shape heads, none elsewhere
     sink: Tensor             # int32 sink tokens of A-shape heads (not yet capped at the length), 0 elsewhere
-    columns: Tensor          # vertical columns kept per vertical-slash head (at least FORCED_COLUMNS), 0 elsewhere
-    slashes: Tensor          # diagonal offsets kept per vertical-slash head (at least FORCED_OFFSETS), 0 elsewhere
+    columns: Tensor          # vertical columns kept (vertical_and_slash) or at most kept (vertical_slash_mass) per
+                             # head, at least FORCED_COLUMNS; 0 elsewhere
+    slashes: Tensor          # the same for diagonal offsets, at least FORCED_OFFSETS; 0 elsewhere
+    mass_target: Tensor      # float32 share of the column and of the offset mass to keep (vertical_slash_mass
+                             # heads: a / 1000), 0 elsewhere
 
 
 #: ``HeadTables.window`` of dense heads: past any prompt length.
@@ -119,8 +124,10 @@ def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTabl
         whole_blocks=t([p.kind in BLOCK_KINDS for p in patterns], torch.bool),
         window=t([DENSE_WINDOW if p.kind == DENSE else max(p.b, 1) if p.kind == A_SHAPE else 0 for p in patterns]),
         sink=of_kind(A_SHAPE, lambda p: p.a, torch.int32),
-        columns=of_kind(VERTICAL_SLASH, lambda p: max(p.a, FORCED_COLUMNS)),
-        slashes=of_kind(VERTICAL_SLASH, lambda p: max(p.b, FORCED_OFFSETS)),
+        columns=t([max(p.a if p.kind == VERTICAL_SLASH else p.b, FORCED_COLUMNS) if p.kind in SCORED_KINDS else 0
+                   for p in patterns]),
+        slashes=t([max(p.b, FORCED_OFFSETS) if p.kind in SCORED_KINDS else 0 for p in patterns]),
+        mass_target=t([p.a / 1000 if p.kind == VERTICAL_SLASH_MASS else 0.0 for p in patterns], torch.float32),
     )
 
 
@@ -144,6 +151,28 @@ def _top(scores: Tensor, k: int, counts: Tensor, ranked: bool = True) -> tuple[T
         return top.indices, (counts > 0).unsqueeze(-1) & scored
     rank = torch.arange(k, device=scores.device)
     return top.indices, (rank < counts.unsqueeze(-1)) & scored
+
+
+def _top_scored(scores: Tensor, forced: int, k: int, counts: Tensor, target: Tensor | None,
+                ranked: bool) -> tuple[Tensor, Tensor]:
+    """The kept columns (or offsets) of the scored heads, from their scores [B, Hq, N] (``ranking_scores``):
+    the top-``k`` indices, entries 0 .. forced - 1 ranked first, and which of them a head keeps.
+
+    A head keeps its best ``counts`` [Hq]; a head with a ``target`` [Hq] above 0 (``vertical_slash_mass``)
+    only those of them ranked so that the entries ranked above hold less than ``target`` of the row's
+    total score, and the forced ones: the shortest such prefix that reaches the target (scores of 0 or
+    not finite are never kept, forced ones always). ``target`` None: no mass heads."""
+    ranking = scores.clone()
+    ranking[..., :forced] = float("inf")
+    idx, keep = _top(ranking, k, counts, ranked)
+    if target is not None:
+        mass = scores.clamp(min=0)                      # -inf (not finite) holds no mass
+        ranked_mass = mass.gather(-1, idx)
+        before = ranked_mass.cumsum(-1) - ranked_mass
+        reach = target[:, None] * mass.sum(-1, keepdim=True)          # [B, Hq, 1]
+        in_prefix = (torch.arange(k, device=scores.device) < forced) | ((before < reach) & (ranked_mass > 0))
+        keep = keep & (in_prefix | (target[:, None] == 0))
+    return idx, keep
 
 
 def diagonal_sums(probs: Tensor, first: int) -> Tensor:
@@ -347,23 +376,25 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
     # expressions failed there).
     max_sink = min(max([0] + [p.a for p in patterns if p.kind == A_SHAPE]), Nk)
     kept_bound = max([0] + [max(p.b, 1) for p in patterns if p.kind == A_SHAPE]
-                     + [max(p.b, FORCED_OFFSETS) for p in patterns if p.kind == VERTICAL_SLASH])
+                     + [max(p.b, FORCED_OFFSETS) for p in patterns if p.kind in SCORED_KINDS])
     max_offsets = Nk if DENSE in kinds else min(kept_bound, Nk)
 
     columns = None
-    if VERTICAL_SLASH in kinds:
+    if kinds & set(SCORED_KINDS):
         vertical, slash = map(ranking_scores, vertical_slash_scores(query, key, scale))
-        vertical[..., :FORCED_COLUMNS] = float("inf")
-        slash[..., :FORCED_OFFSETS] = float("inf")
-        col_budgets = {max(p.a, FORCED_COLUMNS) for p in patterns if p.kind == VERTICAL_SLASH}
-        off_budgets = {max(p.b, FORCED_OFFSETS) for p in patterns if p.kind == VERTICAL_SLASH}
+        scored = [p for p in patterns if p.kind in SCORED_KINDS]
+        col_budgets = {max(p.a if p.kind == VERTICAL_SLASH else p.b, FORCED_COLUMNS) for p in scored}
+        off_budgets = {max(p.b, FORCED_OFFSETS) for p in scored}
         n_cols, n_offs = min(Nk, max(col_budgets)), min(Nk, max(off_budgets))
         # Ranks run below n_cols / n_offs <= Nk, so budgets past the length need no capping; with one
-        # budget for all vertical-slash heads the top-k needs no order (the columns are sorted below,
-        # the offsets scattered).
-        col_idx, col_valid = _top(vertical, n_cols, tables.columns, ranked=len(col_budgets) > 1)
+        # count for all scored heads and no mass target the top-k needs no order (the columns are
+        # sorted below, the offsets scattered).
+        target = tables.mass_target if VERTICAL_SLASH_MASS in kinds else None
+        col_idx, col_valid = _top_scored(vertical, FORCED_COLUMNS, n_cols, tables.columns, target,
+                                         ranked=target is not None or len(col_budgets) > 1)
         columns = torch.where(col_valid, col_idx, Nk).sort(dim=-1).values
-        off_idx, off_valid = _top(slash, n_offs, tables.slashes, ranked=len(off_budgets) > 1)
+        off_idx, off_valid = _top_scored(slash, FORCED_OFFSETS, n_offs, tables.slashes, target,
+                                         ranked=target is not None or len(off_budgets) > 1)
         slashes = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device).scatter_(-1, off_idx, off_valid)
         offsets = slashes if offsets is None else offsets | slashes
     if offsets is None:  # block heads only

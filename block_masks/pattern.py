@@ -11,7 +11,10 @@ A_SHAPE = "stream_llm"
 VERTICAL_SLASH = "vertical_and_slash"
 BLOCK_SPARSE = "block_sparse"
 BLOCK_MASS = "block_mass"
-KINDS = (DENSE, A_SHAPE, VERTICAL_SLASH, BLOCK_SPARSE, BLOCK_MASS)
+VERTICAL_SLASH_MASS = "vertical_slash_mass"
+KINDS = (DENSE, A_SHAPE, VERTICAL_SLASH, BLOCK_SPARSE, BLOCK_MASS, VERTICAL_SLASH_MASS)
+#: Kinds estimated from the last queries' vertical and slash scores (``estimate.vertical_slash_scores``).
+SCORED_KINDS = (VERTICAL_SLASH, VERTICAL_SLASH_MASS)
 #: Kinds that keep whole key blocks per query block (FlexAttention BlockMask lists).
 BLOCK_KINDS = (BLOCK_SPARSE, BLOCK_MASS)
 ALIASES = {"vertical_slash": VERTICAL_SLASH, "a_shape": A_SHAPE}
@@ -73,6 +76,11 @@ class Pattern:
       the mass estimated exactly from ``b`` evenly spaced rows of the query block (1, 2, 4, .., 64;
       the block's last row is one of them); the diagonal block and key block 0 are always kept.
       ``block_size`` must be 64.
+    - ``vertical_slash_mass`` (an extension): the columns and diagonals of ``vertical_and_slash``, as
+      many as the prompt needs: the forced ones (30 columns, 100 diagonals), then the best by
+      estimated mass until the kept columns hold ``a`` thousandths (1..1000) of the last queries'
+      column mass, and likewise the diagonals; at most ``max(b, 30)`` columns and ``max(b, 100)``
+      diagonals (``b`` is a cap: ``0`` keeps only the forced ones, a cap past the length none).
     - ``dense``: causal attention; ``a`` and ``b`` are ignored.
     """
 
@@ -102,6 +110,8 @@ class Pattern:
                 raise ValueError(f"block_mass samples b rows per query block, one of {SAMPLED_ROWS}; got b={self.b}")
             if bs != TILE:
                 raise ValueError(f"block_mass works on blocks of {TILE}, got block_size={bs}")
+        if kind == VERTICAL_SLASH_MASS and not 1 <= self.a <= 1000:
+            raise ValueError(f"vertical_slash_mass keeps a mass of a thousandths, 1..1000; got a={self.a}")
 
     @classmethod
     def parse(cls, entry: "Pattern | list | tuple") -> "Pattern":

@@ -34,6 +34,7 @@ from block_masks.pattern import (
     FORCED_COLUMNS,
     FORCED_OFFSETS,
     VERTICAL_SLASH,
+    VERTICAL_SLASH_MASS,
     query_blocks,
 )
 
@@ -232,11 +233,14 @@ def tile_bounds(batch: int, n_queries: int, n_keys: int, patterns: Sequence[Patt
             window, sink = torch.sym_min(max(b, 1), nk), torch.sym_min(a, nk)
             cells = _row_cells(q0, nk, max(a, b, 1))
             h_strips = one_cluster(window) + _sum_capped(n_blocks, 1, 1 + _ceil_div(q0, STRIP), _ceil_div(sink, STRIP))
-        elif kind == VERTICAL_SLASH:
+        elif kind in (VERTICAL_SLASH, VERTICAL_SLASH_MASS):  # a mass head: its caps bound what it keeps
             kept = torch.sym_min(max(b, FORCED_OFFSETS), nk)
-            columns = torch.sym_min(max(a, FORCED_COLUMNS), nk)
-            # forced offsets in every row, the others placed where they cover the fewest rows
-            cells = _row_cells(q0, nk, FORCED_OFFSETS) + _sum_min(torch.sym_max(kept - FORCED_OFFSETS, 0), nq)
+            columns = torch.sym_min(max(a if kind == VERTICAL_SLASH else b, FORCED_COLUMNS), nk)
+            # forced offsets in every row, the others placed where they cover the fewest rows (a mass
+            # head may keep no others)
+            cells = _row_cells(q0, nk, FORCED_OFFSETS)
+            if kind == VERTICAL_SLASH:
+                cells = cells + _sum_min(torch.sym_max(kept - FORCED_OFFSETS, 0), nq)
             most = torch.sym_max(kept - (FORCED_OFFSETS - 3), 3)
             h_strips = (_sum_capped(n_blocks, 2, (q0 + 2 * STRIP - 2) // (STRIP // 2) + 1, most)
                         + _sum_capped(n_blocks, 1, (q0 + 2 * STRIP - 1) // STRIP, _ceil_div(columns, STRIP)))

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from block_masks import Pattern, attention_recall, select
-from block_masks.pattern import A_SHAPE, BLOCK_MASS, BLOCK_SPARSE, VERTICAL_SLASH
+from block_masks.pattern import A_SHAPE, BLOCK_MASS, BLOCK_SPARSE, VERTICAL_SLASH, VERTICAL_SLASH_MASS
 
 from minference_flex.attention import plan_selection
 from minference_flex.hf import text_config
@@ -51,12 +51,15 @@ from minference_flex.hooks import wrap_attention
 log = logging.getLogger(__name__)
 
 #: The three MInference types at several budgets (A-shape: 64 sink tokens and a local window;
-#: vertical-slash: columns and diagonals; block-sparse: key blocks of 64 per query block).
+#: vertical-slash: columns and diagonals; block-sparse: key blocks of 64 per query block), and
+#: vertical-slash by mass (a share of the estimated mass, at most 8192 columns and diagonals).
 DEFAULT_CANDIDATES: tuple[Pattern, ...] = (
     Pattern(A_SHAPE, 64, 512), Pattern(A_SHAPE, 64, 1024), Pattern(A_SHAPE, 64, 2048), Pattern(A_SHAPE, 64, 4096),
     Pattern(VERTICAL_SLASH, 30, 300), Pattern(VERTICAL_SLASH, 100, 800), Pattern(VERTICAL_SLASH, 300, 1500),
     Pattern(VERTICAL_SLASH, 500, 3000), Pattern(VERTICAL_SLASH, 1000, 6096), Pattern(VERTICAL_SLASH, 2000, 12288),
     Pattern(BLOCK_SPARSE, 8), Pattern(BLOCK_SPARSE, 16), Pattern(BLOCK_SPARSE, 32), Pattern(BLOCK_SPARSE, 64),
+    Pattern(VERTICAL_SLASH_MASS, 900, 8192), Pattern(VERTICAL_SLASH_MASS, 950, 8192),
+    Pattern(VERTICAL_SLASH_MASS, 990, 8192),
 )
 
 ALLOCATIONS = ("head", "model")
@@ -332,7 +335,7 @@ def search_patterns(model, tokenizer, texts: Sequence, *, length: int, cost_budg
 # --------------------------------------------------------------------------- figure
 
 TYPE_COLOURS = {A_SHAPE: "tab:blue", VERTICAL_SLASH: "tab:orange", BLOCK_SPARSE: "tab:green", BLOCK_MASS: "tab:purple",
-                "dense": "tab:grey"}
+                VERTICAL_SLASH_MASS: "tab:red", "dense": "tab:grey"}
 
 
 def plot(result: SearchResult, path) -> None:
@@ -353,9 +356,11 @@ def plot(result: SearchResult, path) -> None:
         for h in range(H):
             p = result.candidates[int(result.choice[layer, h])]
             label = {A_SHAPE: f"{p.a}+{p.b}", VERTICAL_SLASH: f"{p.a}/{p.b}",
-                     BLOCK_SPARSE: f"{p.a}x{p.block_size}", BLOCK_MASS: f"{p.a / 10:g}%/{p.b}"}.get(p.kind, "")
+                     BLOCK_SPARSE: f"{p.a}x{p.block_size}", BLOCK_MASS: f"{p.a / 10:g}%/{p.b}",
+                     VERTICAL_SLASH_MASS: f"{p.a / 10:g}%<{p.b}"}.get(p.kind, "")
             left.text(h, layer, label, ha="center", va="center", fontsize=6)
-    left.set_title("chosen pattern (A-shape sink+local, VS columns/diagonals, BS blocks, mass/rows)", fontsize=8)
+    left.set_title("chosen pattern (A-shape sink+local, VS columns/diagonals, BS blocks, mass/rows, VS mass<cap)",
+                   fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in TYPE_COLOURS.values()]
     left.legend(handles, kinds, fontsize=6, loc="upper right", bbox_to_anchor=(1.0, -0.02 - 0.3 / L), ncol=4)
     recall = result.chosen(result.recall).numpy()

@@ -15,6 +15,10 @@ Semantics (query i sits at position p_i = Nk - Nq + i, offset o = p_i - j):
   64/b - 1, 2*64/b - 1, .., 63, clamped to the rows present) of each row's causal softmax summed per
   key block of 64; blocks ranked by that mass, kept while mass > 0 and the mass ranked above is
   < a/1000 of the total; the diagonal block and key block 0 always kept;
+- vertical_slash_mass(a, b): the vertical and slash scores of vertical_and_slash; columns 0..29 and
+  offsets 0..99 forced and ranked first, then the others by score (best first); an entry is kept while
+  its rank is below min(Nk, max(b, 30)) columns / max(b, 100) offsets, its score is above 0 and the
+  entries ranked above hold less than a/1000 of the total score (forced entries always kept);
 - dense: causal.
 """
 from __future__ import annotations
@@ -38,7 +42,8 @@ def parse(entry):
     else:
         kind, a, b, bs = entry.kind, entry.a, entry.b, entry.block_size
     kind = ALIASES.get(kind, kind)
-    assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "block_mass", "dense"), kind
+    assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "block_mass", "vertical_slash_mass",
+                    "dense"), kind
     return kind, int(a), int(b), int(bs)
 
 
@@ -106,6 +111,48 @@ def _vertical_slash_head(q: np.ndarray, k: np.ndarray, a: int, b: int, scale: fl
     for i in range(Nq):
         p = Nk - Nq + i
         kept[i, : p + 1] = cols[: p + 1] | offs[p::-1]  # offs[p - j] for j = 0..p
+    return kept, amb_c or amb_o
+
+
+def _mass_prefix_with_forced(scores: np.ndarray, forced: int, cap: int, target: float, rel_tol: float):
+    """Keep indices 0..forced-1, then the others with a finite score, best first, while the rank is
+    below ``cap`` (forced included), the score is above 0 and the kept ones before hold less than
+    ``target`` of the total. Returns (kept, ambiguous): ambiguous when float32 rounding could change
+    a decision (the mass before an entry within ``rel_tol`` of the total from the threshold, two
+    entries on either side of the cut within ``rel_tol`` of each other, or a kept score that could
+    underflow to 0)."""
+    n = len(scores)
+    forced = min(forced, n)
+    cap = min(max(cap, forced), n)
+    mass = np.where(np.isfinite(scores), np.maximum(scores, 0.0), 0.0)
+    total = float(mass.sum())
+    reach, tol = target * total, rel_tol * max(total, 1e-30)
+    kept = np.zeros(n, dtype=bool)
+    kept[:forced] = True
+    above = float(mass[:forced].sum())
+    order = sorted((i for i in range(forced, n) if np.isfinite(scores[i])), key=lambda i: -scores[i])
+    ambiguous = False
+    for t, i in enumerate(order):
+        in_cap = forced + t < cap and mass[i] > 0
+        kept[i] = in_cap and above < reach
+        ambiguous |= in_cap and abs(above - reach) <= tol
+        ambiguous |= bool(kept[i]) and mass[i] < 1e-30
+        above += mass[i]
+    for i, j in zip(order, order[1:]):
+        ambiguous |= kept[i] != kept[j] and abs(mass[i] - mass[j]) <= rel_tol * max(mass[i], mass[j])
+    return kept, ambiguous
+
+
+def _vertical_slash_mass_head(q: np.ndarray, k: np.ndarray, a: int, b: int, scale: float, rel_tol: float):
+    """q [Nq, D], k [Nk, D] float64 -> (kept [Nq, Nk], ambiguous)."""
+    Nq, Nk = q.shape[0], k.shape[0]
+    vertical, slash = vertical_slash_scores(q, k, scale)
+    cols, amb_c = _mass_prefix_with_forced(vertical, FORCED_COLUMNS, max(b, FORCED_COLUMNS), a / 1000, rel_tol)
+    offs, amb_o = _mass_prefix_with_forced(slash, FORCED_OFFSETS, max(b, FORCED_OFFSETS), a / 1000, rel_tol)
+    kept = np.zeros((Nq, Nk), dtype=bool)
+    for i in range(Nq):
+        p = Nk - Nq + i
+        kept[i, : p + 1] = cols[: p + 1] | offs[p::-1]
     return kept, amb_c or amb_o
 
 
@@ -206,6 +253,10 @@ def naive_mask(query: torch.Tensor, key: torch.Tensor, patterns, scale: float | 
                     mask[bi, h, i, : p + 1] = (j < a) | ((p - j) < max(b, 1))
             elif kind == "vertical_and_slash":
                 m, amb = _vertical_slash_head(qh, kh, a, b, scale, rel_tol)
+                mask[bi, h] = m
+                ambiguous |= amb
+            elif kind == "vertical_slash_mass":
+                m, amb = _vertical_slash_mass_head(qh, kh, a, b, scale, rel_tol)
                 mask[bi, h] = m
                 ambiguous |= amb
             elif kind == "block_mass":

@@ -13,7 +13,8 @@ import minference_flex as mf
 #: Sequence lengths around tile (64) and block (128) boundaries, plus odd ones.
 LENGTHS = (1, 2, 17, 30, 63, 64, 65, 99, 100, 101, 127, 128, 129, 150, 191, 192, 200, 255, 256, 257, 300)
 HEAD_DIMS = (16, 32, 64, 128)
-KINDS = ("vertical_and_slash", "vertical_slash", "stream_llm", "a_shape", "block_sparse", "block_mass", "dense")
+KINDS = ("vertical_and_slash", "vertical_slash", "stream_llm", "a_shape", "block_sparse", "block_mass",
+         "vertical_slash_mass", "dense")
 
 
 def examples(n: int) -> int:
@@ -64,6 +65,8 @@ def patterns(draw, Nk: int, kinds=KINDS):
     if kind == "block_mass":
         a = draw(st.one_of(st.sampled_from([1, 500, 900, 980, 999, 1000]), st.integers(1, 1000)))
         b = draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64]))
+    if kind == "vertical_slash_mass":
+        a = draw(st.one_of(st.sampled_from([1, 300, 500, 900, 990, 1000]), st.integers(1, 1000)))
     if kind == "block_sparse":
         block_size = draw(st.sampled_from([64, 64, 128, 192, 256]))
         if block_size != 64:

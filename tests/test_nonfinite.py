@@ -42,7 +42,7 @@ def _forced(case) -> torch.Tensor:
     for entry in case.patterns:
         pat = mf.Pattern.parse(entry)
         cells = p == j
-        if pat.kind == "vertical_and_slash":
+        if pat.kind in ("vertical_and_slash", "vertical_slash_mass"):
             cells = cells | (j < FORCED_COLUMNS) | ((p - j) < FORCED_OFFSETS)
         elif pat.kind in ("block_sparse", "block_mass"):
             cells = cells | ((j // pat.block_size) == (p // pat.block_size))

@@ -129,7 +129,7 @@ def test_output_is_minference_format_and_round_trips(tmp_path):
     for layer in data:
         assert sorted(layer, key=int) == ["0", "1", "2", "3"]
         for kind, a, b, score in layer.values():
-            assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "block_mass") and 0 < score <= 1
+            assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "block_mass", "vertical_slash_mass") and 0 < score <= 1
     model.set_attn_implementation("minference_flex")
     mf.set_patterns(model, path)
     assert mf.get_patterns(model) == data == result.patterns()

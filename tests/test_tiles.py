@@ -80,7 +80,7 @@ def check_plan(case, dtype, full_width, tiles=Tiles(), fold_columns=False):
     main = main[:, :, pad:]
 
     vertical = torch.zeros_like(mask)
-    has_vertical = any(mf.Pattern.parse(p).kind == "vertical_and_slash" for p in case.patterns)
+    has_vertical = any(mf.Pattern.parse(p).kind in ("vertical_and_slash", "vertical_slash_mass") for p in case.patterns)
     assert (plan.vertical is not None) == (has_vertical and not fold_columns)
     n_vertical_cells = 0
     if plan.vertical is not None:

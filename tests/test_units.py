@@ -328,6 +328,8 @@ def _scaled(p, da, db):
     p = mf.Pattern.parse(p)
     if p.kind == "block_mass":  # a larger target keeps a longer prefix; b is which rows estimate
         return mf.Pattern(p.kind, min(p.a + da, 1000), p.b)
+    if p.kind == "vertical_slash_mass":  # a larger target or cap keeps a longer prefix
+        return mf.Pattern(p.kind, min(p.a + da, 1000), p.b + db)
     return mf.Pattern(p.kind, p.a + da, p.b + db, p.block_size)
 
 
