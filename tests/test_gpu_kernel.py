@@ -18,6 +18,8 @@ MIXES = [
     [["stream_llm", 64, 256], ["vertical_and_slash", 40, 120], ["block_sparse", 3, 0], ["dense", 0, 0]] * 2,
     [mf.Pattern("block_sparse", 2, block_size=128), ["a_shape", 0, 1], ["vertical_slash", 1000, 6096], ["dense", 0, 0]] * 2,
     [["block_mass", 300, 8], ["vertical_and_slash", 100, 300], ["block_mass", 600, 64], ["stream_llm", 64, 256]] * 2,
+    [["vertical_slash_mass", 900, 2048], ["vertical_and_slash", 100, 300], ["vertical_slash_mass", 500, 0],
+     ["vertical_slash_mass", 990, 10**6]] * 2,
 ]
 
 
@@ -35,7 +37,8 @@ CASES = [
     (1, 64, 4096, torch.bfloat16), (1, 2049, 2049, torch.float32), (2, 1000, 1000, torch.bfloat16),
     (2, 700, 3001, torch.float16), (2, 1, 777, torch.bfloat16), (2, 64, 4096, torch.bfloat16),
     (3, 1000, 1000, torch.bfloat16), (3, 700, 3001, torch.bfloat16), (3, 1, 777, torch.float16),
-    (3, 64, 4096, torch.bfloat16),
+    (3, 64, 4096, torch.bfloat16), (4, 1000, 1000, torch.bfloat16), (4, 700, 3001, torch.float16),
+    (4, 1, 777, torch.bfloat16), (4, 64, 4096, torch.bfloat16),
 ]
 
 
