@@ -70,18 +70,28 @@ def test_plot_keeps_the_strip_kernels_of_one_run_apart(tmp_path):
 def test_bench_cpu_smoke_structured_with_plot(tmp_path, capsys):
     png = tmp_path / "plots" / "bench.png"
     report = bench.run(["--device", "cpu", "--eager", "--geometry", "smollm2-135m", "--lengths", "256",
-                         "--budgets", "100,800", "--reps", "1", "--out", str(tmp_path), "--plot", str(png)])
+                         "--budgets", "100,800", "--mass", "990,512", "--reps", "1", "--out", str(tmp_path),
+                         "--plot", str(png)])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["inputs"] == "structured" and saved["geometry"] == "smollm2-135m"
     (res,) = saved["results"]
     assert res["length"] == 256 and res["sdpa_ms"] > 0 and res["flex_dense_ms"] > 0
-    (run,) = res["runs"]
-    assert "error" not in run, run
+    run, mass = res["runs"]
+    assert "error" not in run and "error" not in mass, res["runs"]
     assert run["budgets"] == [100, 800] and 0.5 < run["recall"] <= 1.0 + 1e-9 and run["rel_err"] < 2e-2
     assert run["total_ms"] > 0 and 0 < run["tiles"]["fraction"] <= 1.0
+    assert (mass["pattern"], mass["budgets"]) == ("vertical_slash_mass", [990, 512])
+    assert 0.5 < mass["recall"] <= 1.0 + 1e-9 and mass["rel_err"] < 2e-2
     assert report["results"][0]["sdpa_ms"] == res["sdpa_ms"]
     assert png.read_bytes()[:8] == PNG_MAGIC
-    assert "structured inputs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "structured inputs" in out and "mass 99%<512" in out
+
+
+def test_bench_rejects_a_mass_outside_thousandths(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--eager", "--mass", "1500,512", "--out", str(tmp_path)])
+    assert "1..1000" in capsys.readouterr().err
 
 
 def _fake_capture(length: int, layers=(15,), seed: int = 0) -> dict:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from block_masks import Tiles, select, token_cells
+from block_masks.pattern import VERTICAL_SLASH, VERTICAL_SLASH_MASS
 
 from minference_flex.attention import plan_attention, plan_selection, run_plan, sparse_attention
 from minference_flex.tools.bench_inputs import structured_qkv
@@ -112,6 +113,13 @@ def smollm2_qkv(capture, n: int, device="cuda", layer: int | None = None,
 
 # --------------------------------------------------------------------------- plot
 
+def entry_label(run: dict) -> str:
+    """How tables and plots name a run's pattern: ``(V, S)`` for vertical_and_slash budgets, ``mass
+    99%<8192`` for a vertical_slash_mass target and cap."""
+    a, b = run["budgets"]
+    return f"mass {a / 10:g}%<{b}" if run.get("pattern") == VERTICAL_SLASH_MASS else f"({a}, {b})"
+
+
 def plot_report(report: dict, path) -> dict[str, tuple[list[int], list[float]]]:
     """Write a PNG of the milliseconds against the prompt length (both axes logarithmic) for SDPA
     causal, FlexAttention dense causal and minference_flex total (one line per budget, configuration
@@ -138,7 +146,7 @@ def plot_report(report: dict, path) -> dict[str, tuple[list[int], list[float]]]:
         for run in r["runs"]:
             if "error" in run:
                 continue
-            label = f"minference_flex ({run['budgets'][0]}, {run['budgets'][1]})"
+            label = f"minference_flex {entry_label(run)}"
             if len(configs) > 1:
                 label += f" {run['config']}"
             if len(kernels) > 1:
@@ -190,12 +198,13 @@ def parse_config(text: str) -> tuple[Tiles, dict, bool]:
     return Tiles(q_tile, kv_tile), options, False
 
 
-def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs: list[str], reps: int,
+def bench_length(n: int, geometry: dict, entries: list[tuple[str, int, int]], configs: list[str], reps: int,
                  inputs: str = "structured", capture=None, layer: int | None = None, device: str = "cuda",
                  eager: bool = False, warmup: int | None = None, skip: tuple[str, ...] = (),
                  strip_kernels: tuple[str, ...] = ("auto",)) -> dict:
     """One length: SDPA, FlexAttention dense and, per configuration (and per strip kernel of
-    ``strip_kernels`` for the strip configuration), the minference_flex runs.
+    ``strip_kernels`` for the strip configuration), the minference_flex runs: one per ``entries``
+    (kind, a, b), every head that pattern.
     ``inputs``: "structured" (``structured_qkv`` in ``geometry``) or "smollm2" (the first ``n``
     positions of layer ``layer`` of ``capture``, a dict of ``load_capture``). ``device="cpu"`` with ``eager`` is the
     smoke-test mode (wall-clock times, eager kernels). ``skip`` leaves out the "sdpa" baseline, the "flex"
@@ -230,7 +239,7 @@ def bench_length(n: int, geometry: dict, budgets: list[tuple[int, int]], configs
     for config in configs:
         for strip_kernel in strip_kernels if parse_config(config)[2] else ("auto",):
             try:
-                res["runs"].extend(bench_config(q, k, v, config, budgets, rows, timer, res["sdpa_ms"],
+                res["runs"].extend(bench_config(q, k, v, config, entries, rows, timer, res["sdpa_ms"],
                                                 compiled=not eager, dense_pattern="dense-pattern" not in skip,
                                                 strip_kernel=strip_kernel))
             except Exception as exc:  # one failing configuration must not hide the others' numbers
@@ -258,7 +267,7 @@ def plan_bytes(plan) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: float, compiled: bool = True,
+def bench_config(q, k, v, config: str, entries, rows, timer: dict, sdpa_ms: float, compiled: bool = True,
                  dense_pattern: bool = True, strip_kernel: str = "auto") -> list[dict]:
     H = q.shape[1]
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -271,8 +280,8 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
         dense_plan = plan_attention(q, k, [["dense", 0, 0]] * H, strip_kernel=strip_kernel, **plan_options)
         dense_ms = time_ms(lambda: run_plan(dense_plan, q, k, v, compiled=compiled), **timer)
         del dense_plan
-    for a, b in budgets:
-        patterns = parse_patterns([["vertical_and_slash", a, b]] * H, H)
+    for kind, a, b in entries:
+        patterns = parse_patterns([[kind, a, b]] * H, H)
         if q.is_cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -281,7 +290,8 @@ def bench_config(q, k, v, config: str, budgets, rows, timer: dict, sdpa_ms: floa
         peak = torch.cuda.max_memory_allocated() if q.is_cuda else None
         err, recall, cells = row_check(q, k, v, plan, out, rows)
         sel = plan.selection
-        run = dict(config=config, strip_kernel=strip_kernel, budgets=[a, b], dense_pattern_ms=dense_ms, rel_err=err, recall=recall,
+        run = dict(config=config, strip_kernel=strip_kernel, pattern=kind, budgets=[a, b], dense_pattern_ms=dense_ms,
+                   rel_err=err, recall=recall,
                    cell_fraction=cells, tiles=plan.tile_counts(), metadata_bytes=plan_bytes(plan),
                    peak_memory_bytes=peak)
         run["estimate_ms"] = time_ms(lambda: select(q, k, patterns, scale), **timer)
@@ -351,7 +361,7 @@ def _speedup(value: float | None) -> str:
 
 
 #: The table's columns: (header, unit, width); the unit row under the header says what the numbers are in.
-COLUMNS = (("N", "tokens", 8), ("config", "", 24), ("strips", "", 6), ("budget", "(V, S)", 11), ("SDPA", "ms", 8),
+COLUMNS = (("N", "tokens", 8), ("config", "", 24), ("strips", "", 6), ("budget", "(V, S)", 14), ("SDPA", "ms", 8),
            ("flex", "ms", 8), ("dense", "ms", 8), ("est", "ms", 7), ("build", "ms", 7), ("kernel", "ms", 8),
            ("total", "ms", 8), ("speedup", "x SDPA", 7), ("tiles", "frac", 6), ("recall", "mass", 6),
            ("err", "rel", 8))
@@ -374,7 +384,7 @@ def format_table(report: dict) -> str:
                              f"{run['error'][:120]}")
                 continue
             lines.append(f"{r['length']:>8} {run['config']:>24} {run['strip_kernel']:>6} "
-                         f"{str(tuple(run['budgets'])):>11} {_ms(r['sdpa_ms'])} "
+                         f"{entry_label(run):>14} {_ms(r['sdpa_ms'])} "
                          f"{_ms(r.get('flex_dense_ms'))} {_ms(run['dense_pattern_ms'])} "
                          f"{run['estimate_ms']:7.2f} {run['build_ms']:7.2f} {run['kernel_ms']:8.2f} "
                          f"{run['total_ms']:8.2f} {_speedup(run['speedup_vs_sdpa'])} {run['tiles']['fraction']:6.3f} "
@@ -398,6 +408,9 @@ def run(argv: list[str] | None = None) -> dict:
     p.add_argument("--lengths", type=positive_int, nargs="+", default=[32768, 131072])
     p.add_argument("--budgets", type=budgets_arg, nargs="+", default=[(1000, 6096), (100, 800)], metavar="V,S",
                    help="vertical,slash budgets of the vertical_and_slash heads (default 1000,6096 100,800)")
+    p.add_argument("--mass", type=budgets_arg, nargs="+", default=[], metavar="A,CAP",
+                   help="also vertical_slash_mass heads: mass to keep in thousandths (1..1000), cap on columns and "
+                        "offsets (e.g. 990,8192)")
     p.add_argument("--configs", nargs="+", default=["strips"],
                    help="strips (default: the strip kernel for the diagonals), or FlexAttention alone with "
                         "BlockMask tiles QxK and optional kernel options: 64x64:num_warps=4,num_stages=3")
@@ -421,6 +434,9 @@ def run(argv: list[str] | None = None) -> dict:
                    help="eager kernel emulation instead of compiled kernels (small lengths only; timings meaningless)")
     args = p.parse_args(argv)
     # Every check before any input is loaded or timed.
+    for a, cap in args.mass:
+        if not 1 <= a <= 1000:
+            p.error(f"--mass: the mass is in thousandths, 1..1000; got {a},{cap}")
     for config in args.configs:
         try:
             parse_config(config)
@@ -457,13 +473,13 @@ def run(argv: list[str] | None = None) -> dict:
             print(f"{name:>15}: {c['dynamo_graphs']} dynamo graphs; Triton builds: {built}")
         print(f"wrote {args.out / 'compile_counts.json'}")
         return report
-    budgets = list(args.budgets)
+    entries = [(VERTICAL_SLASH, a, b) for a, b in args.budgets] + [(VERTICAL_SLASH_MASS, a, b) for a, b in args.mass]
     card = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     report = dict(card=card, torch=torch.__version__, geometry=geometry, inputs=args.inputs, inputs_detail=inputs,
                   eager=args.eager, results=[])
     for n in args.lengths:
         log.info("length %d", n)
-        report["results"].append(bench_length(n, GEOMETRIES[geometry], budgets, args.configs, args.reps,
+        report["results"].append(bench_length(n, GEOMETRIES[geometry], entries, args.configs, args.reps,
                                               inputs=args.inputs, capture=capture, layer=args.layer,
                                               device=args.device, eager=args.eager, warmup=args.warmup,
                                               skip=tuple(args.skip), strip_kernels=tuple(args.strip_kernels)))
