@@ -13,7 +13,7 @@ into the cache).
     minference-flex ttft --lengths 32768 131072 --device cuda
     minference-flex eval --lengths 4096 --samples 2 --out results.json
     minference-flex search --length 16384 --out patterns.json
-    minference-flex fetch qwen2.5-coder-1.5b [--cache DIR]
+    minference-flex fetch qwen2.5-coder-1.5b|haystacks [--cache DIR]
     python -m minference_flex demo --help
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ COMMANDS = {
     "search": "offline per-head pattern search: a MInference pattern file for a model",
     "capture": "save the query/key/value a SmolLM2-135M layer receives on real prose (bench --inputs smollm2)",
     "ttft": "time to first token of SmolLM2-135M: SDPA vs minference_flex per prompt length",
-    "fetch": "download a model into the cache (qwen2.5-coder-1.5b: Qwen2.5-Coder-1.5B-Instruct GGUF, 1.1 GB)",
+    "fetch": "download into the cache: qwen2.5-coder-1.5b (Qwen2.5-Coder-1.5B-Instruct GGUF, 1.1 GB) or haystacks "
+             "(Paul Graham's essays and Moby-Dick, 2 MB)",
 }
 
 #: The module of each command; each has ``main(argv: list[str] | None = None) -> int`` and names itself

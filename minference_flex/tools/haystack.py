@@ -1,9 +1,11 @@
-"""The needle-in-a-haystack data of the real-model tools (eval, demo, ttft, capture): the haystack
-(English prose shipped with Python), needle prompts in SmolLM2's chat template, and the RoPE context
-a prompt length needs."""
+"""The needle-in-a-haystack data of the real-model tools (eval, demo, ttft, capture): the haystacks
+(English prose shipped with Python, the offline default; Paul Graham's essays and Moby-Dick once
+``minference-flex fetch haystacks`` has put them in the cache), needle prompts in the model's chat
+template, and the RoPE context a prompt length needs."""
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,46 @@ def haystack_text() -> str:
     import pydoc_data.topics
 
     return "\n\n".join(pydoc_data.topics.topics[k].strip() for k in sorted(pydoc_data.topics.topics))
+
+
+def _cached_text(name: str, cache: str | None) -> str:
+    """The text file ``name`` of ``<cache>/haystacks``; FileNotFoundError naming the fetch command."""
+    from minference_flex.tools.fetch import HAYSTACKS_FOLDER, HAYSTACKS_HINT, default_cache
+
+    folder = os.path.join(os.path.abspath(os.path.expanduser(cache or default_cache())), HAYSTACKS_FOLDER)
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} is not in {folder}; download it with: {HAYSTACKS_HINT}"
+                                + (f" --cache {cache}" if cache else ""))
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def essays_text(cache: str | None = None) -> str:
+    """Paul Graham's essays (~180K tokens), the classic needle-in-a-haystack haystack, from the cache
+    (``cache``, else ``$MINFERENCE_FLEX_CACHE``, else ``~/.cache/minference_flex``)."""
+    from minference_flex.tools.fetch import ESSAYS_FILE
+
+    return _cached_text(ESSAYS_FILE, cache)
+
+
+def moby_dick_text(cache: str | None = None) -> str:
+    """Herman Melville's Moby-Dick (~300K tokens) from the cache (as ``essays_text``)."""
+    from minference_flex.tools.fetch import MOBY_DICK_FILE
+
+    return _cached_text(MOBY_DICK_FILE, cache)
+
+
+#: ``--haystack`` names -> text loaders (``pydoc`` needs no download).
+HAYSTACKS = {"pydoc": haystack_text, "essays": essays_text, "moby-dick": moby_dick_text}
+
+
+def perplexity_text() -> tuple[str, str]:
+    """(name, text) of the prose perplexity is measured on: Moby-Dick when fetched, else pydoc."""
+    try:
+        return "moby-dick", moby_dick_text()
+    except FileNotFoundError:
+        return "pydoc", haystack_text()
 
 
 @dataclass
