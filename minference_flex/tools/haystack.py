@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minference_flex.tools.models import SMOLLM2_ORIGINAL_CONTEXT
+from minference_flex.tools.models import SMOLLM2_ORIGINAL_CONTEXT, yarn_context
 
 NEEDLE = "The special magic number is {number}."
 QUESTION_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -129,7 +129,6 @@ def passes(number: str, answer: str) -> bool:
 
 
 def context_for(length: int) -> int | None:
-    """None (native 8K RoPE) or the YaRN context, a multiple of 8192, that covers ``length``."""
-    if length <= SMOLLM2_ORIGINAL_CONTEXT:
-        return None
-    return -(-length // SMOLLM2_ORIGINAL_CONTEXT) * SMOLLM2_ORIGINAL_CONTEXT
+    """SmolLM2's RoPE context for ``length``: None (native 8K) or the YaRN context, a multiple of 8192,
+    that covers it (``ModelSpec.context_for`` for any model)."""
+    return yarn_context(length, SMOLLM2_ORIGINAL_CONTEXT)
