@@ -298,14 +298,15 @@ def format_ruler_table(results: dict) -> str:
     agreement with dense, perplexity, median TTFT and speedup over dense, tiles skipped."""
     tasks = results["tasks"]
     width = max(6, *(len(t) for t in tasks))
+    side_width = max(4, *(len(side) for side in results["sides"]))
     lines = [_backend_line(results) + f"; haystack {results['haystack']}, perplexity on {results['perplexity_text']}",
-             f"{'length':>7} {'side':<24} " + " ".join(f"{t:>{width}}" for t in tasks)
+             f"{'length':>7} {'side':<{side_width}} " + " ".join(f"{t:>{width}}" for t in tasks)
              + f" {'score':>6} {'passed':>7} {'as dense':>8} {'ppl':>8} {'TTFT s':>8} {'speedup':>7} {'skipped':>7}"]
     for n, rows in results["ruler"].items():
         for side, row in rows.items():
             same = f"{row['same_as_dense']}/{row['total']}" if "same_as_dense" in row else ""
             skipped = results["tiles"][n].get(side, {}).get("skipped_fraction", 0.0)
-            lines.append(f"{n:>7} {side[:24]:<24} " + " ".join(f"{row['tasks'][t]:>{width}.1f}" for t in tasks)
+            lines.append(f"{n:>7} {side:<{side_width}} " + " ".join(f"{row['tasks'][t]:>{width}.1f}" for t in tasks)
                          + f" {row['score']:>6.1f} {str(row['passed']) + '/' + str(row['total']):>7} {same:>8}"
                          f" {row['perplexity']:>8.3f} {row['ttft_median']:>8.3f} {row['ttft_speedup']:>6.2f}x"
                          f" {skipped:>7.1%}")
