@@ -80,8 +80,9 @@ class Haystack:
     boundaries: list[int]  # indices i where ids[i-1] ends a sentence or line
 
     @classmethod
-    def build(cls, tokenizer) -> "Haystack":
-        ids = tokenizer(haystack_text(), add_special_tokens=False)["input_ids"]
+    def build(cls, tokenizer, text: str | None = None) -> "Haystack":
+        """``text`` (default: the pydoc prose, ``haystack_text``) tokenised, with the chat template."""
+        ids = tokenizer(haystack_text() if text is None else text, add_special_tokens=False)["input_ids"]
         chat = tokenizer.apply_chat_template(
             [{"role": "user", "content": QUESTION_HEAD + SENTINEL + QUESTION_TAIL}],
             tokenize=False, add_generation_prompt=True)
