@@ -24,7 +24,7 @@ import json
 import os
 from types import SimpleNamespace
 
-from minference_flex.tools.models import SMOLLM2_HEADS, SMOLLM2_LAYERS
+from minference_flex.tools.models import MODELS, SMOLLM2_HEADS, SMOLLM2_LAYERS
 
 ENTRY_EXAMPLE = "vertical_and_slash,100,800"
 
@@ -208,8 +208,6 @@ def check_json(parser: argparse.ArgumentParser, option: str, path):
 def check_model(parser: argparse.ArgumentParser, name: str, option: str = "--model"):
     """The ``models.ModelSpec`` of ``name`` (one of ``models.MODELS``) once its files are in place;
     ``parser.error`` with the loader's message (how to install or fetch them) otherwise."""
-    from minference_flex.tools.models import MODELS
-
     if name not in MODELS:
         parser.error(f"{option} {name!r}: expected one of {', '.join(MODELS)}")
     spec = MODELS[name]
