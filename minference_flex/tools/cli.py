@@ -4,7 +4,7 @@ of docs/real_model.md), ``search`` (the per-head pattern search of docs/search.m
 GPU benchmark of docs/performance.md),
 ``capture`` (a real SmolLM2 layer's query/key/value, bench's ``--inputs smollm2``) and ``ttft`` (time
 to first token of SmolLM2, SDPA against minference_flex) and ``fetch`` (download Qwen2.5-Coder-1.5B-Instruct
-into the cache).
+or the haystacks into the cache). The real-model commands take ``--model qwen2.5-coder-1.5b``.
 
     minference-flex demo [--length 4096] [--depths 50 100] [--patterns FILE|type,a,b] [--device cpu]
     minference-flex demo --synthetic [--length N] [--budgets V,S] [--eager] ...
@@ -12,8 +12,9 @@ into the cache).
     minference-flex capture --length 131072 --device cuda --out smollm2_capture.pt
     minference-flex ttft --lengths 32768 131072 --device cuda
     minference-flex eval --lengths 4096 --samples 2 --out results.json
+    minference-flex eval --tasks all --lengths 4096 8192 --haystack essays --plot ruler.png
     minference-flex search --length 16384 --out patterns.json
-    minference-flex fetch qwen2.5-coder-1.5b [--cache DIR]
+    minference-flex fetch qwen2.5-coder-1.5b|haystacks [--cache DIR]
     python -m minference_flex demo --help
 """
 from __future__ import annotations
@@ -27,11 +28,13 @@ COMMANDS = {
             "(--synthetic: the one-layer demo)",
     "layer": "one attention layer on synthetic long-prompt inputs: dense SDPA vs sparse attention",
     "bench": "GPU benchmark: SDPA, FlexAttention dense and minference-flex per length and budget",
-    "eval": "real model (SmolLM2-135M): needle retrieval, perplexity and tiles skipped, dense vs sparse",
+    "eval": "real model (SmolLM2-135M or Qwen2.5-Coder-1.5B): needle retrieval or the RULER suite (--tasks), "
+            "perplexity, TTFT and tiles skipped, dense vs sparse",
     "search": "offline per-head pattern search: a MInference pattern file for a model",
     "capture": "save the query/key/value a SmolLM2-135M layer receives on real prose (bench --inputs smollm2)",
     "ttft": "time to first token of SmolLM2-135M: SDPA vs minference_flex per prompt length",
-    "fetch": "download a model into the cache (qwen2.5-coder-1.5b: Qwen2.5-Coder-1.5B-Instruct GGUF, 1.1 GB)",
+    "fetch": "download into the cache: qwen2.5-coder-1.5b (Qwen2.5-Coder-1.5B-Instruct GGUF, 1.1 GB) or haystacks "
+             "(Paul Graham's essays and Moby-Dick, 2 MB)",
 }
 
 #: The module of each command; each has ``main(argv: list[str] | None = None) -> int`` and names itself

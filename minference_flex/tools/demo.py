@@ -26,10 +26,10 @@ import time
 import torch
 
 from minference_flex.hf import text_config
-from minference_flex.tools.checks import check_device, check_patterns, percent, positive_int
+from minference_flex.tools.checks import check_device, check_model, check_patterns, percent, positive_int
 from minference_flex.tools.haystack import NEEDLE_MIN_LENGTH, Haystack, needle_prompt, passes
-from minference_flex.tools.models import SMOLLM2_ORIGINAL_CONTEXT, smollm2
-from minference_flex.tools.sides import add_patterns_option, greedy, layer_patterns, load_patterns, tile_counter, use_side
+from minference_flex.tools.models import MODELS
+from minference_flex.tools.sides import add_model_option, add_patterns_option, greedy, layer_patterns, load_patterns, tile_counter, use_side
 
 
 class PrefillTimer:
@@ -105,9 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run the synthetic one-layer demo instead (same as `minference-flex layer`; "
                         "see `minference-flex layer --help` for its options)")
     p.add_argument("--length", type=positive_int, default=4096,
-                   help=f"prompt length in tokens (default 4096, {NEEDLE_MIN_LENGTH} to {SMOLLM2_ORIGINAL_CONTEXT})")
+                   help=f"prompt length in tokens (default 4096, {NEEDLE_MIN_LENGTH} to the model's context: 8192 "
+                        "for SmolLM2, 32768 for Qwen)")
     p.add_argument("--depths", type=percent, nargs="+", default=[50, 100],
                    help="needle depths in percent of the haystack, 0..100 (default 50 100)")
+    add_model_option(p)
     add_patterns_option(p)
     p.add_argument("--min-sparse-len", type=positive_int, default=1024,
                    help="prefills shorter than this run dense on the sparse side (default 1024)")
@@ -117,20 +119,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="sparse side on the eager kernel emulation (no compile)")
     args = p.parse_args(argv)
     # Every check before the model loads.
-    if not NEEDLE_MIN_LENGTH <= args.length <= SMOLLM2_ORIGINAL_CONTEXT:
-        p.error(f"--length must be between {NEEDLE_MIN_LENGTH} and {SMOLLM2_ORIGINAL_CONTEXT} (the question and "
-                "the needle take ~95 tokens; 8192 is SmolLM2's context, `minference-flex eval` handles longer "
-                f"prompts with YaRN), got {args.length}")
+    context = MODELS[args.model].original_context
+    if not NEEDLE_MIN_LENGTH <= args.length <= context:
+        p.error(f"--length must be between {NEEDLE_MIN_LENGTH} and {context} (the question and the needle take "
+                f"~95 tokens; {context} is {args.model}'s context, `minference-flex eval` handles longer prompts "
+                f"with YaRN), got {args.length}")
     check_device(p, args.device)
-    args.patterns_value = check_patterns(p, args.patterns)
+    model = check_model(p, args.model)
+    args.patterns = args.patterns or model.default_patterns
+    args.patterns_value = check_patterns(p, args.patterns, num_layers=model.layers, num_heads=model.heads)
     return args
 
 
 def run(args, out=print) -> list[dict]:
     patterns = getattr(args, "patterns_value", None) or load_patterns(args.patterns)
     t_start = time.perf_counter()
-    model, tokenizer = smollm2(dtype=torch.float32, device=args.device)
-    out(f"model: SmolLM2-135M-Instruct, float32 on {args.device} ({torch.get_num_threads()} threads), "
+    spec = MODELS[args.model]
+    model, tokenizer = spec.load(dtype=torch.float32, device=args.device)
+    out(f"model: {spec.description}, float32 on {args.device} ({torch.get_num_threads()} threads), "
         f"torch {torch.__version__}; loaded in {model.load_seconds:.1f} s")
     described = (f"{patterns[0]} {','.join(map(str, patterns[1:]))} on every head" if isinstance(patterns[0], str)
                  else f"per-head patterns from {args.patterns}")

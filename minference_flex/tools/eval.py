@@ -1,10 +1,13 @@
-"""``minference-flex eval``: dense SDPA against minference_flex on a real model (SmolLM2-135M-Instruct).
+"""``minference-flex eval``: dense SDPA against minference_flex on a real model (SmolLM2-135M-Instruct,
+or Qwen2.5-Coder-1.5B-Instruct with ``--model qwen2.5-coder-1.5b``).
 
 Same weights, same prompts; the model is loaded once (per RoPE setting) and switched with
-``model.set_attn_implementation``. Measures
+``model.set_attn_implementation``. Two suites:
 
-* needle in a haystack, RULER style: real prose from the standard library (``pydoc_data.topics``)
-  with "The special magic number is NNNNNNN." planted at several depths, the question at the end in
+**Needle** (the default, without ``--tasks``):
+
+* needle in a haystack, RULER style: real prose (``--haystack``: the standard library's
+  ``pydoc_data.topics`` by default) with "The special magic number is NNNNNNN." planted at several depths, the question at the end in
   the chat template, greedy decoding; a prompt passes when the number appears in the answer. Reported
   per length for dense and sparse, with the number of answers that are identical on both sides.
 * perplexity of both on real prose (``--ppl-length`` tokens, 8192 by default).
@@ -13,16 +16,29 @@ Same weights, same prompts; the model is loaded once (per RoPE setting) and swit
   key tiles never read (folded layout), and the tiles the split GPU layout computes (main mask +
   gathered vertical part) relative to the causal count.
 
-Lengths above 8192 load the model with YaRN (factor length/8192 rounded up, original 8192).
+**RULER** (``--tasks``, a subset of ``ruler.TASKS`` or ``all``): ``--samples`` prompts per task and
+length (``ruler.generate``, seeds ``--seed`` on, the needles hidden in ``--haystack`` prose), the
+same prompts on every side. Per length and side: each task's score (mean RULER ``string_match_all``
+x100), the prompts passed (every expected value in the answer), how many prompts pass or fail as on
+the dense side, perplexity on as many tokens of Moby-Dick (pydoc prose until ``minference-flex
+fetch haystacks`` has run), the median time to first token (after one untimed prefill per side and
+length, which compiles the kernel) and its speedup over dense, and the
+fraction of causal KV tiles skipped (first prompt per length). ``--plot FILE.png`` draws score and
+speedup against length per side.
+
+Lengths above the model's context load it with YaRN (SmolLM2: factor length/8192 rounded up,
+original 8192; Qwen: factor 4 or more over 32768).
 
     minference-flex eval                                   # 4K, 3 depths, 1 sample (CPU: minutes)
     minference-flex eval --lengths 4096 8192 16384 --depths 0 25 50 75 100 --samples 4 --device cuda
+    minference-flex eval --tasks niah_single_number vt --lengths 1024 --haystack essays --plot ruler.png
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,12 +46,24 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from minference_flex.hf import text_config
-from minference_flex.tools.checks import (check_at_least, check_device, check_output, check_patterns, non_negative_int,
-                                         percent, positive_int)
-from minference_flex.tools.haystack import NEEDLE_MIN_LENGTH, Haystack, context_for, needle_prompt, passes
-from minference_flex.tools.models import SMOLLM2_DESCRIPTION, SMOLLM2_PATTERNS
-from minference_flex.tools.sides import (each_context, finish, greedy, layer_patterns, pattern_configs, pattern_label,
-                                         perplexity, tile_counter, use_side)
+from minference_flex.tools import ruler
+from minference_flex.tools.checks import (check_at_least, check_device, check_matplotlib, check_model, check_output,
+                                         check_patterns, non_negative_int, percent, positive_int)
+from minference_flex.tools.haystack import (HAYSTACKS, NEEDLE_MIN_LENGTH, Haystack, needle_prompt, passes,
+                                            perplexity_text)
+from minference_flex.tools.models import MODELS, SMOLLM2_NAME
+from minference_flex.tools.sides import (DEFAULT_PATTERNS_HELP, add_model_option, each_context, finish, greedy,
+                                         layer_patterns, pattern_configs, pattern_label, perplexity, tile_counter,
+                                         timed_greedy, use_side)
+
+#: Greedy tokens per answer when ``--max-new-tokens`` is not given: the needle suite's, and RULER's
+#: ``tokens_to_generate`` per task.
+NEEDLE_NEW_TOKENS = 10
+RULER_NEW_TOKENS = {"niah_single_number": 128, "niah_single_word": 128, "niah_single_uuid": 128,
+                    "niah_multikey": 128, "niah_multivalue": 128, "niah_multiquery": 128,
+                    "vt": 30, "cwe": 120, "fwe": 50}
+#: Shortest RULER prompt (tokens): every task leaves room for some context at this length.
+RULER_MIN_LENGTH = 256
 
 
 @dataclass
@@ -44,14 +72,19 @@ class EvalConfig:
     depths: list[float] = field(default_factory=lambda: [0, 50, 100])  # percent
     samples: int = 1
     #: sparse configurations, each evaluated against the same dense side: label -> patterns
-    patterns: dict = field(default_factory=lambda: pattern_configs([SMOLLM2_PATTERNS]))
+    patterns: dict = field(default_factory=lambda: pattern_configs([MODELS[SMOLLM2_NAME].default_patterns]))
     min_sparse_len: int = 1024
     ppl_length: int = 8192
-    max_new_tokens: int = 10
+    #: None: NEEDLE_NEW_TOKENS, or RULER_NEW_TOKENS[task]
+    max_new_tokens: int | None = None
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
     eager: bool = False
+    model: str = SMOLLM2_NAME
+    #: RULER tasks (``ruler.TASKS`` names); empty: the needle suite
+    tasks: list[str] = field(default_factory=list)
+    haystack: str = "pydoc"  # a ``haystack.HAYSTACKS`` name: the prose the needles hide in
 
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
@@ -60,11 +93,15 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
     ``perplexity[ppl_length][side]``; ``identical[length][side]`` counts answers equal to dense."""
     from tqdm.auto import tqdm
 
+    if cfg.tasks:
+        return run_ruler(cfg, progress=progress, log=log)
+    spec = MODELS[cfg.model]
+    new_tokens = cfg.max_new_tokens or NEEDLE_NEW_TOKENS
     rng = random.Random(cfg.seed)
     lengths = sorted(set(cfg.lengths))
     extra = [cfg.ppl_length] if cfg.ppl_length else []
     sides = ["dense", *cfg.patterns]
-    results = {"config": asdict(cfg), "model": SMOLLM2_DESCRIPTION,
+    results = {"config": asdict(cfg), "model": spec.description,
                "sparse_backend": None, "sides": sides, "load_seconds": {}, "niah": {}, "identical": {},
                "perplexity": {}, "tiles": {}, "records": []}
     total = len(lengths) * len(cfg.depths) * cfg.samples * len(sides)
@@ -74,9 +111,9 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
 
     def run(context, label, group, model, tokenizer):
         results["load_seconds"][label] = round(model.load_seconds, 1)
-        log(f"loaded SmolLM2 ({label}) in {model.load_seconds:.1f} s")
+        log(f"loaded {spec.name} ({label}) in {model.load_seconds:.1f} s")
         if not hays:
-            hays.append(Haystack.build(tokenizer))
+            hays.append(Haystack.build(tokenizer, HAYSTACKS[cfg.haystack]()))
         hay = hays[0]
         tc = text_config(model)
         per_layer = {side: layer_patterns(p, tc.num_hidden_layers, tc.num_attention_heads)
@@ -100,7 +137,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
                         t0 = time.perf_counter()
                         with (tile_counter(model, per_layer[side], cfg.min_sparse_len, stats[side]) if count
                               else contextlib.nullcontext()):
-                            answer = greedy(model, tokenizer, ids, cfg.max_new_tokens)
+                            answer = greedy(model, tokenizer, ids, new_tokens)
                         dt = time.perf_counter() - t0
                         ok = passes(number, answer)
                         answers[side] = answer
@@ -118,7 +155,7 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
             results["niah"][str(n)] = rows
             results["identical"][str(n)] = identical
             results["tiles"][str(n)] = {side: _tile_summary(stats[side]) for side in cfg.patterns}
-        if cfg.ppl_length and context_for(cfg.ppl_length) == context:
+        if cfg.ppl_length and spec.context_for(cfg.ppl_length) == context:
             ids = torch.tensor([hay.text_ids(hay.boundaries[0], cfg.ppl_length)])
             ppl = {}
             for side in sides:
@@ -129,9 +166,96 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
                 bar.update(1)
             results["perplexity"][str(cfg.ppl_length)] = ppl
 
-    each_context(lengths, run, extra=extra, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    each_context(lengths, run, model=spec, extra=extra, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     bar.close()
     return results
+
+
+def run_ruler(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
+    """The RULER suite (module docstring) of ``cfg.tasks`` on dense and every configuration of
+    ``cfg.patterns``. Results per length and side: ``ruler[length][side]`` = {``tasks``: task ->
+    score x100, ``score``: their mean, ``passed``/``total`` prompts, ``same_as_dense`` (sparse sides:
+    prompts that pass or fail as on dense), ``ttft_median`` s, ``ttft_speedup`` (dense median / this
+    side's), ``perplexity``}; ``tiles[length][side]``; one record per prompt and side in ``records``."""
+    from tqdm.auto import tqdm
+
+    spec = MODELS[cfg.model]
+    lengths = sorted(set(cfg.lengths))
+    sides = ["dense", *cfg.patterns]
+    haystack = HAYSTACKS[cfg.haystack]()
+    ppl_name, ppl_text = perplexity_text()
+    results = {"config": asdict(cfg), "model": spec.description, "suite": "ruler", "haystack": cfg.haystack,
+               "perplexity_text": ppl_name, "sparse_backend": None, "sides": sides, "tasks": list(cfg.tasks),
+               "load_seconds": {}, "ruler": {}, "tiles": {}, "records": []}
+    bar = tqdm(total=len(lengths) * len(cfg.tasks) * cfg.samples * len(sides) + len(lengths) * len(sides),
+               desc="eval", disable=not progress, file=sys.stderr)
+
+    def run(context, label, group, model, tokenizer):
+        results["load_seconds"][label] = round(model.load_seconds, 1)
+        log(f"loaded {spec.name} ({label}) in {model.load_seconds:.1f} s")
+        tc = text_config(model)
+        per_layer = {side: layer_patterns(p, tc.num_hidden_layers, tc.num_attention_heads)
+                     for side, p in cfg.patterns.items()}
+        ppl_ids = tokenizer(ppl_text, add_special_tokens=False)["input_ids"]
+        for n in group:
+            scores = {side: {task: [] for task in cfg.tasks} for side in sides}
+            passed = {side: [] for side in sides}
+            ttft = {side: [] for side in sides}
+            stats: dict = {side: {} for side in cfg.patterns}
+            prompts = [(task, i, ruler.generate(task, tokenizer, n, seed=cfg.seed + i, haystack=haystack))
+                       for task in cfg.tasks for i in range(cfg.samples)]
+            for side in sides:  # untimed: the kernel compile (and any first-call cost) is no prefill time
+                use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len, compiled=not cfg.eager)
+                _prefill(model, torch.tensor([prompts[0][2].input_ids]))
+            for k, (task, i, sample) in enumerate(prompts):
+                ids = torch.tensor([sample.input_ids])
+                for side in sides:
+                    impl = use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len, compiled=not cfg.eager)
+                    if side != "dense":
+                        results["sparse_backend"] = results["sparse_backend"] or impl
+                    count = side != "dense" and k == 0
+                    t0 = time.perf_counter()
+                    with (tile_counter(model, per_layer[side], cfg.min_sparse_len, stats[side]) if count
+                          else contextlib.nullcontext()):
+                        answer, first = timed_greedy(model, tokenizer, ids,
+                                                     cfg.max_new_tokens or RULER_NEW_TOKENS[task])
+                    dt = time.perf_counter() - t0
+                    counted = stats[side].get("count_seconds", 0.0) if count else 0.0
+                    first -= counted  # the tile counting runs inside the prefill
+                    result = ruler.score(answer, sample.answers)
+                    scores[side][task].append(result.fraction)
+                    passed[side].append(result.passed)
+                    ttft[side].append(first)
+                    results["records"].append({
+                        "length": n, "task": task, "sample": i, "side": side, "backend": impl,
+                        "expected": sample.answers, "answer": answer, "score": round(result.fraction, 4),
+                        "pass": result.passed, "ttft_seconds": round(first, 4), "seconds": round(dt - counted, 3)})
+                    bar.update(1)
+            ids = torch.tensor([(ppl_ids * (n // len(ppl_ids) + 1))[:n]])
+            rows = {}
+            for side in sides:
+                use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len, compiled=not cfg.eager)
+                task_scores = {task: round(100 * statistics.fmean(v), 1) for task, v in scores[side].items()}
+                rows[side] = {"tasks": task_scores, "score": round(statistics.fmean(task_scores.values()), 1),
+                              "passed": sum(passed[side]), "total": len(passed[side]),
+                              "ttft_median": round(statistics.median(ttft[side]), 4),
+                              "perplexity": round(perplexity(model, ids), 3)}
+                if side != "dense":
+                    rows[side]["same_as_dense"] = sum(a == b for a, b in zip(passed[side], passed["dense"]))
+                rows[side]["ttft_speedup"] = round(rows["dense"]["ttft_median"] / rows[side]["ttft_median"], 3)
+                bar.update(1)
+            results["ruler"][str(n)] = rows
+            results["tiles"][str(n)] = {side: _tile_summary(stats[side]) for side in cfg.patterns}
+
+    each_context(lengths, run, model=spec, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    bar.close()
+    return results
+
+
+@torch.inference_mode()
+def _prefill(model, input_ids) -> None:
+    """One untimed forward of the decoder over ``input_ids`` (no vocabulary projection)."""
+    model.get_decoder()(input_ids=input_ids.to(model.device))
 
 
 def _tile_summary(stats: dict) -> dict:
@@ -143,10 +267,17 @@ def _tile_summary(stats: dict) -> dict:
             "per_layer_skipped": stats["per_layer"]}
 
 
-def format_table(results: dict) -> str:
+def _backend_line(results: dict) -> str:
     sb = results.get("sparse_backend") or "sdpa"
-    lines = [f"sparse side: {sb}" + ("" if sb == "minference_flex" else
-                                     "  (minference_flex backend not available: both sides dense)"),
+    return f"sparse side: {sb}" + ("" if sb == "minference_flex" else
+                                   "  (minference_flex backend not available: both sides dense)")
+
+
+def format_table(results: dict) -> str:
+    """The text report of ``run_eval``'s results (either suite)."""
+    if results.get("suite") == "ruler":
+        return format_ruler_table(results)
+    lines = [_backend_line(results),
              f"{'length':>7} {'side':<28} {'needle pass':>11} {'same as dense':>13} {'tiles skipped':>14} "
              f"{'GPU work':>9} {'seconds':>8}"]
     for n, rows in results["niah"].items():
@@ -170,43 +301,126 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_ruler_table(results: dict) -> str:
+    """One row per length and side: each task's score, the mean, prompts passed, the pass/fail
+    agreement with dense, perplexity, median TTFT and speedup over dense, tiles skipped."""
+    tasks = results["tasks"]
+    width = max(6, *(len(t) for t in tasks))
+    side_width = max(4, *(len(side) for side in results["sides"]))
+    lines = [_backend_line(results) + f"; haystack {results['haystack']}, perplexity on {results['perplexity_text']}",
+             f"{'length':>7} {'side':<{side_width}} " + " ".join(f"{t:>{width}}" for t in tasks)
+             + f" {'score':>6} {'passed':>7} {'as dense':>8} {'ppl':>8} {'TTFT s':>8} {'speedup':>7} {'skipped':>7}"]
+    for n, rows in results["ruler"].items():
+        for side, row in rows.items():
+            same = f"{row['same_as_dense']}/{row['total']}" if "same_as_dense" in row else ""
+            skipped = results["tiles"][n].get(side, {}).get("skipped_fraction", 0.0)
+            lines.append(f"{n:>7} {side:<{side_width}} " + " ".join(f"{row['tasks'][t]:>{width}.1f}" for t in tasks)
+                         + f" {row['score']:>6.1f} {str(row['passed']) + '/' + str(row['total']):>7} {same:>8}"
+                         f" {row['perplexity']:>8.3f} {row['ttft_median']:>8.3f} {row['ttft_speedup']:>6.2f}x"
+                         f" {skipped:>7.1%}")
+    lines.append("scores: mean RULER string_match_all x100; passed: every expected value in the answer; as dense: "
+                 "prompts that pass or fail as on dense; TTFT: median time to first token; skipped: causal 64x64 "
+                 "KV tiles never read")
+    for label, sec in results["load_seconds"].items():
+        lines.append(f"load ({label}): {sec} s")
+    return "\n".join(lines)
+
+
+def plot_ruler(results: dict, path: str) -> None:
+    """``path`` (PNG): the mean RULER score and the TTFT speedup over dense against length, per side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [int(n) for n in results["ruler"]]
+    fig, (score_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for side in results["sides"]:
+        rows = [results["ruler"][str(n)][side] for n in lengths]
+        score_ax.plot(lengths, [r["score"] for r in rows], marker="o", label=side)
+        speed_ax.plot(lengths, [r["ttft_speedup"] for r in rows], marker="o", label=side)
+    score_ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel="RULER score (x100)",
+                 title=f"{', '.join(results['tasks'])}"[:80], ylim=(0, 105))
+    speed_ax.set(xscale="log", xlabel="prompt length (tokens)", ylabel="TTFT speedup over dense",
+                 title=results["model"])
+    for ax in (score_ax, speed_ax):
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.grid(alpha=0.3)
+    speed_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=positive_int, nargs="+", default=[4096],
-                   help=f"prompt lengths in tokens, at least {NEEDLE_MIN_LENGTH} (default 4096)")
+                   help=f"prompt lengths in tokens, at least {NEEDLE_MIN_LENGTH} (RULER: {RULER_MIN_LENGTH}) "
+                        "(default 4096)")
+    p.add_argument("--tasks", nargs="+", choices=[*ruler.TASKS, "all"], default=None, metavar="TASK",
+                   help=f"run the RULER suite on these tasks ('all' or some of: {', '.join(ruler.TASKS)}) "
+                        "instead of the needle suite")
+    p.add_argument("--haystack", choices=list(HAYSTACKS), default="pydoc",
+                   help="prose the needles hide in: pydoc (bundled with Python, default), essays (Paul "
+                        "Graham's) or moby-dick; the last two need `minference-flex fetch haystacks`")
     p.add_argument("--depths", type=percent, nargs="+", default=[0, 50, 100],
-                   help="needle depths in percent, 0..100 (default 0 50 100)")
-    p.add_argument("--samples", type=positive_int, default=1, help="haystacks per length and depth (default 1)")
-    p.add_argument("--patterns", nargs="+", default=[SMOLLM2_PATTERNS],
+                   help="needle suite: needle depths in percent, 0..100 (default 0 50 100)")
+    p.add_argument("--samples", type=positive_int, default=1,
+                   help="needle suite: haystacks per length and depth; RULER: prompts per task and length "
+                        "(default 1)")
+    add_model_option(p)
+    p.add_argument("--patterns", nargs="+", default=None,
                    help="one or more sparse configurations, each a MInference JSON file or one entry for every "
                         "head, e.g. vertical_and_slash,100,800; all are compared with the same dense side "
-                        "(default: the searched SmolLM2 configuration, docs/search.md)")
+                        f"({DEFAULT_PATTERNS_HELP})")
     p.add_argument("--min-sparse-len", type=positive_int, default=1024,
                    help="prefills shorter than this run dense on the sparse side (default 1024)")
     p.add_argument("--ppl-length", type=non_negative_int, default=8192,
-                   help="perplexity length in tokens; 0 skips it")
-    p.add_argument("--max-new-tokens", type=positive_int, default=10)
+                   help="needle suite: perplexity length in tokens; 0 skips it (RULER: at every length)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help=f"greedy tokens per answer (default: {NEEDLE_NEW_TOKENS} for needles, RULER's per task)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eager", action="store_true", help="sparse side on the eager kernel emulation (no compile)")
     p.add_argument("--out", default="results.json", help="JSON results file (default results.json); '' writes none")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="RULER suite: a figure of score and TTFT speedup over dense against length per side")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     # Every check before the model loads (a bad value used to surface after the load, or never).
-    check_at_least(p, "--lengths", args.lengths, NEEDLE_MIN_LENGTH, "the question and the needle take ~95 tokens")
+    tasks = list(ruler.TASKS) if args.tasks and "all" in args.tasks else list(dict.fromkeys(args.tasks or []))
+    if tasks:
+        check_at_least(p, "--lengths", args.lengths, RULER_MIN_LENGTH, "room for each task's context")
+    else:
+        check_at_least(p, "--lengths", args.lengths, NEEDLE_MIN_LENGTH, "the question and the needle take ~95 tokens")
+        if args.plot:
+            p.error("--plot draws the RULER suite: give --tasks")
     if args.ppl_length == 1:
         p.error("--ppl-length must be 0 (no perplexity) or at least 2 tokens, got 1")
     check_device(p, args.device)
     check_output(p, "--out", args.out)
-    patterns = {pattern_label(spec): check_patterns(p, spec) for spec in args.patterns}
+    if args.plot:
+        check_matplotlib(p)
+        check_output(p, "--plot", args.plot)
+    try:
+        HAYSTACKS[args.haystack]()  # fetched? (a missing text names the fetch command)
+    except FileNotFoundError as exc:
+        p.error(f"--haystack {args.haystack}: {exc}")
+    model = check_model(p, args.model)
+    patterns = {pattern_label(value): check_patterns(p, value, num_layers=model.layers, num_heads=model.heads)
+                for value in args.patterns or [model.default_patterns]}
     cfg = EvalConfig(lengths=args.lengths, depths=args.depths, samples=args.samples,
                      patterns=patterns, min_sparse_len=args.min_sparse_len,
                      ppl_length=args.ppl_length, max_new_tokens=args.max_new_tokens, device=args.device,
-                     dtype=args.dtype, seed=args.seed, eager=args.eager)
+                     dtype=args.dtype, seed=args.seed, eager=args.eager, model=args.model, tasks=tasks,
+                     haystack=args.haystack)
     t0 = time.perf_counter()
     results = run_eval(cfg, progress=not args.no_progress)
     finish(results, format_table(results), args.out, t0)
+    if args.plot:
+        plot_ruler(results, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 

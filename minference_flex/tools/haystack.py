@@ -1,14 +1,16 @@
-"""The needle-in-a-haystack data of the real-model tools (eval, demo, ttft, capture): the haystack
-(English prose shipped with Python), needle prompts in SmolLM2's chat template, and the RoPE context
-a prompt length needs."""
+"""The needle-in-a-haystack data of the real-model tools (eval, demo, ttft, capture): the haystacks
+(English prose shipped with Python, the offline default; Paul Graham's essays and Moby-Dick once
+``minference-flex fetch haystacks`` has put them in the cache), needle prompts in the model's chat
+template, and the RoPE context a prompt length needs."""
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
 
 import torch
 
-from minference_flex.tools.models import SMOLLM2_ORIGINAL_CONTEXT
+from minference_flex.tools.models import SMOLLM2_ORIGINAL_CONTEXT, yarn_context
 
 NEEDLE = "The special magic number is {number}."
 QUESTION_HEAD = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
@@ -28,6 +30,46 @@ def haystack_text() -> str:
     return "\n\n".join(pydoc_data.topics.topics[k].strip() for k in sorted(pydoc_data.topics.topics))
 
 
+def _cached_text(name: str, cache: str | None) -> str:
+    """The text file ``name`` of ``<cache>/haystacks``; FileNotFoundError naming the fetch command."""
+    from minference_flex.tools.fetch import HAYSTACKS_FOLDER, HAYSTACKS_HINT, default_cache
+
+    folder = os.path.join(os.path.abspath(os.path.expanduser(cache or default_cache())), HAYSTACKS_FOLDER)
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{name} is not in {folder}; download it with: {HAYSTACKS_HINT}"
+                                + (f" --cache {cache}" if cache else ""))
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def essays_text(cache: str | None = None) -> str:
+    """Paul Graham's essays (~180K tokens), the classic needle-in-a-haystack haystack, from the cache
+    (``cache``, else ``$MINFERENCE_FLEX_CACHE``, else ``~/.cache/minference_flex``)."""
+    from minference_flex.tools.fetch import ESSAYS_FILE
+
+    return _cached_text(ESSAYS_FILE, cache)
+
+
+def moby_dick_text(cache: str | None = None) -> str:
+    """Herman Melville's Moby-Dick (~300K tokens) from the cache (as ``essays_text``)."""
+    from minference_flex.tools.fetch import MOBY_DICK_FILE
+
+    return _cached_text(MOBY_DICK_FILE, cache)
+
+
+#: ``--haystack`` names -> text loaders (``pydoc`` needs no download).
+HAYSTACKS = {"pydoc": haystack_text, "essays": essays_text, "moby-dick": moby_dick_text}
+
+
+def perplexity_text() -> tuple[str, str]:
+    """(name, text) of the prose perplexity is measured on: Moby-Dick when fetched, else pydoc."""
+    try:
+        return "moby-dick", moby_dick_text()
+    except FileNotFoundError:
+        return "pydoc", haystack_text()
+
+
 @dataclass
 class Haystack:
     """The tokenised haystack and the chat template split around the context, as token ids."""
@@ -38,8 +80,9 @@ class Haystack:
     boundaries: list[int]  # indices i where ids[i-1] ends a sentence or line
 
     @classmethod
-    def build(cls, tokenizer) -> "Haystack":
-        ids = tokenizer(haystack_text(), add_special_tokens=False)["input_ids"]
+    def build(cls, tokenizer, text: str | None = None) -> "Haystack":
+        """``text`` (default: the pydoc prose, ``haystack_text``) tokenised, with the chat template."""
+        ids = tokenizer(haystack_text() if text is None else text, add_special_tokens=False)["input_ids"]
         chat = tokenizer.apply_chat_template(
             [{"role": "user", "content": QUESTION_HEAD + SENTINEL + QUESTION_TAIL}],
             tokenize=False, add_generation_prompt=True)
@@ -87,7 +130,6 @@ def passes(number: str, answer: str) -> bool:
 
 
 def context_for(length: int) -> int | None:
-    """None (native 8K RoPE) or the YaRN context, a multiple of 8192, that covers ``length``."""
-    if length <= SMOLLM2_ORIGINAL_CONTEXT:
-        return None
-    return -(-length // SMOLLM2_ORIGINAL_CONTEXT) * SMOLLM2_ORIGINAL_CONTEXT
+    """SmolLM2's RoPE context for ``length``: None (native 8K) or the YaRN context, a multiple of 8192,
+    that covers it (``ModelSpec.context_for`` for any model)."""
+    return yarn_context(length, SMOLLM2_ORIGINAL_CONTEXT)

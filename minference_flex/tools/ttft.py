@@ -1,11 +1,12 @@
-"""``minference-flex ttft``: time to first token of SmolLM2-135M, dense SDPA against minference_flex.
+"""``minference-flex ttft``: time to first token of SmolLM2-135M (or ``--model qwen2.5-coder-1.5b``),
+dense SDPA against minference_flex.
 
     minference-flex ttft --device cuda                          # 32768 and 131072 tokens, bf16, median of 3
     minference-flex ttft --device cuda --lengths 16384 65536 --patterns vertical_and_slash,1000,6096
     minference-flex ttft --lengths 2048 --min-sparse-len 1024 --eager --reps 1     # CPU smoke test
 
 For each length the model (``models.smollm2``, real weights; YaRN over the original 8192 positions
-when the length needs it, ``eval.context_for``; one load per RoPE setting) gets a prompt of that many
+when the length needs it, ``eval.context_for``; Qwen: YaRN factor 4 beyond 32768; one load per RoPE setting) gets a prompt of that many
 tokens of real prose (the pydoc topic texts, as ``minference-flex capture`` uses) and, per side
 (``attn_implementation="sdpa"``, then ``"minference_flex"`` with ``--patterns`` on every head,
 ``--min-sparse-len`` and the backend's SDPA fallback on, as users get it: on CUDA a layer call whose
@@ -34,11 +35,11 @@ import time
 import torch
 
 from minference_flex import hf
-from minference_flex.tools.checks import check_device, check_output, check_patterns, positive_int
+from minference_flex.tools.checks import check_device, check_model, check_output, check_patterns, positive_int
 from minference_flex.tools.haystack import Haystack
 from minference_flex.tools.layer_timing import LayerTimes
-from minference_flex.tools.models import SMOLLM2_DESCRIPTION
-from minference_flex.tools.sides import add_patterns_option, each_context, finish, use_side
+from minference_flex.tools.models import MODELS
+from minference_flex.tools.sides import add_model_option, add_patterns_option, each_context, finish, use_side
 from minference_flex.tools.timing import timed_runs
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=positive_int, nargs="+", default=DEFAULT_LENGTHS,
                    help="prompt lengths in tokens (default 32768 131072)")
+    add_model_option(p)
     add_patterns_option(p)
     p.add_argument("--min-sparse-len", type=positive_int, default=8192,
                    help="prefills shorter than this run dense on the sparse side (default 8192, the backend's)")
@@ -213,7 +215,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     check_output(p, "--out", args.out)
-    args.patterns_value = check_patterns(p, args.patterns)
+    model = check_model(p, args.model)
+    args.patterns = args.patterns or model.default_patterns
+    args.patterns_value = check_patterns(p, args.patterns, num_layers=model.layers, num_heads=model.heads)
     return args
 
 
@@ -221,7 +225,8 @@ def run(args) -> dict:
     cuda = args.device.startswith("cuda")
     import transformers
 
-    report = {"model": SMOLLM2_DESCRIPTION, "device": args.device,
+    model_spec = MODELS[args.model]
+    report = {"model": model_spec.description, "device": args.device,
               "device_name": torch.cuda.get_device_name(args.device) if cuda
               else f"cpu ({torch.get_num_threads()} threads)",
               "torch": str(torch.__version__), "transformers": transformers.__version__, "dtype": args.dtype,
@@ -239,7 +244,8 @@ def run(args) -> dict:
                                       context=context, layer_times=args.layer_times, layer_reps=args.layer_reps,
                                       compiled=not args.eager)
 
-    each_context(args.lengths, run, dtype=getattr(torch, args.dtype), device=args.device, attn_implementation="sdpa")
+    each_context(args.lengths, run, model=model_spec, dtype=getattr(torch, args.dtype), device=args.device,
+                 attn_implementation="sdpa")
     return report
 
 
