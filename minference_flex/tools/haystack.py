@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from minference_flex.tools.cache import ESSAYS_FILE, HAYSTACKS_FOLDER, HAYSTACKS_HINT, MOBY_DICK_FILE, default_cache
 from minference_flex.tools.models import SMOLLM2_ORIGINAL_CONTEXT, yarn_context
 
 NEEDLE = "The special magic number is {number}."
@@ -32,8 +33,6 @@ def haystack_text() -> str:
 
 def _cached_text(name: str, cache: str | None) -> str:
     """The text file ``name`` of ``<cache>/haystacks``; FileNotFoundError naming the fetch command."""
-    from minference_flex.tools.fetch import HAYSTACKS_FOLDER, HAYSTACKS_HINT, default_cache
-
     folder = os.path.join(os.path.abspath(os.path.expanduser(cache or default_cache())), HAYSTACKS_FOLDER)
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
@@ -46,15 +45,11 @@ def _cached_text(name: str, cache: str | None) -> str:
 def essays_text(cache: str | None = None) -> str:
     """Paul Graham's essays (~180K tokens), the classic needle-in-a-haystack haystack, from the cache
     (``cache``, else ``$MINFERENCE_FLEX_CACHE``, else ``~/.cache/minference_flex``)."""
-    from minference_flex.tools.fetch import ESSAYS_FILE
-
     return _cached_text(ESSAYS_FILE, cache)
 
 
 def moby_dick_text(cache: str | None = None) -> str:
     """Herman Melville's Moby-Dick (~300K tokens) from the cache (as ``essays_text``)."""
-    from minference_flex.tools.fetch import MOBY_DICK_FILE
-
     return _cached_text(MOBY_DICK_FILE, cache)
 
 
