@@ -25,10 +25,10 @@ from .pattern import (
     LAST_Q,
     SCORED_KINDS,
     TILE,
-    VERTICAL_SLASH,
     VERTICAL_SLASH_MASS,
     Pattern,
     query_blocks,
+    scored_budgets,
 )
 from .mass_kernel import block_mass_estimate_op, block_mass_estimate_triton
 from .score_kernel import vertical_slash_scores_op, vertical_slash_scores_triton
@@ -124,9 +124,8 @@ def head_tables(patterns: tuple[Pattern, ...], device: torch.device) -> HeadTabl
         whole_blocks=t([p.kind in BLOCK_KINDS for p in patterns], torch.bool),
         window=t([DENSE_WINDOW if p.kind == DENSE else max(p.b, 1) if p.kind == A_SHAPE else 0 for p in patterns]),
         sink=of_kind(A_SHAPE, lambda p: p.a, torch.int32),
-        columns=t([max(p.a if p.kind == VERTICAL_SLASH else p.b, FORCED_COLUMNS) if p.kind in SCORED_KINDS else 0
-                   for p in patterns]),
-        slashes=t([max(p.b, FORCED_OFFSETS) if p.kind in SCORED_KINDS else 0 for p in patterns]),
+        columns=t([scored_budgets(p.kind, p.a, p.b)[0] if p.kind in SCORED_KINDS else 0 for p in patterns]),
+        slashes=t([scored_budgets(p.kind, p.a, p.b)[1] if p.kind in SCORED_KINDS else 0 for p in patterns]),
         mass_target=t([p.a / 1000 if p.kind == VERTICAL_SLASH_MASS else 0.0 for p in patterns], torch.float32),
     )
 
@@ -155,18 +154,18 @@ def _top(scores: Tensor, k: int, counts: Tensor, ranked: bool = True) -> tuple[T
 
 def _top_scored(scores: Tensor, forced: int, k: int, counts: Tensor, target: Tensor | None,
                 ranked: bool) -> tuple[Tensor, Tensor]:
-    """The kept columns (or offsets) of the scored heads, from their scores [B, Hq, N] (``ranking_scores``):
-    the top-``k`` indices, entries 0 .. forced - 1 ranked first, and which of them a head keeps.
+    """The kept columns (or offsets) of the scored heads, from their scores [B, Hq, N] (``ranking_scores``,
+    overwritten: the forced entries become +inf): the top-``k`` indices, entries 0 .. forced - 1 ranked
+    first, and which of them a head keeps.
 
     A head keeps its best ``counts`` [Hq]; a head with a ``target`` [Hq] above 0 (``vertical_slash_mass``)
     only those of them ranked so that the entries ranked above hold less than ``target`` of the row's
     total score, and the forced ones: the shortest such prefix that reaches the target (scores of 0 or
     not finite are never kept, forced ones always). ``target`` None: no mass heads."""
-    ranking = scores.clone()
-    ranking[..., :forced] = float("inf")
-    idx, keep = _top(ranking, k, counts, ranked)
-    if target is not None:
-        mass = scores.clamp(min=0)                      # -inf (not finite) holds no mass
+    mass = scores.clamp(min=0) if target is not None else None   # -inf (not finite) holds no mass
+    scores[..., :forced] = float("inf")                 # in place: ``ranking_scores`` made a fresh tensor
+    idx, keep = _top(scores, k, counts, ranked)
+    if mass is not None:
         ranked_mass = mass.gather(-1, idx)
         before = ranked_mass.cumsum(-1) - ranked_mass
         reach = target[:, None] * mass.sum(-1, keepdim=True)          # [B, Hq, 1]
@@ -376,15 +375,14 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
     # expressions failed there).
     max_sink = min(max([0] + [p.a for p in patterns if p.kind == A_SHAPE]), Nk)
     kept_bound = max([0] + [max(p.b, 1) for p in patterns if p.kind == A_SHAPE]
-                     + [max(p.b, FORCED_OFFSETS) for p in patterns if p.kind in SCORED_KINDS])
+                     + [scored_budgets(p.kind, p.a, p.b)[1] for p in patterns if p.kind in SCORED_KINDS])
     max_offsets = Nk if DENSE in kinds else min(kept_bound, Nk)
 
     columns = None
     if kinds & set(SCORED_KINDS):
         vertical, slash = map(ranking_scores, vertical_slash_scores(query, key, scale))
-        scored = [p for p in patterns if p.kind in SCORED_KINDS]
-        col_budgets = {max(p.a if p.kind == VERTICAL_SLASH else p.b, FORCED_COLUMNS) for p in scored}
-        off_budgets = {max(p.b, FORCED_OFFSETS) for p in scored}
+        col_budgets, off_budgets = map(set, zip(*(scored_budgets(p.kind, p.a, p.b) for p in patterns
+                                                  if p.kind in SCORED_KINDS)))
         n_cols, n_offs = min(Nk, max(col_budgets)), min(Nk, max(off_budgets))
         # Ranks run below n_cols / n_offs <= Nk, so budgets past the length need no capping; with one
         # count for all scored heads and no mass target the top-k needs no order (the columns are

@@ -27,6 +27,12 @@ LAST_Q = 64
 FORCED_COLUMNS = 30
 FORCED_OFFSETS = 100
 
+def scored_budgets(kind: str, a: int, b: int) -> tuple[int, int]:
+    """(columns, offsets) of a head of ``SCORED_KINDS``, the forced ones included: what a
+    ``vertical_and_slash`` head keeps, or the most a ``vertical_slash_mass`` head keeps (its cap ``b``)."""
+    return max(a if kind == VERTICAL_SLASH else b, FORCED_COLUMNS), max(b, FORCED_OFFSETS)
+
+
 def query_blocks(n_queries: int, n_keys: int, block: int = TILE) -> tuple[int, int]:
     """(first, count) of the blocks of ``block`` positions (counted from position 0) that hold the
     queries, which are the last ``n_queries`` of ``n_keys`` positions."""

@@ -31,11 +31,11 @@ from block_masks.pattern import (
     BLOCK_MASS,
     BLOCK_SPARSE,
     DENSE,
-    FORCED_COLUMNS,
     FORCED_OFFSETS,
+    SCORED_KINDS,
     VERTICAL_SLASH,
-    VERTICAL_SLASH_MASS,
     query_blocks,
+    scored_budgets,
 )
 
 if TYPE_CHECKING:
@@ -233,9 +233,8 @@ def tile_bounds(batch: int, n_queries: int, n_keys: int, patterns: Sequence[Patt
             window, sink = torch.sym_min(max(b, 1), nk), torch.sym_min(a, nk)
             cells = _row_cells(q0, nk, max(a, b, 1))
             h_strips = one_cluster(window) + _sum_capped(n_blocks, 1, 1 + _ceil_div(q0, STRIP), _ceil_div(sink, STRIP))
-        elif kind in (VERTICAL_SLASH, VERTICAL_SLASH_MASS):  # a mass head: its caps bound what it keeps
-            kept = torch.sym_min(max(b, FORCED_OFFSETS), nk)
-            columns = torch.sym_min(max(a if kind == VERTICAL_SLASH else b, FORCED_COLUMNS), nk)
+        elif kind in SCORED_KINDS:  # a vertical_slash_mass head: its caps bound what it keeps
+            columns, kept = (torch.sym_min(budget, nk) for budget in scored_budgets(kind, a, b))
             # forced offsets in every row, the others placed where they cover the fewest rows (a mass
             # head may keep no others)
             cells = _row_cells(q0, nk, FORCED_OFFSETS)
