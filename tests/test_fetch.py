@@ -13,6 +13,7 @@ import zipfile
 import pytest
 
 from minference_flex.tools import cli, fetch, models
+from minference_flex.tools.cache import default_cache
 
 PARTS = 3
 
@@ -117,11 +118,11 @@ def test_loader_names_the_fetch_command(tmp_path):
 
 def test_default_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("MINFERENCE_FLEX_CACHE", str(tmp_path))
-    assert fetch.default_cache() == str(tmp_path)
+    assert default_cache() == str(tmp_path)
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         models.qwen2_5_coder_gguf()
     monkeypatch.delenv("MINFERENCE_FLEX_CACHE")
-    assert fetch.default_cache() == os.path.join(os.path.expanduser("~"), ".cache", "minference_flex")
+    assert default_cache() == os.path.join(os.path.expanduser("~"), ".cache", "minference_flex")
 
 
 def test_qwen_yarn_parameters():

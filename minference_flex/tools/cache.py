@@ -20,3 +20,13 @@ def default_cache() -> str:
     """``$MINFERENCE_FLEX_CACHE`` or ``~/.cache/minference_flex``."""
     return os.environ.get("MINFERENCE_FLEX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                    "minference_flex")
+
+
+def cache_folder(cache: str | None = None) -> str:
+    """The cache folder as an absolute path: ``cache`` (``~`` expanded), else ``default_cache()``."""
+    return os.path.abspath(os.path.expanduser(cache or default_cache()))
+
+
+def haystacks_folder(cache: str | None = None) -> str:
+    """Where the haystack texts live: ``<cache folder>/haystacks``."""
+    return os.path.join(cache_folder(cache), HAYSTACKS_FOLDER)

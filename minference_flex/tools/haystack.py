@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minference_flex.tools.cache import ESSAYS_FILE, HAYSTACKS_FOLDER, HAYSTACKS_HINT, MOBY_DICK_FILE, default_cache
+from minference_flex.tools.cache import ESSAYS_FILE, HAYSTACKS_HINT, MOBY_DICK_FILE, haystacks_folder
 from minference_flex.tools.models import SMOLLM2_ORIGINAL_CONTEXT, yarn_context
 
 NEEDLE = "The special magic number is {number}."
@@ -33,7 +33,7 @@ def haystack_text() -> str:
 
 def _cached_text(name: str, cache: str | None) -> str:
     """The text file ``name`` of ``<cache>/haystacks``; FileNotFoundError naming the fetch command."""
-    folder = os.path.join(os.path.abspath(os.path.expanduser(cache or default_cache())), HAYSTACKS_FOLDER)
+    folder = haystacks_folder(cache)
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{name} is not in {folder}; download it with: {HAYSTACKS_HINT}"

