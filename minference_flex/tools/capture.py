@@ -5,9 +5,9 @@
     minference-flex capture --length 1024 --layers 0 15 29 --dtype float32
 
 SmolLM2-135M-Instruct (``models.smollm2``; YaRN over the original 8192 positions when the length
-needs it, ``eval.context_for``; ``--model qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct, 12 query
-heads, 2 KV heads, head dim 128, YaRN beyond 32768) runs one prefill with ``attn_implementation="sdpa"`` over
-``--length`` tokens of real prose (the pydoc topic texts, ``eval.Haystack``, from ``--start``;
+needs it, ``models.ModelSpec.context_for``; ``--model qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct,
+12 query heads, 2 KV heads, head dim 128, YaRN beyond 32768) runs one prefill with ``attn_implementation="sdpa"`` over
+``--length`` tokens of real prose (the pydoc topic texts, ``haystack.Haystack``, from ``--start``;
 wrapping around past its ~113K tokens). While it runs, transformers' ``"sdpa"`` attention function
 is wrapped (``hooks.wrap_attention``), and for each chosen layer the post-RoPE query [1, 9, N, 64],
 key and value [1, 3, N, 64] it is handed are copied. The forward stops after the last chosen layer

@@ -6,8 +6,9 @@ dense SDPA against minference_flex.
     minference-flex ttft --lengths 2048 --min-sparse-len 1024 --eager --reps 1     # CPU smoke test
 
 For each length the model (``models.smollm2``, real weights; YaRN over the original 8192 positions
-when the length needs it, ``eval.context_for``; Qwen: YaRN factor 4 beyond 32768; one load per RoPE setting) gets a prompt of that many
-tokens of real prose (the pydoc topic texts, as ``minference-flex capture`` uses) and, per side
+when the length needs it, ``models.ModelSpec.context_for``; Qwen: YaRN factor 4 beyond 32768; one load
+per RoPE setting) gets a prompt of that many tokens of real prose (the pydoc topic texts, as
+``minference-flex capture`` uses) and, per side
 (``attn_implementation="sdpa"``, then ``"minference_flex"`` with ``--patterns`` on every head,
 ``--min-sparse-len`` and the backend's SDPA fallback on, as users get it: on CUDA a layer call whose
 sparse kernel the cost model predicts slower runs SDPA; ``dispatch`` in the JSON counts the layer
