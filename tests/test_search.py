@@ -199,3 +199,23 @@ def test_shipped_smollm2_configuration_is_the_searched_one():
     model = AutoModelForCausalLM.from_config(config, attn_implementation="minference_flex")
     mf.set_patterns(model, SMOLLM2_PATTERNS)
     assert mf.get_patterns(model) == shipped
+
+
+def test_shipped_qwen_configuration_is_the_searched_one():
+    """The packaged Qwen2.5-Coder file is the saved GPU search at cost 0.3 (docs/real_model.md) and
+    loads on a model of Qwen2's shape (28 layers, 12 query heads, 2 KV heads)."""
+    from pathlib import Path
+
+    from minference_flex.tools.models import QWEN_SEARCHED_PATTERNS
+
+    root = Path(__file__).resolve().parent.parent
+    details = json.loads((root / "docs/search/qwen2_5_coder_16k_gpu_details.json").read_text())
+    shipped = json.loads(Path(QWEN_SEARCHED_PATTERNS).read_text())
+    result = search.SearchResult.from_dict(details).rechoose(0.3, "model")
+    assert shipped == result.patterns() and result.length == 16384
+    assert len(shipped) == 28 and all(len(layer) == 12 for layer in shipped)
+    config = transformers.Qwen2Config(hidden_size=48, intermediate_size=16, num_hidden_layers=28,
+                                      num_attention_heads=12, num_key_value_heads=2, vocab_size=16)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="minference_flex")
+    mf.set_patterns(model, QWEN_SEARCHED_PATTERNS)
+    assert mf.get_patterns(model) == shipped

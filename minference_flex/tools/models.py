@@ -49,8 +49,12 @@ QWEN_ORIGINAL_CONTEXT = 32768
 QWEN_ROPE_THETA = 1e6
 QWEN_DESCRIPTION = "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, dequantised)"
 
-#: Uniform configuration of the Qwen tools' sparse side (no searched per-head file exists for Qwen).
+#: Uniform configuration of the Qwen tools' sparse side (MInference's default budget on every head).
 QWEN_PATTERNS = "vertical_and_slash,1000,6096"
+#: The per-head configuration ``minference-flex search`` found for Qwen2.5-Coder-1.5B-Instruct at 16K
+#: tokens, cost budget 0.3 (docs/real_model.md); ``--patterns`` takes it.
+QWEN_SEARCHED_PATTERNS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
+                                      "qwen2_5_coder_1_5b_instruct.json")
 
 log = logging.getLogger(__name__)
 

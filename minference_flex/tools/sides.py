@@ -129,7 +129,7 @@ def use_side(model, side: str, patterns, min_sparse_len: int, *, sdpa_fallback: 
 @contextlib.contextmanager
 def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict):
     """While active, every prefill attention call (of ``min_sparse_len`` keys or more) adds the tiles
-    of ``mf.plan_attention`` for its query/key to ``stats``: ``touched`` (key tiles of the folded layout,
+    of ``mf.plan_attention`` for its query/key (the first prompt of a batch) to ``stats``: ``touched`` (key tiles of the folded layout,
     vertical columns inside the main mask: the causal tiles that are read at all), ``computed`` (tiles
     of the split GPU layout: main mask + gathered vertical part, which can exceed the causal count at
     short lengths), ``causal`` (the dense causal 64x64 tile count), per-layer skipped fractions and
@@ -142,7 +142,7 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
         if nq > 1 and nq == nk and nk >= min_sparse_len:
             t0 = time.perf_counter()
             layer = getattr(module, "layer_idx", 0)
-            q, k = query.float(), key.float()
+            q, k = query[:1].float(), key[:1].float()  # a batch's first prompt stands for it (eval --batch)
             folded = plan_attention(q, k, per_layer[layer], full_width=False, fold_columns=True)
             split = plan_attention(q, k, per_layer[layer], full_width=False, fold_columns=False)
             touched, computed = folded.tile_counts(), split.tile_counts()
@@ -162,13 +162,15 @@ def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict)
 
 def greedy(model, tokenizer, input_ids, max_new_tokens: int) -> str:
     """The greedy answer to ``input_ids`` ([1, n]): at most ``max_new_tokens`` tokens, decoded."""
-    return timed_greedy(model, tokenizer, input_ids, max_new_tokens)[0]
+    return timed_greedy(model, tokenizer, input_ids, max_new_tokens)[0][0]
 
 
 @torch.inference_mode()
-def timed_greedy(model, tokenizer, input_ids, max_new_tokens: int) -> tuple[str, float]:
-    """(greedy answer, time to first token in seconds): the time from the call until the prefill's
-    logits are there, i.e. until generation chooses the first new token (CUDA synchronised)."""
+def timed_greedy(model, tokenizer, input_ids, max_new_tokens: int) -> tuple[list[str], float]:
+    """(greedy answers, time to first token in seconds) for ``input_ids`` [B, n]: prompts of equal
+    length (no padding), one answer of at most ``max_new_tokens`` tokens per row; the time runs from
+    the call until the prefill's logits are there, i.e. until generation chooses the first new
+    tokens (CUDA synchronised): for B > 1 the batch's prefill."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class FirstToken(LogitsProcessor):
@@ -188,7 +190,8 @@ def timed_greedy(model, tokenizer, input_ids, max_new_tokens: int) -> tuple[str,
                          do_sample=False, temperature=None, top_p=None, top_k=None,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                          logits_processor=LogitsProcessorList([first]))
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True), first.seconds
+    answers = [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, input_ids.shape[1]:]]
+    return answers, first.seconds
 
 
 @torch.inference_mode()
