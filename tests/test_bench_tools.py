@@ -103,30 +103,53 @@ def _fake_capture(length: int, layers=(15,), seed: int = 0) -> dict:
             "layer": list(layers), "length": length, "text": "pydoc_data.topics", "model": "fake"}
 
 
-def test_smollm2_loader_prefix_and_errors(tmp_path):
+def test_capture_loader_prefix_and_errors(tmp_path):
     data = _fake_capture(320, layers=(3, 15))
     path = tmp_path / "cap.pt"
     torch.save(data, path)
-    q, k, v = bench.smollm2_qkv(path, 200, device="cpu")  # first captured layer: 3
+    q, k, v = bench.capture_qkv(path, 200, device="cpu")  # first captured layer: 3
     assert q.shape == (1, 9, 200, 64) and k.shape == v.shape == (1, 3, 200, 64) and q.dtype == torch.bfloat16
     assert torch.equal(q[0], data["query"][0, :, :200]) and torch.equal(v[0], data["value"][0, :, :200])
-    q15, k15, _ = bench.smollm2_qkv(path, 320, device="cpu", layer=15)
+    q15, k15, _ = bench.capture_qkv(path, 320, device="cpu", layer=15)
     assert torch.equal(q15[0], data["query"][1]) and torch.equal(k15[0], data["key"][1])
     with pytest.raises(ValueError, match="321.*320 tokens"):
-        bench.smollm2_qkv(path, 321, device="cpu")
+        bench.capture_qkv(path, 321, device="cpu")
     with pytest.raises(ValueError, match="layer 7"):
-        bench.smollm2_qkv(path, 10, device="cpu", layer=7)
+        bench.capture_qkv(path, 10, device="cpu", layer=7)
     with pytest.raises(ValueError, match="does not exist"):
-        bench.smollm2_qkv(tmp_path / "missing.pt", 10, device="cpu")
+        bench.capture_qkv(tmp_path / "missing.pt", 10, device="cpu")
     bad = dict(data, key=data["key"][:, :2])  # a capture of another geometry
     torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="key has shape"):
+    with pytest.raises(ValueError, match="fit no captured model's geometry"):
         bench.load_capture(tmp_path / "bad.pt")
+    assert bench.load_capture(path)["geometry"] == "smollm2-135m"
 
 
-def test_bench_cli_rejects_bad_smollm2_requests(tmp_path, capsys):
+def test_a_qwen_capture_has_the_qwen_geometry(tmp_path):
+    """A capture of 12 query heads, 2 KV heads and head dim 128 (Qwen2.5-Coder) loads as that geometry
+    and bench runs on it (CPU, eager kernel emulation); --geometry must agree with the file."""
+    g = torch.Generator().manual_seed(0)
+    data = {"query": torch.randn(1, 12, 256, 128, generator=g).to(torch.bfloat16),
+            "key": torch.randn(1, 2, 256, 128, generator=g).to(torch.bfloat16),
+            "value": torch.randn(1, 2, 256, 128, generator=g).to(torch.bfloat16),
+            "layer": [10], "length": 256, "model": "fake qwen"}
+    path = tmp_path / "qwen.pt"
+    torch.save(data, path)
+    assert bench.load_capture(path)["geometry"] == "qwen2.5-coder-1.5b"
+    q, k, v = bench.capture_qkv(path, 128, device="cpu")
+    assert q.shape == (1, 12, 128, 128) and k.shape == v.shape == (1, 2, 128, 128)
+    common = ["--device", "cpu", "--eager", "--inputs", "capture", "--capture", str(path), "--lengths", "128",
+              "--budgets", "16,64", "--reps", "1", "--warmup", "0", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        bench.main(common + ["--geometry", "smollm2-135m"])
+    bench.main(common)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["geometry"] == "qwen2.5-coder-1.5b" and saved["inputs"] == "capture"
+
+
+def test_bench_cli_rejects_bad_capture_requests(tmp_path, capsys):
     torch.save(_fake_capture(128), tmp_path / "cap.pt")
-    common = ["--device", "cpu", "--eager", "--inputs", "smollm2", "--out", str(tmp_path)]
+    common = ["--device", "cpu", "--eager", "--inputs", "capture", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
         bench.main(common + ["--capture", str(tmp_path / "cap.pt"), "--lengths", "256"])
     assert "holds 128 tokens" in capsys.readouterr().err
@@ -211,15 +234,15 @@ def test_capture_real_layer_and_bench_on_it(smollm2_model, tmp_path, monkeypatch
         torch.testing.assert_close(got, data[name][:, :, :128], rtol=1.6e-2, atol=1e-2)
 
     # bench's smollm2 inputs: a prefix of the capture, ValueError past its end, the whole bench on it.
-    bq, bk, _ = bench.smollm2_qkv(path, 256, device="cpu")
+    bq, bk, _ = bench.capture_qkv(path, 256, device="cpu")
     assert torch.equal(bq, data["query"][:, :, :256]) and torch.equal(bk, data["key"][:, :, :256])
     with pytest.raises(ValueError, match="holds 512 tokens"):
-        bench.smollm2_qkv(path, 1024, device="cpu")
+        bench.capture_qkv(path, 1024, device="cpu")
     out = tmp_path / "bench"
-    bench.main(["--device", "cpu", "--eager", "--inputs", "smollm2", "--capture", str(path), "--lengths", "256",
+    bench.main(["--device", "cpu", "--eager", "--inputs", "capture", "--capture", str(path), "--lengths", "256",
                 "--budgets", "100,800", "--reps", "1", "--out", str(out), "--plot", str(out / "bench.png")])
     saved = json.loads((out / "bench.json").read_text())
-    assert saved["inputs"] == "smollm2" and saved["geometry"] == "smollm2-135m"
+    assert saved["inputs"] == "capture" and saved["geometry"] == "smollm2-135m"
     assert saved["inputs_detail"]["layer"] == 15 and saved["inputs_detail"]["captured_length"] == 512
     (run,) = saved["results"][0]["runs"]
     assert "error" not in run and run["rel_err"] < 2e-2 and 0.5 < run["recall"] <= 1.0 + 1e-9

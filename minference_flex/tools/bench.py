@@ -1,15 +1,16 @@
 """Benchmark one attention layer: SDPA, FlexAttention dense causal and minference_flex, side by side.
 
     python -m minference_flex.tools.bench --lengths 32768 131072 --budgets 1000,6096 100,800 --out results
-    python -m minference_flex.tools.bench --inputs smollm2 --capture smollm2_capture.pt --plot results/bench.png
+    python -m minference_flex.tools.bench --inputs capture --capture smollm2_capture.pt --plot results/bench.png
 
 Every number comes from one run on one card: CUDA events around each call, warm-up first, the
 median of repeated runs. Before timing, the sparse output is checked on sampled query rows against a
 float64 reference restricted to the same kept cells.
 
 Inputs (``--inputs``): ``structured`` (default) is ``bench_inputs.structured_qkv`` in the chosen
-geometry; ``smollm2`` is the query/key/value one SmolLM2-135M layer received on real prose, read from
-a file written by ``minference-flex capture`` (geometry smollm2-135m; a length N takes the first N
+geometry; ``capture`` is the query/key/value one layer of a real model (SmolLM2-135M or
+Qwen2.5-Coder-1.5B) received on real prose, read from a file written by ``minference-flex capture``
+(the geometry is the capture's: smollm2-135m or qwen2.5-coder-1.5b; a length N takes the first N
 positions of the capture, which must hold at least N). ``--plot PATH.png`` draws the times of SDPA,
 FlexAttention dense and minference_flex (one line per budget) against the prompt length.
 
@@ -49,23 +50,24 @@ log = logging.getLogger(__name__)
 GEOMETRIES = {
     "llama3-8b": dict(Hq=32, Hkv=8, D=128),
     "smollm2-135m": dict(Hq=9, Hkv=3, D=64),
+    "qwen2.5-coder-1.5b": dict(Hq=12, Hkv=2, D=128),
 }
+#: Geometries a capture file can have (the models ``minference-flex capture`` runs).
+CAPTURE_GEOMETRIES = ("smollm2-135m", "qwen2.5-coder-1.5b")
+
+INPUTS = ("structured", "capture")
 
 
-INPUTS = ("structured", "smollm2")
-#: The geometry each input kind implies when --geometry is not given.
-DEFAULT_GEOMETRY = {"structured": "llama3-8b", "smollm2": "smollm2-135m"}
-
-
-# --------------------------------------------------------------------------- SmolLM2 inputs
+# --------------------------------------------------------------------------- captured inputs
 
 def load_capture(path) -> dict:
     """The dict ``minference-flex capture`` saved (query/key/value [L, H, N, D] for the layers in
-    ``layer``, ``length``, ``model``, ...), on the CPU. ValueError when the file is missing or is no
-    capture of the smollm2-135m geometry."""
+    ``layer``, ``length``, ``model``, ...), on the CPU, with ``geometry``: the name in ``GEOMETRIES``
+    of its head layout. ValueError when the file is missing or is no capture of a model in
+    ``CAPTURE_GEOMETRIES``."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--inputs smollm2 needs a capture file, and {str(path)!r} does not exist: make one with "
+        raise ValueError(f"--inputs capture needs a capture file, and {str(path)!r} does not exist: make one with "
                          f"`minference-flex capture --length N --out {path}` (N at least the longest --lengths)")
     data = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(data, dict):
@@ -73,15 +75,17 @@ def load_capture(path) -> dict:
     missing = [key for key in ("query", "key", "value", "layer", "length") if key not in data]
     if missing:
         raise ValueError(f"{path} is not a capture file of `minference-flex capture` (no {', '.join(missing)})")
-    g = GEOMETRIES["smollm2-135m"]
-    L = len(data["layer"])
-    want = {"query": (L, g["Hq"], data["length"], g["D"]), "key": (L, g["Hkv"], data["length"], g["D"])}
-    want["value"] = want["key"]
-    for key, shape in want.items():
-        if tuple(data[key].shape) != shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(data[key].shape)}, expected {shape} "
-                             f"(layers {data['layer']}, {data['length']} tokens, smollm2-135m geometry)")
-    return data
+    L, N = len(data["layer"]), data["length"]
+    layouts = []
+    for name in CAPTURE_GEOMETRIES:
+        g = GEOMETRIES[name]
+        want = {"query": (L, g["Hq"], N, g["D"]), "key": (L, g["Hkv"], N, g["D"]), "value": (L, g["Hkv"], N, g["D"])}
+        if all(tuple(data[key].shape) == shape for key, shape in want.items()):
+            return dict(data, geometry=name)
+        layouts.append(f"{name}: query {want['query']}, key and value {want['key']}")
+    shapes = ", ".join(f"{key} {tuple(data[key].shape)}" for key in ("query", "key", "value"))
+    raise ValueError(f"{path}: {shapes} fit no captured model's geometry (layers {data['layer']}, {N} tokens; "
+                     f"expected {'; or '.join(layouts)})")
 
 
 def capture_index(capture: dict, n: int, layer: int | None = None) -> int:
@@ -99,11 +103,12 @@ def capture_index(capture: dict, n: int, layer: int | None = None) -> int:
     return layers.index(layer)
 
 
-def smollm2_qkv(capture, n: int, device="cuda", layer: int | None = None,
+def capture_qkv(capture, n: int, device="cuda", layer: int | None = None,
                 dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [1, 9, n, 64], k/v [1, 3, n, 64] in ``dtype`` on ``device``: the first ``n`` positions (a
-    prefix of the captured prompt) of layer ``layer`` (default the first captured) of a SmolLM2
-    capture (``capture``: a file path or the dict of ``load_capture``). ValueError when the file is
+    """q [1, Hq, n, D], k/v [1, Hkv, n, D] (the capture's geometry: SmolLM2 9/3/64, Qwen 12/2/128)
+    in ``dtype`` on ``device``: the first ``n`` positions (a prefix of the captured prompt) of layer
+    ``layer`` (default the first captured) of a capture (``capture``: a file path or the dict of
+    ``load_capture``). ValueError when the file is
     missing, ``n`` exceeds the captured length or the layer was not captured."""
     data = capture if isinstance(capture, dict) else load_capture(capture)
     i = capture_index(data, n, layer)
@@ -205,12 +210,12 @@ def bench_length(n: int, geometry: dict, entries: list[tuple[str, int, int]], co
     """One length: SDPA, FlexAttention dense and, per configuration (and per strip kernel of
     ``strip_kernels`` for the strip configuration), the minference_flex runs: one per ``entries``
     (kind, a, b), every head that pattern.
-    ``inputs``: "structured" (``structured_qkv`` in ``geometry``) or "smollm2" (the first ``n``
+    ``inputs``: "structured" (``structured_qkv`` in ``geometry``) or "capture" (the first ``n``
     positions of layer ``layer`` of ``capture``, a dict of ``load_capture``). ``device="cpu"`` with ``eager`` is the
     smoke-test mode (wall-clock times, eager kernels). ``skip`` leaves out the "sdpa" baseline, the "flex"
     dense baseline and the "dense-pattern" run (each takes 20-35 s a call at 1M tokens)."""
-    if inputs == "smollm2":
-        q, k, v = smollm2_qkv(capture, n, device=device, layer=layer)
+    if inputs == "capture":
+        q, k, v = capture_qkv(capture, n, device=device, layer=layer)
     else:
         q, k, v = structured_qkv(geometry["Hq"], geometry["Hkv"], n, geometry["D"], device=device)
     cuda = device == "cuda"
@@ -397,14 +402,15 @@ def run(argv: list[str] | None = None) -> dict:
     """``main`` returning the report (bench.json's contents)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--geometry", choices=sorted(GEOMETRIES), default=None,
-                   help="head layout of the structured inputs (default llama3-8b; smollm2-135m with --inputs smollm2)")
+                   help="head layout of the structured inputs (default llama3-8b; --inputs capture: the "
+                        "capture's)")
     p.add_argument("--inputs", choices=INPUTS, default="structured",
-                   help="structured: bench_inputs.structured_qkv (default); smollm2: query/key/value of a real "
-                        "SmolLM2 layer from the --capture file")
+                   help="structured: bench_inputs.structured_qkv (default); capture: query/key/value of a real "
+                        "model layer (SmolLM2 or Qwen2.5-Coder) from the --capture file")
     p.add_argument("--capture", type=Path, default=Path("smollm2_capture.pt"),
-                   help="capture file of `minference-flex capture` for --inputs smollm2 (default smollm2_capture.pt)")
+                   help="capture file of `minference-flex capture` for --inputs capture (default smollm2_capture.pt)")
     p.add_argument("--layer", type=non_negative_int, default=None,
-                   help="with --inputs smollm2: which captured layer (default the first in the file)")
+                   help="with --inputs capture: which captured layer (default the first in the file)")
     p.add_argument("--lengths", type=positive_int, nargs="+", default=[32768, 131072])
     p.add_argument("--budgets", type=budgets_arg, nargs="+", default=[(1000, 6096), (100, 800)], metavar="V,S",
                    help="vertical,slash budgets of the vertical_and_slash heads (default 1000,6096 100,800)")
@@ -447,17 +453,19 @@ def run(argv: list[str] | None = None) -> dict:
         check_output(p, "--plot", args.plot, make_folder=True)
         check_matplotlib(p)
     check_device(p, args.device)
-    geometry = args.geometry or DEFAULT_GEOMETRY[args.inputs]
-    if args.inputs == "smollm2" and geometry != "smollm2-135m":
-        p.error(f"--inputs smollm2 has the smollm2-135m geometry, not {geometry}")
+    geometry = args.geometry or "llama3-8b"
     capture, inputs = None, {"kind": args.inputs}
-    if args.inputs == "smollm2":
+    if args.inputs == "capture":
         try:
             capture = load_capture(args.capture)
+            if args.geometry is not None and args.geometry != capture["geometry"]:
+                raise ValueError(f"--geometry {args.geometry}: the capture {args.capture} has the "
+                                 f"{capture['geometry']} geometry")
             for n in args.lengths:  # every length must fit before anything is timed
                 capture_index(capture, n, args.layer)
         except ValueError as exc:
             p.error(str(exc))
+        geometry = capture["geometry"]
         layer = capture["layer"][0] if args.layer is None else args.layer
         inputs.update(file=str(args.capture), layer=layer, captured_length=capture["length"],
                       **{key: capture[key] for key in ("model", "text", "start", "model_dtype", "rope")

@@ -18,7 +18,7 @@ The file (``torch.save``) holds a dict: ``query`` [L, 9, N, 64], ``key``/``value
 ("pydoc_data.topics"), ``start`` (first token of the haystack used), ``input_ids`` [N], ``model``,
 ``model_dtype`` (dtype of the forward), ``dtype`` (of the saved tensors, ``--dtype``, bfloat16 by
 default), ``rope`` (the model's rope parameters), ``device`` and ``torch``. ``minference-flex bench
---inputs smollm2`` reads it (``bench.load_capture``); query position i of the capture is what the
+--inputs capture`` reads it (``bench.load_capture``); query position i of the capture is what the
 model computes at token i for any prompt starting with the same tokens, so a prefix of a long
 capture serves every shorter length.
 """

@@ -2,13 +2,13 @@
 ``layer`` (= ``demo --synthetic``: one synthetic attention layer), ``eval`` (the real-model evaluation
 of docs/real_model.md), ``search`` (the per-head pattern search of docs/search.md), ``bench`` (the
 GPU benchmark of docs/performance.md),
-``capture`` (a real SmolLM2 layer's query/key/value, bench's ``--inputs smollm2``) and ``ttft`` (time
+``capture`` (a real SmolLM2 layer's query/key/value, bench's ``--inputs capture``) and ``ttft`` (time
 to first token of SmolLM2, SDPA against minference_flex) and ``fetch`` (download Qwen2.5-Coder-1.5B-Instruct
 or the haystacks into the cache). The real-model commands take ``--model qwen2.5-coder-1.5b``.
 
     minference-flex demo [--length 4096] [--depths 50 100] [--patterns FILE|type,a,b] [--device cpu]
     minference-flex demo --synthetic [--length N] [--budgets V,S] [--eager] ...
-    minference-flex bench --lengths 32768 131072 --reps 7 [--inputs smollm2] [--plot bench.png]
+    minference-flex bench --lengths 32768 131072 --reps 7 [--inputs capture] [--plot bench.png]
     minference-flex capture --length 131072 --device cuda --out smollm2_capture.pt
     minference-flex ttft --lengths 32768 131072 --device cuda
     minference-flex eval --lengths 4096 --samples 2 --out results.json
@@ -31,7 +31,7 @@ COMMANDS = {
     "eval": "real model (SmolLM2-135M or Qwen2.5-Coder-1.5B): needle retrieval or the RULER suite (--tasks), "
             "perplexity, TTFT and tiles skipped, dense vs sparse",
     "search": "offline per-head pattern search: a MInference pattern file for a model",
-    "capture": "save the query/key/value a SmolLM2-135M layer receives on real prose (bench --inputs smollm2)",
+    "capture": "save the query/key/value a SmolLM2-135M layer receives on real prose (bench --inputs capture)",
     "ttft": "time to first token of SmolLM2-135M: SDPA vs minference_flex per prompt length",
     "fetch": "download into the cache: qwen2.5-coder-1.5b (Qwen2.5-Coder-1.5B-Instruct GGUF, 1.1 GB) or haystacks "
              "(Paul Graham's essays and Moby-Dick, 2 MB)",
