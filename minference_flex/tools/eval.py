@@ -26,7 +26,9 @@ length, which compiles the kernel) and its speedup over dense, and the
 fraction of causal KV tiles skipped (first prompt per length). ``--plot FILE.png`` draws score and
 speedup against length per side. ``--batch B`` answers B prompts of a task in one generate (every
 prompt is exactly the length asked, so no padding): much faster on a GPU, where decoding is bound by
-launches; the time to first token is then the batch's divided by B.
+launches; the time to first token is then the batch's divided by B. ``--out`` is rewritten after
+every batch; ``--resume`` continues such a file (same settings, more ``--lengths`` allowed) without
+asking its answered prompts again: long runs on machines that stop them go in several pieces.
 
 Lengths above the model's context load it with YaRN (SmolLM2: factor length/8192 rounded up,
 original 8192; Qwen: factor 4 or more over 32768).
@@ -39,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import random
 import statistics
 import sys
@@ -56,7 +60,7 @@ from minference_flex.tools.haystack import (HAYSTACKS, NEEDLE_MIN_LENGTH, Haysta
 from minference_flex.tools.models import MODELS, SMOLLM2_NAME
 from minference_flex.tools.sides import (DEFAULT_PATTERNS_HELP, add_model_option, each_context, finish, greedy,
                                          layer_patterns, pattern_configs, pattern_label, perplexity, tile_counter,
-                                         timed_greedy, use_side)
+                                         timed_greedy, use_side, write_json)
 
 #: Greedy tokens per answer when ``--max-new-tokens`` is not given: the needle suite's, and RULER's
 #: ``tokens_to_generate`` per task.
@@ -175,12 +179,51 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
     return results
 
 
-def run_ruler(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
+#: Settings a ``--resume`` run must share with the results it continues (all but the lengths).
+RESUME_KEYS = tuple(k for k in EvalConfig.__dataclass_fields__ if k != "lengths")
+
+
+def resumable(previous: dict, cfg: EvalConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from those ``previous`` (RULER results) was made with:
+    empty when a run with ``cfg`` can continue it."""
+    old, new = previous.get("config", {}), json.loads(json.dumps(asdict(cfg)))
+    if previous.get("suite") != "ruler":
+        return ["suite"]
+    return [key for key in RESUME_KEYS if old.get(key) != new[key]]
+
+
+def ruler_rows(records: list[dict], sides: list[str], tasks: list[str]) -> dict:
+    """Per side, from the prompt records of one length: each task's score x100 and their mean, the
+    prompts passed, ``same_as_dense`` (sparse sides), the median time to first token and its speedup
+    over dense."""
+    by = {(r["side"], r["task"], r["sample"]): r for r in records}
+    samples = sorted({(r["task"], r["sample"]) for r in records}, key=lambda ts: (tasks.index(ts[0]), ts[1]))
+    rows = {}
+    for side in sides:
+        mine = [by[(side, *ts)] for ts in samples]
+        task_scores = {task: round(100 * statistics.fmean(r["score"] for r in mine if r["task"] == task), 1)
+                       for task in tasks}
+        rows[side] = {"tasks": task_scores, "score": round(statistics.fmean(task_scores.values()), 1),
+                      "passed": sum(r["pass"] for r in mine), "total": len(mine),
+                      "ttft_median": round(statistics.median(r["ttft_seconds"] for r in mine), 4)}
+        if side != "dense":
+            rows[side]["same_as_dense"] = sum(r["pass"] == by[("dense", *ts)]["pass"] for r, ts in zip(mine, samples))
+    for side in sides:
+        rows[side]["ttft_speedup"] = round(rows["dense"]["ttft_median"] / rows[side]["ttft_median"], 3)
+    return rows
+
+
+def run_ruler(cfg: EvalConfig, *, progress: bool = True, log=print, save=None, previous: dict | None = None) -> dict:
     """The RULER suite (module docstring) of ``cfg.tasks`` on dense and every configuration of
     ``cfg.patterns``. Results per length and side: ``ruler[length][side]`` = {``tasks``: task ->
     score x100, ``score``: their mean, ``passed``/``total`` prompts, ``same_as_dense`` (sparse sides:
     prompts that pass or fail as on dense), ``ttft_median`` s, ``ttft_speedup`` (dense median / this
-    side's), ``perplexity``}; ``tiles[length][side]``; one record per prompt and side in ``records``."""
+    side's), ``perplexity``}; ``tiles[length][side]``; one record per prompt and side in ``records``.
+
+    ``save(results)`` is called after every batch and every length (``results["complete"]`` False
+    until the end), so an interrupted run keeps what it measured. ``previous``: such results of a
+    run with the same settings (``resumable``; the lengths may differ): its finished lengths are kept
+    and its answered prompts are not asked again, so the run continues where that one stopped."""
     from tqdm.auto import tqdm
 
     spec = MODELS[cfg.model]
@@ -188,11 +231,22 @@ def run_ruler(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
     sides = ["dense", *cfg.patterns]
     haystack = HAYSTACKS[cfg.haystack]()
     ppl_name, ppl_text = perplexity_text()
-    results = {"config": asdict(cfg), "model": spec.description, "suite": "ruler", "haystack": cfg.haystack,
-               "perplexity_text": ppl_name, "sparse_backend": None, "sides": sides, "tasks": list(cfg.tasks),
-               "load_seconds": {}, "ruler": {}, "tiles": {}, "records": []}
-    bar = tqdm(total=len(lengths) * len(cfg.tasks) * cfg.samples * len(sides) + len(lengths) * len(sides),
+    if previous is not None and resumable(previous, cfg):
+        raise ValueError(f"cannot resume: these settings differ from the earlier run's: {resumable(previous, cfg)}")
+    results = previous or {"config": asdict(cfg), "model": spec.description, "suite": "ruler", "haystack": cfg.haystack,
+                           "perplexity_text": ppl_name, "sparse_backend": None, "sides": sides,
+                           "tasks": list(cfg.tasks), "load_seconds": {}, "ruler": {}, "tiles": {}, "records": []}
+    results["config"]["lengths"] = sorted(set(results["config"]["lengths"]) | set(lengths))
+    results["complete"] = False
+    done = {(r["length"], r["task"], r["sample"], r["side"]) for r in results["records"]}
+    todo = [n for n in lengths if str(n) not in results["ruler"]]
+    bar = tqdm(total=len(todo) * (len(cfg.tasks) * cfg.samples * len(sides) + len(sides)),
                desc="eval", disable=not progress, file=sys.stderr)
+    bar.update(sum(1 for key in done if key[0] in todo))
+
+    def checkpoint():
+        if save is not None:
+            save(results)
 
     def run(context, label, group, model, tokenizer):
         results["load_seconds"][label] = round(model.load_seconds, 1)
@@ -202,9 +256,7 @@ def run_ruler(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
                      for side, p in cfg.patterns.items()}
         ppl_ids = tokenizer(ppl_text, add_special_tokens=False)["input_ids"]
         for n in group:
-            scores = {side: {task: [] for task in cfg.tasks} for side in sides}
-            passed = {side: [] for side in sides}
-            ttft = {side: [] for side in sides}
+            counting = str(n) not in results["tiles"]
             stats: dict = {side: {} for side in cfg.patterns}
             prompts = [(task, i, ruler.generate(task, tokenizer, n, seed=cfg.seed + i, haystack=haystack))
                        for task in cfg.tasks for i in range(cfg.samples)]
@@ -218,10 +270,12 @@ def run_ruler(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
                 task = batch[0][0]
                 ids = torch.tensor([sample.input_ids for _, _, sample in batch])
                 for side in sides:
+                    if all((n, task, i, side) in done for _, i, _ in batch):
+                        continue
                     impl = use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len, compiled=not cfg.eager)
                     if side != "dense":
                         results["sparse_backend"] = results["sparse_backend"] or impl
-                    count = side != "dense" and k == 0
+                    count = side != "dense" and counting and not stats[side]
                     t0 = time.perf_counter()
                     with (tile_counter(model, per_layer[side], cfg.min_sparse_len, stats[side]) if count
                           else contextlib.nullcontext()):
@@ -230,35 +284,32 @@ def run_ruler(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
                     dt = time.perf_counter() - t0
                     counted = stats[side].get("count_seconds", 0.0) if count else 0.0
                     first = (first - counted) / len(batch)  # the tile counting runs inside the prefill
-                    ttft[side].append(first)
                     for (_, i, sample), answer in zip(batch, answers):
                         result = ruler.score(answer, sample.answers)
-                        scores[side][task].append(result.fraction)
-                        passed[side].append(result.passed)
                         results["records"].append({
                             "length": n, "task": task, "sample": i, "side": side, "backend": impl,
                             "expected": sample.answers, "answer": answer, "score": round(result.fraction, 4),
                             "pass": result.passed, "ttft_seconds": round(first, 4),
                             "seconds": round((dt - counted) / len(batch), 3)})
+                        done.add((n, task, i, side))
                         bar.update(1)
+                if counting and all(stats.values()):  # every sparse side counted: keep it for a resumed run
+                    results["tiles"][str(n)] = {side: _tile_summary(stats[side]) for side in cfg.patterns}
+                    counting = False
+                checkpoint()
             ids = torch.tensor([(ppl_ids * (n // len(ppl_ids) + 1))[:n]])
-            rows = {}
+            rows = ruler_rows([r for r in results["records"] if r["length"] == n], sides, list(cfg.tasks))
             for side in sides:
                 use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len, compiled=not cfg.eager)
-                task_scores = {task: round(100 * statistics.fmean(v), 1) for task, v in scores[side].items()}
-                rows[side] = {"tasks": task_scores, "score": round(statistics.fmean(task_scores.values()), 1),
-                              "passed": sum(passed[side]), "total": len(passed[side]),
-                              "ttft_median": round(statistics.median(ttft[side]), 4),
-                              "perplexity": round(perplexity(model, ids), 3)}
-                if side != "dense":
-                    rows[side]["same_as_dense"] = sum(a == b for a, b in zip(passed[side], passed["dense"]))
-                rows[side]["ttft_speedup"] = round(rows["dense"]["ttft_median"] / rows[side]["ttft_median"], 3)
+                rows[side]["perplexity"] = round(perplexity(model, ids), 3)
                 bar.update(1)
             results["ruler"][str(n)] = rows
-            results["tiles"][str(n)] = {side: _tile_summary(stats[side]) for side in cfg.patterns}
+            results["tiles"].setdefault(str(n), {side: _tile_summary(stats[side]) for side in cfg.patterns})
+            checkpoint()
 
-    each_context(lengths, run, model=spec, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    each_context(todo, run, model=spec, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     bar.close()
+    results["complete"] = True
     return results
 
 
@@ -399,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results.json", help="JSON results file (default results.json); '' writes none")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="RULER suite: a figure of score and TTFT speedup over dense against length per side")
+    p.add_argument("--resume", action="store_true",
+                   help="RULER suite: continue the --out file of an earlier run with the same settings (its "
+                        "answered prompts are not asked again; other --lengths may be added). The file is "
+                        "rewritten after every batch, so an interrupted run keeps what it measured")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     # Every check before the model loads (a bad value used to surface after the load, or never).
@@ -409,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         check_at_least(p, "--lengths", args.lengths, NEEDLE_MIN_LENGTH, "the question and the needle take ~95 tokens")
         if args.plot:
             p.error("--plot draws the RULER suite: give --tasks")
+        if args.resume:
+            p.error("--resume continues the RULER suite: give --tasks")
+    if args.resume and not args.out:
+        p.error("--resume continues the --out file: give one")
     if args.ppl_length == 1:
         p.error("--ppl-length must be 0 (no perplexity) or at least 2 tokens, got 1")
     check_device(p, args.device)
@@ -428,8 +487,23 @@ def main(argv: list[str] | None = None) -> int:
                      ppl_length=args.ppl_length, max_new_tokens=args.max_new_tokens, device=args.device,
                      dtype=args.dtype, seed=args.seed, eager=args.eager, model=args.model, tasks=tasks,
                      haystack=args.haystack, batch=args.batch)
+    previous = None
+    if args.resume and os.path.exists(args.out):
+        try:
+            with open(args.out) as f:
+                previous = json.load(f)
+            differ = resumable(previous, cfg)
+        except (OSError, ValueError, AttributeError) as exc:
+            p.error(f"--resume: {args.out} is not a results file of minference-flex eval --tasks ({exc})")
+        if differ:
+            p.error(f"--resume: {args.out} was made with other settings ({', '.join(differ)} differ); "
+                    "give the same options or another --out")
     t0 = time.perf_counter()
-    results = run_eval(cfg, progress=not args.no_progress)
+    if tasks:
+        results = run_ruler(cfg, progress=not args.no_progress, previous=previous,
+                            save=(lambda r: write_json(r, args.out)) if args.out else None)
+    else:
+        results = run_eval(cfg, progress=not args.no_progress)
     finish(results, format_table(results), args.out, t0)
     if args.plot:
         plot_ruler(results, args.plot)

@@ -215,6 +215,14 @@ def finish(results: dict, table: str, out: str | None, started: float) -> None:
     print(table)
     print(f"total {results['total_seconds']} s")
     if out:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(results, out)
         print(f"wrote {out}")
+
+
+def write_json(results: dict, path: str) -> None:
+    """``results`` as JSON in ``path``, replaced in one step (a run killed while writing leaves the
+    previous file whole)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
