@@ -231,8 +231,9 @@ def run_ruler(cfg: EvalConfig, *, progress: bool = True, log=print, save=None, p
     sides = ["dense", *cfg.patterns]
     haystack = HAYSTACKS[cfg.haystack]()
     ppl_name, ppl_text = perplexity_text()
-    if previous is not None and resumable(previous, cfg):
-        raise ValueError(f"cannot resume: these settings differ from the earlier run's: {resumable(previous, cfg)}")
+    differ = resumable(previous, cfg) if previous is not None else []
+    if differ:
+        raise ValueError(f"cannot resume: these settings differ from the earlier run's: {', '.join(differ)}")
     results = previous or {"config": asdict(cfg), "model": spec.description, "suite": "ruler", "haystack": cfg.haystack,
                            "perplexity_text": ppl_name, "sparse_backend": None, "sides": sides,
                            "tasks": list(cfg.tasks), "load_seconds": {}, "ruler": {}, "tiles": {}, "records": []}
@@ -266,7 +267,7 @@ def run_ruler(cfg: EvalConfig, *, progress: bool = True, log=print, save=None, p
             for side in sides:  # untimed: the kernel compile (and any first-call cost) is no prefill time
                 use_side(model, side, cfg.patterns.get(side), cfg.min_sparse_len, compiled=not cfg.eager)
                 _prefill(model, torch.tensor([sample.input_ids for _, _, sample in batches[0]]))
-            for k, batch in enumerate(batches):
+            for batch in batches:
                 task = batch[0][0]
                 ids = torch.tensor([sample.input_ids for _, _, sample in batch])
                 for side in sides:
