@@ -6,7 +6,9 @@ distributed_config=DistributedConfig(tp_plan="auto"), attn_implementation="minfe
 ``tp_plan="auto"`` argument, deprecated, is turned into that) (transformers initialises gloo from RANK/WORLD_SIZE and
 shards q/k/v_proj column-wise, o_proj row-wise: each rank's attention gets its 1/2 of the heads),
 and compares their logits with the single-process model's, on a batch without padding and a
-left-padded batch. The other tests check the slice rule and its errors in this process.
+left-padded batch. ``test_example_under_torchrun`` runs docs/distributed.md's two commands (one
+process, then torchrun). The other tests check the slice rule and its errors in this process.
+The two multi-process tests (marker ``distributed``) take ~30 s on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -196,3 +198,27 @@ def test_fewer_heads_without_process_group_raise():
     assert not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match="no torch.distributed process group"):
         mf_hf.minference_flex_attention(attn, q, k, k, None)
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(not _gloo(), reason="torch.distributed with the gloo backend is not available")
+@pytest.mark.skipif(sys.platform == "win32", reason="spawns processes that rendezvous over TCP")
+def test_example_under_torchrun(tmp_path):
+    """docs/distributed.md's commands: examples/tensor_parallel.py in one process, then under torchrun."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    example = str(repo / "examples" / "tensor_parallel.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])),
+               CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, example, "--out", "single.pt"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    tp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+                         example, "--check", "single.pt"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=120)
+    assert tp.returncode == 0, tp.stderr[-3000:]
+    assert "2 process(es), 4 of 8 query heads each; layer calls {'sparse': 4}" in tp.stdout, tp.stdout
+    difference = float(tp.stdout.rsplit("max |difference| from single.pt:", 1)[1].split()[0])
+    assert difference < 1e-5, tp.stdout
