@@ -38,6 +38,10 @@ eager emulation (tests use it, to avoid one CPU compile per prompt length); ``co
 SDPA fallback's cost model as a name of ``cost.COST_MODELS`` (default ``"H100"``), a dict of
 ``CostModel`` fields or None (never fall back); ``fallback_devices`` the device types it applies on.
 No module-level switch changes how a model runs.
+
+Tensor parallelism (transformers' ``tp_plan="auto"``, one process per rank): each rank's attention
+gets its contiguous share of the query and KV heads, and runs the layer's patterns of those heads
+(``_local_layer``; docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -456,6 +460,90 @@ def _layer_config(module) -> LayerConfig:
     return result
 
 
+# --------------------------------------------------------------------------- tensor parallelism
+
+#: Where ``_local_layer`` keeps a module's LayerConfig for its local heads (in the module's ``__dict__``).
+_LOCAL_CACHE = "_minference_flex_local"
+
+
+def _tp_rank(tp_size: int) -> int:
+    """This process's rank in its tensor-parallel group of ``tp_size`` ranks: ``rank % tp_size``.
+
+    transformers builds its device mesh as ``init_device_mesh(type, (pp, dp_replicate, fsdp, tp))``
+    (``transformers.distributed.utils.initialize_distributed_mesh``), ranks laid out row-major, so
+    the TP coordinate of a rank is its innermost index; with TP alone it is the rank itself.
+    ``torch.distributed.get_rank``/``get_world_size`` are constants to torch.compile (no graph break,
+    no host sync). ValueError without an initialised process group, or when its world size is no
+    multiple of ``tp_size``."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"minference_flex got 1/{tp_size} of the configured attention heads but no torch.distributed "
+                         "process group is initialised: tensor parallelism needs one (torchrun, tp_plan='auto')")
+    world = dist.get_world_size()
+    if world % tp_size:
+        raise ValueError(f"minference_flex got 1/{tp_size} of the configured attention heads but the process group "
+                         f"has {world} ranks (no multiple of {tp_size})")
+    return dist.get_rank() % tp_size
+
+
+def _tp_slice(num_heads: int, num_kv_heads: int | None, local_heads: int, local_kv_heads: int,
+              recorded_tp_size: int | None) -> tuple[int, int]:
+    """The ``(tp_size, tp_rank)`` of an attention call that got ``local_heads`` of the model's
+    ``num_heads`` query heads and ``local_kv_heads`` key/value heads: transformers' TP plans shard
+    ``q_proj``/``k_proj``/``v_proj`` column-wise (``Shard(0)`` of the weight, contiguous even
+    slices), so rank ``r`` of ``W`` holds query heads ``r*Hq/W .. (r+1)*Hq/W - 1`` and KV heads
+    ``r*Hkv/W .. (r+1)*Hkv/W - 1``, whole GQA groups (query head ``h`` reads KV head ``h // G``, ``G = Hq/Hkv``,
+    locally as globally). All arguments are Python integers (shapes and the config): nothing is
+    read from a tensor.
+
+    ValueError when the counts fit no such layout: ``local_heads`` no divisor of ``num_heads``, a
+    TP size that splits a GQA group (``Hq/W`` no multiple of ``G``, i.e. ``W`` no divisor of
+    ``Hkv``), a local KV head count other than ``Hkv/W``, or a TP size other than the one
+    transformers recorded (``config.distributed_config.tp_size``)."""
+    if local_heads < 1 or local_heads > num_heads or num_heads % local_heads:
+        raise ValueError(f"minference_flex: the attention call has {local_heads} query heads, which fits no "
+                         f"tensor-parallel split of the model's {num_heads} (num_attention_heads) heads")
+    tp_size = num_heads // local_heads
+    if recorded_tp_size is not None and recorded_tp_size != tp_size:
+        raise ValueError(f"minference_flex: the attention call has {local_heads} of {num_heads} query heads "
+                         f"(1/{tp_size}) but the model was sharded with tp_size={recorded_tp_size}")
+    kv = num_kv_heads if num_kv_heads is not None else num_heads
+    if kv % tp_size or num_heads % kv:
+        raise ValueError(f"minference_flex: tensor parallelism over {tp_size} ranks splits the GQA groups of "
+                         f"{num_heads} query heads over {kv} key/value heads (each rank's {local_heads} query heads "
+                         f"must be whole groups of {num_heads // kv if kv and num_heads % kv == 0 else '?'})")
+    if local_kv_heads != kv // tp_size:
+        raise ValueError(f"minference_flex: the attention call has {local_heads} of {num_heads} query heads but "
+                         f"{local_kv_heads} of {kv} key/value heads; tensor parallelism over {tp_size} ranks gives "
+                         f"{kv // tp_size}")
+    return tp_size, _tp_rank(tp_size)
+
+
+def _local_layer(module, layer: LayerConfig, local_heads: int, local_kv_heads: int) -> LayerConfig:
+    """``layer`` with the patterns of this rank's heads when the call has fewer query heads than
+    the configuration (tensor parallelism: ``_tp_slice``): query heads ``r*Hq/W .. (r+1)*Hq/W - 1``
+    of the layer's ``Hq`` patterns, in order. Unchanged when the counts agree or there are no
+    patterns (``DEFAULT_PATTERN`` everywhere). Only Python integers decide the slice, so no host
+    sync and no loop over heads; outside torch.compile the result is kept on the module
+    (``_LOCAL_CACHE``) for as long as ``layer`` is the same object."""
+    patterns = layer.patterns
+    if patterns is None or len(patterns) == local_heads:
+        return layer
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        cached = module.__dict__.get(_LOCAL_CACHE)
+        if cached is not None and cached[0] is layer and cached[1] == (local_heads, local_kv_heads):
+            return cached[2]
+    config = module.config  # read the usual way: this runs once per module and head count (or while tracing)
+    num_kv = getattr(config, "num_key_value_heads", None)
+    recorded = getattr(getattr(config, "distributed_config", None), "tp_size", None)
+    tp_size, rank = _tp_slice(len(patterns), num_kv, local_heads, local_kv_heads, recorded)
+    result = layer._replace(patterns=patterns[rank * local_heads:(rank + 1) * local_heads])
+    if not compiling:
+        module.__dict__[_LOCAL_CACHE] = (layer, (local_heads, local_kv_heads), result)
+    return result
+
+
 def _parse_layer(heads: dict, count: int) -> tuple[Pattern, ...]:
     """One layer's stored head dict (head string -> entry) as one Pattern per head."""
     return tuple(Pattern.parse(heads.get(str(h), DEFAULT_PATTERN)) for h in range(count))
@@ -587,7 +675,7 @@ def minference_flex_attention(module, query: Tensor, key: Tensor, value: Tensor,
                           "for sparse attention")
         out = _sdpa(query, key, value, attention_mask, scaling)
     else:
-        layer = _layer_config(module)
+        layer = _local_layer(module, _layer_config(module), query.shape[1], key.shape[1])
         if attention_mask is None:
             out = _prefill(query, key, value, layer, scaling)
         else:
