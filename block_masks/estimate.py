@@ -357,8 +357,45 @@ def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ..
     return BlockSelection(TILE, first, kept, valid, n_kb)
 
 
-def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: float) -> Selection:
-    """Estimate every head's kept cells for this call (no host synchronisation)."""
+def scored_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: float
+                     ) -> tuple[Tensor, Tensor]:
+    """The kept columns and offsets of the scored heads (``vertical_and_slash``, ``vertical_slash_mass``),
+    estimated from the last ``min(64, Nq)`` queries (``vertical_slash_scores``): (columns [B, Hq, V]
+    int64 sorted ascending, Nk = padding, V = ``scored_column_count``; slashes [B, Hq, Nk] bool).
+    Heads of other kinds keep nothing here. Only the last 64 queries are read, so passing just them
+    (with all the keys) gives the same result: what context parallelism broadcasts."""
+    B, Hq = query.shape[:2]
+    Nk = key.shape[2]
+    tables = head_tables(patterns, query.device)
+    vertical, slash = map(ranking_scores, vertical_slash_scores(query, key, scale))
+    col_budgets, off_budgets = map(set, zip(*(scored_budgets(p.kind, p.a, p.b) for p in patterns
+                                              if p.kind in SCORED_KINDS)))
+    n_cols, n_offs = min(Nk, max(col_budgets)), min(Nk, max(off_budgets))
+    # Ranks run below n_cols / n_offs <= Nk, so budgets past the length need no capping; with one
+    # count for all scored heads and no mass target the top-k needs no order (the columns are
+    # sorted below, the offsets scattered).
+    target = tables.mass_target if any(p.kind == VERTICAL_SLASH_MASS for p in patterns) else None
+    col_idx, col_valid = _top_scored(vertical, FORCED_COLUMNS, n_cols, tables.columns, target,
+                                     ranked=target is not None or len(col_budgets) > 1)
+    columns = torch.where(col_valid, col_idx, Nk).sort(dim=-1).values
+    off_idx, off_valid = _top_scored(slash, FORCED_OFFSETS, n_offs, tables.slashes, target,
+                                     ranked=target is not None or len(off_budgets) > 1)
+    slashes = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=query.device).scatter_(-1, off_idx, off_valid)
+    return columns, slashes
+
+
+def scored_column_count(patterns: tuple[Pattern, ...], nk: int) -> int:
+    """V, the width of ``scored_selection``'s column list for ``nk`` keys (0 without scored heads)."""
+    return min(nk, max([0] + [scored_budgets(p.kind, p.a, p.b)[0] for p in patterns if p.kind in SCORED_KINDS]))
+
+
+def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: float,
+           scored: tuple[Tensor, Tensor] | None = None) -> Selection:
+    """Estimate every head's kept cells for this call (no host synchronisation).
+
+    ``scored``: the scored heads' (columns [B, Hq, V], slashes [B, Hq, Nk]) as ``scored_selection``
+    returns them, estimated elsewhere (context parallelism: from the last queries of a longer
+    sequence, restricted to this call's keys), used instead of estimating them from ``query``."""
     B, Hq, Nq, _ = query.shape
     Nk = key.shape[2]
     device = query.device
@@ -380,20 +417,13 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
 
     columns = None
     if kinds & set(SCORED_KINDS):
-        vertical, slash = map(ranking_scores, vertical_slash_scores(query, key, scale))
-        col_budgets, off_budgets = map(set, zip(*(scored_budgets(p.kind, p.a, p.b) for p in patterns
-                                                  if p.kind in SCORED_KINDS)))
-        n_cols, n_offs = min(Nk, max(col_budgets)), min(Nk, max(off_budgets))
-        # Ranks run below n_cols / n_offs <= Nk, so budgets past the length need no capping; with one
-        # count for all scored heads and no mass target the top-k needs no order (the columns are
-        # sorted below, the offsets scattered).
-        target = tables.mass_target if VERTICAL_SLASH_MASS in kinds else None
-        col_idx, col_valid = _top_scored(vertical, FORCED_COLUMNS, n_cols, tables.columns, target,
-                                         ranked=target is not None or len(col_budgets) > 1)
-        columns = torch.where(col_valid, col_idx, Nk).sort(dim=-1).values
-        off_idx, off_valid = _top_scored(slash, FORCED_OFFSETS, n_offs, tables.slashes, target,
-                                         ranked=target is not None or len(off_budgets) > 1)
-        slashes = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device).scatter_(-1, off_idx, off_valid)
+        if scored is None:
+            columns, slashes = scored_selection(query, key, patterns, scale)
+        else:
+            columns, slashes = scored
+            if tuple(columns.shape[:2]) != (B, Hq) or tuple(slashes.shape) != (B, Hq, Nk):
+                raise ValueError(f"scored: columns [B, Hq, V] and slashes [B, Hq, Nk] = [{B}, {Hq}, {Nk}], got "
+                                 f"{tuple(columns.shape)} and {tuple(slashes.shape)}")
         offsets = slashes if offsets is None else offsets | slashes
     if offsets is None:  # block heads only
         offsets = torch.zeros(B, Hq, Nk, dtype=torch.bool, device=device)

@@ -181,7 +181,7 @@ class AttentionPlan:
 def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
                    full_width: bool | None = None, fold_columns: bool | None = None, strips: bool | None = None,
                    tiles: Tiles = Tiles(), kernel_options: dict | None = None,
-                   strip_kernel: str = "auto") -> AttentionPlan:
+                   strip_kernel: str = "auto", scored: tuple[Tensor, Tensor] | None = None) -> AttentionPlan:
     """Estimate each head's pattern from the prompt and build the kernel's metadata (no host sync).
 
     ``strips`` computes the kept diagonals, sinks and vertical columns with the strip kernel (``block_masks.strips``;
@@ -200,6 +200,9 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
     back to the host, one synchronisation; pass a Python float on the hot path); default 1/sqrt(D).
     Empty inputs (batch 0, no query heads or no queries) give an empty plan, with no parts, for which
     ``run_plan`` returns the empty output [B, Hq, Nq, D].
+
+    ``scored``: the scored heads' kept columns and offsets estimated elsewhere (``block_masks.select``'s
+    argument; context parallelism passes those of the whole sequence), else estimated from ``query``.
     """
     patterns, scale = _check(query, key, None, patterns, scale, with_value=False)
     check_kernel(strip_kernel)
@@ -208,7 +211,7 @@ def plan_attention(query: Tensor, key: Tensor, patterns: Sequence, *, scale: flo
     cpu = query.device.type == "cpu"
     fold_columns = cpu if fold_columns is None else fold_columns
     strips = not (cpu or fold_columns) if strips is None else strips
-    return plan_selection(select(query, key, patterns, scale), scale=scale,
+    return plan_selection(select(query, key, patterns, scale, scored), scale=scale,
                           full_width=cpu if full_width is None else full_width, fold_columns=fold_columns,
                           strips=strips, tiles=tiles, kernel_options=kernel_options,
                           head_dim=query.shape[-1], kv_heads=key.shape[1],
@@ -353,12 +356,14 @@ def sparse_attention(query: Tensor, key: Tensor, value: Tensor, patterns: Sequen
 
 
 def kernel_plan(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None,
-                compiled: bool = True) -> AttentionPlan:
+                compiled: bool = True, scored: tuple[Tensor, Tensor] | None = None) -> AttentionPlan:
     """The plan ``sparse_attention(..., compiled=compiled)`` runs: the layout its kernel needs (on CPU
     under the compiled kernel full-width tile lists with the vertical columns folded in, else the
-    device's default), so that ``run_plan(kernel_plan(...), ...)`` equals ``sparse_attention(...)``."""
+    device's default), so that ``run_plan(kernel_plan(...), ...)`` equals ``sparse_attention(...)``.
+    ``scored``: as ``plan_attention``'s."""
     cpu_kernel = query.device.type == "cpu" and (compiled or torch.compiler.is_compiling())
-    return plan_attention(query, key, patterns, scale=scale, full_width=cpu_kernel, fold_columns=cpu_kernel)
+    return plan_attention(query, key, patterns, scale=scale, full_width=cpu_kernel, fold_columns=cpu_kernel,
+                          scored=scored)
 
 
 def token_mask(query: Tensor, key: Tensor, patterns: Sequence, *, scale: float | None = None) -> Tensor:
