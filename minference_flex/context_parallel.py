@@ -106,6 +106,8 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, patter
     if key.shape[2] != n_local:
         raise ValueError(f"query and key/value shards must have the same length (self-attention over the "
                          f"whole sequence), got {n_local} and {key.shape[2]}")
+    if B == 0 or Hq == 0:  # same shapes on every rank: all return at once, with no collective
+        return query.new_zeros(query.shape)
     multiple = chunk_size_multiple(patterns)
     if n_local == 0 or n_local % (2 * multiple):
         raise ValueError(f"each rank's shard holds 2 chunks of N / (2W) positions, a multiple of {multiple} "

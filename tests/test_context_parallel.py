@@ -6,7 +6,8 @@ on its load-balanced shard of several cases (every pattern kind, GQA 8:2, batch 
 process compares every rank's output with the rows of the single-process ``mf.sparse_attention``
 (1e-5). The same check rejects a selection estimated per rank (each chunk as its own call): that
 output differs from the single-process one. The other tests run in this process (shard layout,
-argument errors, a group of one process). The multi-process test takes ~15 s on 2 CPU cores.
+argument errors, a group of one process, and (``slow``: compiles) the compiled CPU kernel). The
+multi-process test takes ~30 s on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -180,7 +181,19 @@ def test_argument_errors(one_process_group):
         context_parallel_attention(q[:, :, :192], k[:, :, :192], k[:, :, :192], [["dense"]] * 4, compiled=False)
     with pytest.raises(ValueError, match="positive multiple of 512, got 256"):   # 128-token chunks, 256-token blocks
         context_parallel_attention(q, k, k, [mf.Pattern("block_sparse", 1, block_size=256)] * 4, compiled=False)
+    empty = torch.randn(0, 4, 256, 16)
+    assert context_parallel_attention(empty, empty[:, :2], empty[:, :2], [["dense"]] * 4).shape == empty.shape
     with pytest.raises(ValueError, match="value shape"):
         context_parallel_attention(q, k, k[:, :1], [["dense"]] * 4, compiled=False)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         context_parallel_attention(q[:, :3], k, k, [["dense"]] * 3, compiled=False)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_cpu_kernel(one_process_group):
+    """The compiled CPU kernel (vertical columns folded into the main mask) on a rank's 2 chunks."""
+    q, k, v = case_inputs("mixed")
+    patterns = CASES["mixed"][5]
+    got = context_parallel_attention(q, k, v, patterns, compiled=True)
+    torch.testing.assert_close(got, mf.sparse_attention(q, k, v, patterns, compiled=False), atol=1e-5, rtol=1e-5)
