@@ -94,6 +94,9 @@ def test_ruler_eval_end_to_end_on_smollm2(tmp_path, capsys, monkeypatch):
         sides.write_json(results, path)
         raise _Interrupted
 
+    loaded = models.smollm2()  # one load serves both runs (the second would load the same weights again)
+    monkeypatch.setattr(models, "smollm2", lambda **kw: loaded)
+
     monkeypatch.setattr(eval_tool, "write_json", killed_after_first_write)
     with pytest.raises(_Interrupted):
         cli_main(argv)
