@@ -163,12 +163,14 @@ def one_process_group():
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 @torch.no_grad()
-def test_world_of_one_equals_single_process(one_process_group):
-    """With W = 1 the shard is the sequence in order, and the op is mf.sparse_attention."""
+def test_world_of_one_equals_single_process(one_process_group, compiled):
+    """With W = 1 the shard is the sequence in order, and the op is mf.sparse_attention, with the
+    eager emulation and with the compiled CPU kernel (vertical columns folded into the main mask)."""
     q, k, v = case_inputs("mixed")
     patterns = CASES["mixed"][5]
-    got = context_parallel_attention(q, k, v, patterns, compiled=False)
+    got = context_parallel_attention(q, k, v, patterns, compiled=compiled)
     torch.testing.assert_close(got, mf.sparse_attention(q, k, v, patterns, compiled=False), atol=1e-5, rtol=1e-5)
 
 
@@ -187,13 +189,3 @@ def test_argument_errors(one_process_group):
         context_parallel_attention(q, k, k[:, :1], [["dense"]] * 4, compiled=False)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         context_parallel_attention(q[:, :3], k, k, [["dense"]] * 3, compiled=False)
-
-
-@pytest.mark.slow
-@torch.no_grad()
-def test_compiled_cpu_kernel(one_process_group):
-    """The compiled CPU kernel (vertical columns folded into the main mask) on a rank's 2 chunks."""
-    q, k, v = case_inputs("mixed")
-    patterns = CASES["mixed"][5]
-    got = context_parallel_attention(q, k, v, patterns, compiled=True)
-    torch.testing.assert_close(got, mf.sparse_attention(q, k, v, patterns, compiled=False), atol=1e-5, rtol=1e-5)
