@@ -163,7 +163,9 @@ def one_process_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=[
+    pytest.mark.slow, pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                                         reason="the compiled CPU kernel needs AVX2")])], ids=["eager", "compiled"])
 @torch.no_grad()
 def test_world_of_one_equals_single_process(one_process_group, compiled):
     """With W = 1 the shard is the sequence in order, and the op is mf.sparse_attention, with the
