@@ -370,7 +370,7 @@ def scored_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], 
     vertical, slash = map(ranking_scores, vertical_slash_scores(query, key, scale))
     col_budgets, off_budgets = map(set, zip(*(scored_budgets(p.kind, p.a, p.b) for p in patterns
                                               if p.kind in SCORED_KINDS)))
-    n_cols, n_offs = min(Nk, max(col_budgets)), min(Nk, max(off_budgets))
+    n_cols, n_offs = scored_column_count(patterns, Nk), min(Nk, max(off_budgets))
     # Ranks run below n_cols / n_offs <= Nk, so budgets past the length need no capping; with one
     # count for all scored heads and no mass target the top-k needs no order (the columns are
     # sorted below, the offsets scattered).

@@ -96,13 +96,12 @@ class EvalConfig:
 
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True, log=print) -> dict:
-    """Dense and every sparse configuration of ``cfg.patterns`` on the same prompts (see the module
-    docstring). Results per length and side: ``niah[length][side]``, ``tiles[length][side]``,
-    ``perplexity[ppl_length][side]``; ``identical[length][side]`` counts answers equal to dense."""
+    """The needle suite: dense and every sparse configuration of ``cfg.patterns`` on the same prompts
+    (see the module docstring; ``run_ruler`` runs ``cfg.tasks``). Results per length and side:
+    ``niah[length][side]``, ``tiles[length][side]``, ``perplexity[ppl_length][side]``;
+    ``identical[length][side]`` counts answers equal to dense."""
     from tqdm.auto import tqdm
 
-    if cfg.tasks:
-        return run_ruler(cfg, progress=progress, log=log)
     spec = MODELS[cfg.model]
     new_tokens = cfg.max_new_tokens or NEEDLE_NEW_TOKENS
     rng = random.Random(cfg.seed)
@@ -336,7 +335,7 @@ def _backend_line(results: dict) -> str:
 
 
 def format_table(results: dict) -> str:
-    """The text report of ``run_eval``'s results (either suite)."""
+    """The text report of ``run_eval``'s or ``run_ruler``'s results."""
     if results.get("suite") == "ruler":
         return format_ruler_table(results)
     lines = [_backend_line(results),

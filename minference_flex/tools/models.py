@@ -36,9 +36,11 @@ SMOLLM2_HEADS = 9
 SMOLLM2_KV_HEADS = 3
 #: How reports name the model (the GGUF file is 4-bit; transformers dequantises it on load).
 SMOLLM2_DESCRIPTION = "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised)"
+#: The package's folder of shipped per-model configurations.
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 #: The per-head configuration found by ``minference-flex search`` for SmolLM2-135M-Instruct at 16K
 #: tokens (docs/search.md): the default of ``smollm2(attn_implementation="minference_flex")``.
-SMOLLM2_PATTERNS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "smollm2_135m_instruct.json")
+SMOLLM2_PATTERNS = os.path.join(CONFIGS, "smollm2_135m_instruct.json")
 
 #: Qwen2.5-Coder-1.5B-Instruct (the Q4_K_M GGUF file ``minference-flex fetch qwen2.5-coder-1.5b`` assembles).
 QWEN_LAYERS = 28
@@ -53,8 +55,7 @@ QWEN_DESCRIPTION = "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M, dequantised)"
 QWEN_PATTERNS = "vertical_and_slash,1000,6096"
 #: The per-head configuration ``minference-flex search`` found for Qwen2.5-Coder-1.5B-Instruct at 16K
 #: tokens, cost budget 0.3 (docs/real_model.md); ``--patterns`` takes it.
-QWEN_SEARCHED_PATTERNS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
-                                      "qwen2_5_coder_1_5b_instruct.json")
+QWEN_SEARCHED_PATTERNS = os.path.join(CONFIGS, "qwen2_5_coder_1_5b_instruct.json")
 
 log = logging.getLogger(__name__)
 

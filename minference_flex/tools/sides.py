@@ -129,11 +129,12 @@ def use_side(model, side: str, patterns, min_sparse_len: int, *, sdpa_fallback: 
 @contextlib.contextmanager
 def tile_counter(model, per_layer: list[list], min_sparse_len: int, stats: dict):
     """While active, every prefill attention call (of ``min_sparse_len`` keys or more) adds the tiles
-    of ``mf.plan_attention`` for its query/key (the first prompt of a batch) to ``stats``: ``touched`` (key tiles of the folded layout,
-    vertical columns inside the main mask: the causal tiles that are read at all), ``computed`` (tiles
-    of the split GPU layout: main mask + gathered vertical part, which can exceed the causal count at
-    short lengths), ``causal`` (the dense causal 64x64 tile count), per-layer skipped fractions and
-    ``count_seconds`` (time spent counting, to subtract from a timed forward)."""
+    of ``mf.plan_attention`` for its query/key (the first prompt of a batch) to ``stats``:
+    ``touched`` (key tiles of the folded layout, vertical columns inside the main mask: the causal
+    tiles that are read at all), ``computed`` (tiles of the split GPU layout: main mask + gathered
+    vertical part, which can exceed the causal count at short lengths), ``causal`` (the dense causal
+    64x64 tile count), per-layer skipped fractions and ``count_seconds`` (time spent counting, to
+    subtract from a timed forward)."""
     from minference_flex.attention import plan_attention
     from minference_flex.hooks import wrap_attention
 
