@@ -1,14 +1,15 @@
 """The ``block_mass`` estimate of ``estimate.block_mass_estimate`` as one Triton kernel on CUDA.
 
 The PyTorch definition scores the sampled rows against every key in float32, masks, takes a softmax
-and sums blocks: several full passes over [rows, Nk] scores per chunk (on an H200, 77 ms for the
-8-row estimate of one Llama-3-8B layer at 32K, six times SDPA). Here one program per (query block,
-batch x head) holds the block's sampled rows and walks its causal key tiles twice: first the running
-max and sum of exp2 of each row (online softmax, log2 domain), then the tiles again, writing each
-key block's probability mass averaged over the rows. No scores leave the registers; the work is
-2 x rows / 64 of a causal q.k^T (19.3 ms for that Llama layer on the H200). Scores are float32 dot
-products as in the definition (exact for bfloat16/float16 inputs), so only the summation order
-differs. Rows are padded to ``MIN_ROWS`` (the dot's minimum).
+and sums blocks: several full passes over [rows, Nk] scores per chunk. Here one program per (group of
+consecutive query blocks, batch x head) holds the sampled rows of ``64 / rows`` query blocks, 64 rows
+in all (one full tile for the dot, and one read of each key tile for all of them), and walks the
+causal key tiles of its last block twice: first the running max and sum of exp2 of each row (online
+softmax, log2 domain), then the tiles again, writing each query block's probability mass per key
+block averaged over its rows. No scores leave the registers; the work is about ``2 rows / 64`` of a
+causal q.k^T plus, per program, the tiles past its earlier blocks' diagonals (masked). Scores are
+float32 dot products as in the definition (exact for bfloat16/float16 inputs), so only the summation
+order differs.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from .pattern import TILE, query_blocks
 from .score_kernel import kernel_operands
 from .triton_support import HAS_TRITON, tl, triton
 
-#: Sampled rows the kernel computes at least per query block (its dot needs 16 rows).
-MIN_ROWS = 16
+#: Sampled rows one program computes: those of ``PACKED_ROWS // rows`` consecutive query blocks.
+PACKED_ROWS = 64
 
 if HAS_TRITON:
     from .score_kernel import online_step, tile_scores
@@ -33,42 +34,46 @@ if HAS_TRITON:
                                    "sqb", "sqh", "skb", "skh", "smb", "smh", "smq"])
     def _block_mass(Q, K, Heads, Mass, sqb, sqh, sqm, skb, skh, skn, smb, smh, smq,
                     n_sel, group, Nq, Nk, q_offset, first_block, n_qb, qk_scale,
-                    ROWS: tl.constexpr, PADDED_ROWS: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    ROWS: tl.constexpr, PACKED: tl.constexpr, DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
                     KEYS: tl.constexpr, PRECISION: tl.constexpr):
-        t = n_qb - 1 - tl.program_id(0)   # the longest rows first
+        BLOCKS: tl.constexpr = PACKED // ROWS
+        t0 = (tl.cdiv(n_qb, BLOCKS) - 1 - tl.program_id(0)) * BLOCKS   # the longest rows first
         bg = tl.program_id(1)
         b = (bg // n_sel).to(tl.int64)
         g = (bg % n_sel).to(tl.int64)
         h = tl.load(Heads + g).to(tl.int64)
-        block = first_block + t
-        # The sampled rows: in-block rows step - 1, 2 step - 1, .., clamped to the rows the call has.
-        r = tl.arange(0, PADDED_ROWS)
-        row_ok = r < ROWS
-        pos = block * KEYS + (KEYS // ROWS) * (r + 1) - 1
+        # Row r samples query block t0 + r // ROWS at in-block row step * (r % ROWS + 1) - 1, clamped
+        # to the rows the call has; rows of blocks past the last are padding.
+        r = tl.arange(0, PACKED)
+        t = t0 + r // ROWS
+        row_ok = t < n_qb
+        pos = (first_block + t) * KEYS + (KEYS // ROWS) * (r % ROWS + 1) - 1
         pos = tl.minimum(tl.maximum(pos, q_offset), Nk - 1)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * sqb + h * sqh + (pos - q_offset)[:, None].to(tl.int64) * sqm + d[None, :],
                     mask=row_ok[:, None] & (d[None, :] < DIM), other=0.0)
         kvbase = b * skb + (h // group) * skh
-        end = (block + 1) * KEYS
-        mx = tl.full([PADDED_ROWS], float("-inf"), tl.float32)
-        se = tl.zeros([PADDED_ROWS], tl.float32)
+        end = tl.minimum(first_block + tl.minimum(t0 + BLOCKS, n_qb), tl.cdiv(Nk, KEYS)) * KEYS
+        mx = tl.full([PACKED], float("-inf"), tl.float32)
+        se = tl.zeros([PACKED], tl.float32)
         for j0 in range(0, end, KEYS):
             s, _ = tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
             mx, se = online_step(mx, se, s)
         lse = tl.where(row_ok, mx + tl.math.log2(tl.where(row_ok, se, 1.0)), 0.0)
-        out = Mass + b * smb + g * smh + t.to(tl.int64) * smq
+        blocks = t0 + tl.arange(0, BLOCKS)
+        out = Mass + b * smb + g * smh + blocks.to(tl.int64) * smq
         for j0 in range(0, end, KEYS):
             s, _ = tile_scores(q, K, kvbase, skn, j0, Nk, pos, row_ok, d, DIM, KEYS, qk_scale, PRECISION)
             p = tl.where(row_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-            tl.store(out + j0 // KEYS, tl.sum(tl.sum(p, 1), 0) / ROWS)
+            per_block = tl.sum(tl.reshape(tl.sum(p, 1), (BLOCKS, ROWS)), 1)
+            tl.store(out + j0 // KEYS, per_block / ROWS, mask=blocks < n_qb)
 
 
 def block_mass_estimate_triton(query: Tensor, key: Tensor, scale: float, rows: int, heads: Tensor) -> Tensor:
     """``estimate.block_mass_estimate`` for the query heads ``heads`` ([G] int64) of query [B, Hq, Nq, D],
     each reading key head h // (Hq / Hkv) of key [B, Hkv, Nk, D]: the definition's result for
     ``query[:, heads]`` and ``key[:, heads // group]``, [B, G, n_query_blocks, n_key_blocks] float32.
-    On CUDA, or on CPU under ``TRITON_INTERPRET=1``."""
+    ``rows`` divides 64 (``pattern.SAMPLED_ROWS``). On CUDA, or on CPU under ``TRITON_INTERPRET=1``."""
     query, key = kernel_operands(query, key, "block_mass kernel")
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
@@ -76,11 +81,12 @@ def block_mass_estimate_triton(query: Tensor, key: Tensor, scale: float, rows: i
     n_kb = -(-Nk // TILE)
     G = heads.shape[0]
     mass = torch.zeros(B, G, n_qb, n_kb, dtype=torch.float32, device=query.device)
-    _block_mass[(n_qb, B * G)](
+    packed = max(PACKED_ROWS, rows)
+    _block_mass[(triton.cdiv(n_qb, packed // rows), B * G)](
         query, key, heads, mass, query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2), mass.stride(0), mass.stride(1), mass.stride(2),
         G, Hq // Hkv, Nq, Nk, Nk - Nq, first, n_qb, scale * math.log2(math.e),
-        ROWS=rows, PADDED_ROWS=max(MIN_ROWS, rows), DIM=D, HEAD_DIM=max(16, triton.next_power_of_2(D)), KEYS=TILE,
+        ROWS=rows, PACKED=packed, DIM=D, HEAD_DIM=max(16, triton.next_power_of_2(D)), KEYS=TILE,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
     )
     return mass

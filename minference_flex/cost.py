@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from block_masks import STRIP, TILE, Pattern
-from block_masks.mass_kernel import MIN_ROWS as MASS_MIN_ROWS
 from block_masks.pattern import (
     A_SHAPE,
     BLOCK_MASS,
@@ -72,8 +71,8 @@ class CostModel:
     - SDPA (causal flash attention): ``sdpa_fixed_ms + sdpa_cell_ms * batch * heads * causal cells
       * sdpa_dims(head_dim)`` (``sdpa_cell_ms`` per cell and dim at head dim 128);
     - planning (estimation and mask building): ``plan_fixed_ms + plan_token_ms * batch * query heads
-      * keys``, plus ``mass_cell_ms`` per score of the sampled rows of ``block_mass`` heads (rows
-      padded to ``MASS_MIN_ROWS``, each row times all keys);
+      * keys``, plus ``mass_cell_ms`` per score of the sampled rows of ``block_mass`` heads (each
+      row times all keys);
     - the sparse kernel: ``strip_tile_ms`` per 64x64 strip and ``flex_tile_ms`` per 64x64 area of
       FlexAttention tiles at head dim 128, scaled by ``head_dim / 128`` but never below
       ``min_dim_factor`` (small head dims use the tiles less efficiently).
@@ -102,7 +101,7 @@ class CostModel:
     def mass_ms(self, batch: int, n_queries: int, n_keys: int, patterns: Sequence[Pattern]) -> float:
         """The sampled-row estimate of the ``block_mass`` heads (0 without such heads)."""
         n_blocks = query_blocks(n_queries, n_keys)[1]
-        rows = sum(max(p.b, MASS_MIN_ROWS) for p in patterns if p.kind == BLOCK_MASS)  # the kernel pads them
+        rows = sum(p.b for p in patterns if p.kind == BLOCK_MASS)
         return self.mass_cell_ms * batch * rows * n_blocks * n_keys
 
     def dim_factor(self, head_dim: int) -> float:
