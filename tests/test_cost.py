@@ -138,13 +138,13 @@ def test_long_prompts_with_tiny_budgets_run_sparse(n):
 
 @pytest.mark.parametrize("n", [8192, 32768, 131072, 1 << 20])
 def test_block_mass_estimate_is_priced(n):
-    """The sampled-row estimate: mass_cell_ms per score (rows, at least 16, x query blocks x keys, per head); with
+    """The sampled-row estimate: mass_cell_ms per score (rows x query blocks x keys, per head); with
     it, block_mass layers run SDPA (estimate plus kernel cost more than SDPA, as measured), and
     a model without the estimate's price would have chosen otherwise."""
     patterns = (mf.Pattern("block_mass", 980, 8),) * 32
-    assert H100.mass_ms(1, n, n, patterns) == pytest.approx(H100.mass_cell_ms * 32 * 16 * (n // 64) * n)
+    assert H100.mass_ms(1, n, n, patterns) == pytest.approx(H100.mass_cell_ms * 32 * 8 * (n // 64) * n)
     rows32 = (mf.Pattern("block_mass", 980, 32),) * 32
-    assert H100.mass_ms(1, n, n, rows32) == pytest.approx(2 * H100.mass_ms(1, n, n, patterns))
+    assert H100.mass_ms(1, n, n, rows32) == pytest.approx(4 * H100.mass_ms(1, n, n, patterns))
     assert H100.mass_ms(1, n, n, (mf.Pattern(VS, 1000, 6096),) * 32) == 0
     assert choose(H100, 1, n, n, 128, patterns) == "sdpa"
     unpriced = dataclasses.replace(H100, mass_cell_ms=0.0)
