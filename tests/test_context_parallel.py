@@ -4,7 +4,8 @@
 on its load-balanced shard of several cases (every pattern kind, GQA 8:2, batch 2, a block size of
 128, a case of block kinds only, a given scale) in float32 with the eager emulation, and the main
 process compares every rank's output with the rows of the single-process ``mf.sparse_attention``
-(1e-5). The same check rejects a selection estimated per rank (each chunk as its own call): that
+(1e-5), with a refused call and a single-process call between the cases on every rank (the process
+as a whole: neither changes a later collective call). The same check rejects a selection estimated per rank (each chunk as its own call): that
 output differs from the single-process one. The other tests run in this process (shard layout,
 argument errors, a group of one process, and (``slow``: compiles) the compiled CPU kernel). The
 multi-process test takes ~30 s on 2 CPU cores.
@@ -67,6 +68,14 @@ def _worker(rank: int, root: str, port: int) -> None:
             for name, (*_, patterns, scale) in CASES.items():
                 q, k, v = (shard(x, rank, WORLD) for x in case_inputs(name))
                 results[name] = context_parallel_attention(q, k, v, patterns, scale=scale, compiled=False)
+                # Mixed in between: a call every rank refuses before any collective, and a plain
+                # single-process call; neither may change a later collective call.
+                try:
+                    context_parallel_attention(q[:, :, :-64], k[:, :, :-64], v[:, :, :-64], patterns,
+                                               scale=scale, compiled=False)
+                except ValueError as e:
+                    results[name + "/refused"] = str(e)
+                results[name + "/local"] = mf.sparse_attention(q, k, v, patterns, scale=scale, compiled=False)
     finally:
         dist.destroy_process_group()
     torch.save(results, f"{root}/rank{rank}.pt")
@@ -101,6 +110,10 @@ def test_two_ranks_equal_single_process(tmp_path):
             for rank in range(WORLD):
                 torch.testing.assert_close(got[rank][name], shard(expected, rank, WORLD), atol=1e-5, rtol=1e-5,
                                            msg=lambda m: f"{name}, rank {rank}: {m}")
+                assert "multiple of" in got[rank][name + "/refused"]
+                local = [shard(x, rank, WORLD) for x in (q, k, v)]
+                torch.testing.assert_close(got[rank][name + "/local"],
+                                           mf.sparse_attention(*local, patterns, scale=scale, compiled=False))
             if name != "blocks":
                 # Would the check catch a selection estimated per rank? Block kinds estimate per query
                 # block anyway (the same), the scored heads would not.
