@@ -81,12 +81,13 @@ def block_mass_estimate_triton(query: Tensor, key: Tensor, scale: float, rows: i
     n_kb = -(-Nk // TILE)
     G = heads.shape[0]
     mass = torch.zeros(B, G, n_qb, n_kb, dtype=torch.float32, device=query.device)
-    packed = max(PACKED_ROWS, rows)
-    _block_mass[(triton.cdiv(n_qb, packed // rows), B * G)](
+    if not 1 <= rows <= PACKED_ROWS or PACKED_ROWS % rows:
+        raise ValueError(f"the block_mass kernel samples a divisor of {PACKED_ROWS} rows per query block, got {rows}")
+    _block_mass[(triton.cdiv(n_qb, PACKED_ROWS // rows), B * G)](
         query, key, heads, mass, query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2), mass.stride(0), mass.stride(1), mass.stride(2),
         G, Hq // Hkv, Nq, Nk, Nk - Nq, first, n_qb, scale * math.log2(math.e),
-        ROWS=rows, PACKED=packed, DIM=D, HEAD_DIM=max(16, triton.next_power_of_2(D)), KEYS=TILE,
+        ROWS=rows, PACKED=PACKED_ROWS, DIM=D, HEAD_DIM=max(16, triton.next_power_of_2(D)), KEYS=TILE,
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
     )
     return mass

@@ -131,7 +131,7 @@ H100 = CostModel(
     plan_token_ms=4.5e-7,        # 0.9-1.2 ms at 32768, 1.9-2.4 at 131072, 13.5-15.5 at 1M; predicted 1.5 / 2.9 / 16.1
     strip_tile_ms=6.0e-6,        # strip kernel per 64x64 block (strips and column blocks): 5.1-5.4 ns at 32K-128K, 5.6-5.8 at 1M
     flex_tile_ms=6.0e-6,         # FlexAttention 64x64 tiles (block-sparse heads), dense 5.3 ns, partial tiles more
-    mass_cell_ms=2.5e-9,         # block_mass estimate kernel, per padded sampled score: 1.3-3.4e-9 on an H200
+    mass_cell_ms=2.5e-9,         # block_mass estimate kernel, per sampled score: 2.3-2.7e-9 from 32K on an H200 (4.4e-9 at 8K)
 )
 
 #: Cost models by name: what a model's ``cost_model`` setting (``hf.configure``) may name.
