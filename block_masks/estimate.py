@@ -316,6 +316,17 @@ def ranked_prefix(mass: Tensor, target: Tensor | float) -> Tensor:
     return torch.zeros_like(take).scatter_(-1, order, take)
 
 
+def kept_mass_blocks(mass: Tensor, target: Tensor | float, first_block: int = 0) -> Tensor:
+    """``block_mass``'s rule on estimated masses [..., n_qb, n_kb] (query block r is block
+    ``first_block + r``): [..., n_qb, n_kb] bool, the ``ranked_prefix`` reaching ``target``, the
+    diagonal block and key block 0, each restricted to the causal key blocks."""
+    n_qb, n_kb = mass.shape[-2:]
+    q_block = first_block + torch.arange(n_qb, device=mass.device)[:, None]
+    k_block = torch.arange(n_kb, device=mass.device)
+    forced = (k_block == q_block) | (k_block == 0)
+    return (ranked_prefix(mass, target) | forced) & (k_block <= q_block)
+
+
 @lru_cache(maxsize=256)
 def _mass_groups(patterns: tuple[Pattern, ...], device: torch.device) -> tuple[tuple[int, Tensor, Tensor], ...]:
     """(sampled rows, head indices [G], mass targets [G, 1, 1]) of the ``block_mass`` heads, one group
@@ -343,16 +354,13 @@ def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ..
     first, n_qb = query_blocks(Nq, Nk)
     n_kb = -(-Nk // TILE)
     valid = torch.zeros(B, Hq, n_qb, n_kb, dtype=torch.bool, device=query.device)
-    q_block = first + torch.arange(n_qb, device=query.device)[:, None]
-    k_block = torch.arange(n_kb, device=query.device)
-    forced = (k_block == q_block) | (k_block == 0)
     for rows, index, target in _mass_groups(patterns, query.device):
         if query.is_cuda and HAS_TRITON:
             estimate = block_mass_estimate_op if torch.compiler.is_compiling() else block_mass_estimate_triton
             mass = estimate(query, key, scale, rows, index)
         else:
             mass = block_mass_estimate(query[:, index], key[:, index // group], scale, rows)
-        valid[:, index] = (ranked_prefix(mass, target) | forced) & (k_block <= q_block)
+        valid[:, index] = kept_mass_blocks(mass, target, first)
     kept = torch.arange(n_kb, device=query.device).expand(B, Hq, n_qb, n_kb)
     return BlockSelection(TILE, first, kept, valid, n_kb)
 

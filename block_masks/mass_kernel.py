@@ -74,6 +74,8 @@ def block_mass_estimate_triton(query: Tensor, key: Tensor, scale: float, rows: i
     each reading key head h // (Hq / Hkv) of key [B, Hkv, Nk, D]: the definition's result for
     ``query[:, heads]`` and ``key[:, heads // group]``, [B, G, n_query_blocks, n_key_blocks] float32.
     ``rows`` divides 64 (``pattern.SAMPLED_ROWS``). On CUDA, or on CPU under ``TRITON_INTERPRET=1``."""
+    if not 1 <= rows <= PACKED_ROWS or PACKED_ROWS % rows:
+        raise ValueError(f"the block_mass kernel samples a divisor of {PACKED_ROWS} rows per query block, got {rows}")
     query, key = kernel_operands(query, key, "block_mass kernel")
     B, Hq, Nq, D = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
@@ -81,8 +83,6 @@ def block_mass_estimate_triton(query: Tensor, key: Tensor, scale: float, rows: i
     n_kb = -(-Nk // TILE)
     G = heads.shape[0]
     mass = torch.zeros(B, G, n_qb, n_kb, dtype=torch.float32, device=query.device)
-    if not 1 <= rows <= PACKED_ROWS or PACKED_ROWS % rows:
-        raise ValueError(f"the block_mass kernel samples a divisor of {PACKED_ROWS} rows per query block, got {rows}")
     _block_mass[(triton.cdiv(n_qb, PACKED_ROWS // rows), B * G)](
         query, key, heads, mass, query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2), mass.stride(0), mass.stride(1), mass.stride(2),

@@ -3,7 +3,7 @@
 Reads a capture of ``minference-flex capture`` (post-RoPE query/key of some layers of a real model on
 real prose) and, for every head, every estimate and every mass target, keeps per query block the
 ranked prefix of the estimated key-block masses that reaches the target (plus the diagonal block and
-key block 0, as ``block_mass`` does), then sums the exact causal attention of **every row** (float32,
+key block 0: ``block_mass``'s rule, ``kept_mass_blocks``), then sums the exact causal attention of **every row** (float32,
 computed in chunks of query rows: no [N, N] tensor) over the kept blocks. Printed and written as
 JSON: per estimate and target, the causal blocks kept, the mean recall and the share of rows whose
 recall is below 0.9 (mean over heads), with the per-layer means. Estimates (``--estimates``):
@@ -30,7 +30,7 @@ import json
 import torch
 
 from block_masks import TILE
-from block_masks.estimate import block_mass_estimate, ranked_prefix
+from block_masks.estimate import block_mass_estimate, kept_mass_blocks
 
 DEFAULT_ESTIMATES = ["oracle", "rows-16", "rows-8", "rows-4", "rows-1", "anti-8", "anti-16", "pooled", "pooled-q"]
 DEFAULT_TARGETS = [0.95, 0.98, 0.99]
@@ -86,15 +86,6 @@ def estimate(name: str, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     raise ValueError(f"unknown estimate {name!r}; allowed: oracle, rows-B, anti-S, pooled, pooled-q")
 
 
-def kept_blocks(mass: torch.Tensor, target: float) -> torch.Tensor:
-    """[nb, nb] bool: the ranked prefix reaching ``target`` of each row's causal mass, the diagonal
-    block and key block 0 (``block_mass``'s rule)."""
-    nb = mass.shape[0]
-    qb, kb = torch.arange(nb, device=mass.device)[:, None], torch.arange(nb, device=mass.device)[None, :]
-    causal = kb <= qb
-    return (ranked_prefix(mass.masked_fill(~causal, 0), target) | (kb == qb) | (kb == 0)) & causal
-
-
 def study(query: torch.Tensor, key: torch.Tensor, layers: list, estimates: list[str], targets: list[float]) -> dict:
     """query [L, Hq, N, D], key [L, Hkv, N, D] (one row per captured layer; N a multiple of 64)."""
     L, Hq, N, D = query.shape
@@ -106,7 +97,7 @@ def study(query: torch.Tensor, key: torch.Tensor, layers: list, estimates: list[
     for li in range(L):
         for h in range(Hq):
             q, k = query[li, h].float(), key[li, h // group].float()
-            keeps = {(e, t): kept_blocks(estimate(e, q, k, scale), t) for e in estimates for t in targets}
+            keeps = {(e, t): kept_mass_blocks(estimate(e, q, k, scale), t) for e in estimates for t in targets}
             recall = {key_: [] for key_ in keeps}
             for c, rows in exact_block_rows(q, k, scale):
                 for key_, keep in keeps.items():

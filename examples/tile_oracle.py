@@ -27,7 +27,7 @@ import time
 import torch
 
 from block_masks import TILE, block_means
-from block_masks.estimate import block_mass_estimate, ranked_prefix
+from block_masks.estimate import block_mass_estimate, kept_mass_blocks
 from minference_flex.tools.haystack import Haystack
 from minference_flex.tools.sides import perplexity
 from minference_flex.hooks import wrap_attention
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
         else:
             rows = 64 if rule == "oracle" else int(rule.split("-")[1])
             mass = block_mass_estimate(q[None], k[None], scale, rows)[0]
-        return ranked_prefix(mass, value) | forced
+        return kept_mass_blocks(mass, value)
 
     def attend(inner, module, query, key, value, attention_mask, **kwargs):
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5

@@ -5,8 +5,8 @@ on its load-balanced shard of several cases (every pattern kind, GQA 8:2, batch 
 128, a case of block kinds only, a given scale) in float32 with the eager emulation, and the main
 process compares every rank's output with the rows of the single-process ``mf.sparse_attention``
 (1e-5), with a refused call and a single-process call between the cases on every rank (the process
-as a whole: neither changes a later collective call). The same check rejects a selection estimated per rank (each chunk as its own call): that
-output differs from the single-process one. The other tests run in this process (shard layout,
+as a whole: neither changes a later collective call). The same check rejects a selection estimated
+per rank (each chunk as its own call): that output differs from the single-process one. The other tests run in this process (shard layout,
 argument errors, a group of one process, and (``slow``: compiles) the compiled CPU kernel). The
 multi-process test takes ~30 s on 2 CPU cores.
 """
