@@ -23,6 +23,7 @@ from .pattern import (
     FORCED_COLUMNS,
     FORCED_OFFSETS,
     LAST_Q,
+    MASS_KINDS,
     SCORED_KINDS,
     TILE,
     VERTICAL_SLASH_MASS,
@@ -30,6 +31,7 @@ from .pattern import (
     query_blocks,
     scored_budgets,
 )
+from .antidiagonal_kernel import antidiagonal_mass_estimate_op, antidiagonal_mass_estimate_triton
 from .mass_kernel import block_mass_estimate_op, block_mass_estimate_triton
 from .score_kernel import vertical_slash_scores_op, vertical_slash_scores_triton
 from .triton_support import HAS_TRITON
@@ -307,6 +309,56 @@ def block_mass_estimate(query: Tensor, key: Tensor, scale: float, rows: int) -> 
     return out
 
 
+def antidiagonal_squares(q_offset: int, nq: int, side: int, device=None) -> Tensor:
+    """[n_query_blocks, 64 / side] bool: which squares of ``side`` query positions hold at least one
+    of the call's queries (positions q_offset .. q_offset + nq - 1), for the query blocks of 64
+    positions that hold the queries, counted from position 0."""
+    first, n_qb = query_blocks(nq, q_offset + nq)
+    pos = first * TILE + torch.arange(n_qb * TILE, device=device)
+    return ((pos >= q_offset) & (pos < q_offset + nq)).view(n_qb, TILE // side, side).any(-1)
+
+
+def antidiagonal_mass_estimate(query: Tensor, key: Tensor, scale: float, side: int) -> Tensor:
+    """XAttention's estimate of the causal softmax mass of every (query block, key block) of 64.
+
+    query [B, H, Nq, D], key [B, H, Nk, D] (one key head per query head); ``side`` divides 64.
+    Positions are cut into squares of ``side``: query square g holds positions g side .. g side +
+    side - 1, key square h the same keys, with a zero vector for a position the call has no query
+    (or key) for. Square (g, h) scores ``sum_i q[g side + i] . k[h side + side - 1 - i]`` (its
+    antidiagonal) times ``scale / side``, in float32; each query square that holds a query of the
+    call takes the softmax of its scores over the key squares ``h <= g``. Returns [B, H,
+    n_query_blocks, n_key_blocks] float32: per query block, the mean over its squares that hold a
+    query of that softmax summed over each key block's squares (a row sums to 1; key blocks after
+    the diagonal one hold 0). The diagonal square's antidiagonal includes cells above the diagonal:
+    the estimate only ranks blocks, and the diagonal block is always kept. On CUDA
+    ``block_mass_selection`` runs the same in one Triton kernel (``antidiagonal_kernel``); this is
+    its definition and the CPU path.
+    """
+    B, H, Nq, D = query.shape
+    Nk = key.shape[2]
+    q_offset = Nk - Nq
+    first, n_qb = query_blocks(Nq, Nk)
+    n_kb = -(-Nk // TILE)
+    per = TILE // side
+    q = F.pad(query.float(), (0, 0, q_offset - first * TILE, (first + n_qb) * TILE - Nk))
+    q = q.reshape(B, H, n_qb * per, side * D)
+    k = F.pad(key.float(), (0, 0, 0, n_kb * TILE - Nk)).view(B, H, n_kb * per, side, D)
+    k = k.flip(3).reshape(B, H, n_kb * per, side * D).transpose(-1, -2)
+    present = antidiagonal_squares(q_offset, Nq, side, query.device)            # [n_qb, per]
+    counts = present.sum(-1, dtype=torch.float32)
+    square = first * per + torch.arange(n_qb * per, device=query.device)
+    later = torch.arange(n_kb * per, device=query.device) > square[:, None]
+    out = torch.empty(B, H, n_qb, n_kb, dtype=torch.float32, device=query.device)
+    chunk = max(1, MASS_CHUNK_BYTES // (4 * B * H * per * n_kb * per))
+    for c0 in range(0, n_qb, chunk):
+        rows = slice(c0 * per, (c0 + chunk) * per)
+        probs = ((q[:, :, rows] @ k) * (scale / side)).masked_fill_(later[rows], float("-inf")).softmax(-1)
+        probs = probs * present[c0:c0 + chunk].flatten()[:, None]
+        sums = probs.view(B, H, -1, per, n_kb, per).sum(dim=(3, 5))
+        out[:, :, c0:c0 + chunk] = sums / counts[c0:c0 + chunk, None]
+    return out
+
+
 def ranked_prefix(mass: Tensor, target: Tensor | float) -> Tensor:
     """[..., n] bool: per row of ``mass`` [..., n], the entries ranked (largest first) such that the
     entries ranked above hold less than ``target`` (a fraction, broadcast over rows) of the row's
@@ -328,25 +380,29 @@ def kept_mass_blocks(mass: Tensor, target: Tensor | float, first_block: int = 0)
 
 
 @lru_cache(maxsize=256)
-def _mass_groups(patterns: tuple[Pattern, ...], device: torch.device) -> tuple[tuple[int, Tensor, Tensor], ...]:
-    """(sampled rows, head indices [G], mass targets [G, 1, 1]) of the ``block_mass`` heads, one group
-    per sampled-row count; cached like ``head_tables`` (no host-to-device copy per call)."""
+def _mass_groups(patterns: tuple[Pattern, ...], device: torch.device
+                 ) -> tuple[tuple[str, int, Tensor, Tensor], ...]:
+    """(kind, b, head indices [G], mass targets [G, 1, 1]) of the ``MASS_KINDS`` heads, one group per
+    kind and ``b`` (sampled rows or square side); cached like ``head_tables`` (no host-to-device copy
+    per call)."""
     groups = []
-    for rows in sorted({p.b for p in patterns if p.kind == BLOCK_MASS}):
-        heads = [h for h, p in enumerate(patterns) if p.kind == BLOCK_MASS and p.b == rows]
+    for kind, b in sorted({(p.kind, p.b) for p in patterns if p.kind in MASS_KINDS}):
+        heads = [h for h, p in enumerate(patterns) if (p.kind, p.b) == (kind, b)]
         targets = [patterns[h].a / 1000 for h in heads]
-        groups.append((rows, torch.tensor(heads, device=device), torch.tensor(targets, device=device)[:, None, None]))
+        groups.append((kind, b, torch.tensor(heads, device=device),
+                       torch.tensor(targets, device=device)[:, None, None]))
     return tuple(groups)
 
 
 def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: float) -> BlockSelection:
-    """The kept key blocks of the ``block_mass`` heads (see ``Pattern``), as one BlockSelection of
-    blocks of 64 listing every key block (``valid`` says which are kept; False for other heads).
+    """The kept key blocks of the ``block_mass`` and ``antidiagonal_mass`` heads (see ``Pattern``), as
+    one BlockSelection of blocks of 64 listing every key block (``valid`` says which are kept; False
+    for other heads).
 
-    Per query block, key blocks are ranked by estimated mass (``block_mass_estimate``); a block is
-    kept if its mass is > 0 and the blocks ranked above it hold less than a / 1000 of the row's
-    estimated mass (so the kept set is the shortest prefix that reaches it), and the diagonal block
-    and key block 0 are always kept.
+    Per query block, key blocks are ranked by estimated mass (``block_mass_estimate`` or
+    ``antidiagonal_mass_estimate``); a block is kept if its mass is > 0 and the blocks ranked above
+    it hold less than a / 1000 of the row's estimated mass (so the kept set is the shortest prefix
+    that reaches it), and the diagonal block and key block 0 are always kept (``kept_mass_blocks``).
     """
     B, Hq, Nq, _ = query.shape
     Hkv, Nk = key.shape[1], key.shape[2]
@@ -354,12 +410,17 @@ def block_mass_selection(query: Tensor, key: Tensor, patterns: tuple[Pattern, ..
     first, n_qb = query_blocks(Nq, Nk)
     n_kb = -(-Nk // TILE)
     valid = torch.zeros(B, Hq, n_qb, n_kb, dtype=torch.bool, device=query.device)
-    for rows, index, target in _mass_groups(patterns, query.device):
+    compiling = torch.compiler.is_compiling()
+    for kind, b, index, target in _mass_groups(patterns, query.device):
         if query.is_cuda and HAS_TRITON:
-            estimate = block_mass_estimate_op if torch.compiler.is_compiling() else block_mass_estimate_triton
-            mass = estimate(query, key, scale, rows, index)
+            if kind == BLOCK_MASS:
+                estimate = block_mass_estimate_op if compiling else block_mass_estimate_triton
+            else:
+                estimate = antidiagonal_mass_estimate_op if compiling else antidiagonal_mass_estimate_triton
+            mass = estimate(query, key, scale, b, index)
         else:
-            mass = block_mass_estimate(query[:, index], key[:, index // group], scale, rows)
+            estimate = block_mass_estimate if kind == BLOCK_MASS else antidiagonal_mass_estimate
+            mass = estimate(query[:, index], key[:, index // group], scale, b)
         valid[:, index] = kept_mass_blocks(mass, target, first)
     kept = torch.arange(n_kb, device=query.device).expand(B, Hq, n_qb, n_kb)
     return BlockSelection(TILE, first, kept, valid, n_kb)
@@ -441,7 +502,7 @@ def select(query: Tensor, key: Tensor, patterns: tuple[Pattern, ...], scale: flo
         in_group = tables.block_sparse & (tables.block_size == size)
         max_a = max(p.a for p in patterns if p.kind == BLOCK_SPARSE and p.block_size == size)
         blocks.append(block_sparse_selection(query, key, tables, size, in_group, max_a))
-    if BLOCK_MASS in kinds:
+    if kinds & set(MASS_KINDS):
         blocks.append(block_mass_selection(query, key, patterns, scale))
 
     return Selection(

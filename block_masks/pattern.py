@@ -12,11 +12,15 @@ VERTICAL_SLASH = "vertical_and_slash"
 BLOCK_SPARSE = "block_sparse"
 BLOCK_MASS = "block_mass"
 VERTICAL_SLASH_MASS = "vertical_slash_mass"
-KINDS = (DENSE, A_SHAPE, VERTICAL_SLASH, BLOCK_SPARSE, BLOCK_MASS, VERTICAL_SLASH_MASS)
+ANTIDIAGONAL_MASS = "antidiagonal_mass"
+KINDS = (DENSE, A_SHAPE, VERTICAL_SLASH, BLOCK_SPARSE, BLOCK_MASS, VERTICAL_SLASH_MASS, ANTIDIAGONAL_MASS)
 #: Kinds estimated from the last queries' vertical and slash scores (``estimate.vertical_slash_scores``).
 SCORED_KINDS = (VERTICAL_SLASH, VERTICAL_SLASH_MASS)
 #: Kinds that keep whole key blocks per query block (FlexAttention BlockMask lists).
-BLOCK_KINDS = (BLOCK_SPARSE, BLOCK_MASS)
+BLOCK_KINDS = (BLOCK_SPARSE, BLOCK_MASS, ANTIDIAGONAL_MASS)
+#: Kinds that keep, per query block of 64, the key blocks reaching an estimated share of its
+#: attention (``estimate.kept_mass_blocks``); they differ in the estimate.
+MASS_KINDS = (BLOCK_MASS, ANTIDIAGONAL_MASS)
 ALIASES = {"vertical_slash": VERTICAL_SLASH, "a_shape": A_SHAPE}
 
 #: Query and key tile size of every BlockMask built here; block-sparse blocks are multiples of it.
@@ -40,7 +44,8 @@ def query_blocks(n_queries: int, n_keys: int, block: int = TILE) -> tuple[int, i
     return first, (n_keys - 1) // block - first + 1
 
 
-#: Sampled query rows per block allowed for ``block_mass`` (divisors of TILE).
+#: Sampled query rows per block allowed for ``block_mass``, and square sides allowed for
+#: ``antidiagonal_mass`` (divisors of TILE).
 SAMPLED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -87,6 +92,11 @@ class Pattern:
       estimated mass until the kept columns hold ``a`` thousandths (1..1000) of the last queries'
       column mass, and likewise the diagonals; at most ``max(b, 30)`` columns and ``max(b, 100)``
       diagonals (``b`` is a cap: ``0`` keeps only the forced ones, a cap past the length none).
+    - ``antidiagonal_mass`` (an extension): ``block_mass``'s rule on another estimate of the block
+      masses, XAttention's: the positions are cut into squares of ``b`` x ``b`` cells (1, 2, 4, .., 64),
+      each square scored by the sum of its antidiagonal's ``q.k`` (``b`` cells, one per query row
+      and key), a causal softmax over squares, summed per 64x64 block. It costs about ``2 / b`` of a
+      causal ``q kᵀ`` where ``block_mass`` costs ``2 b / 64``.
     - ``dense``: causal attention; ``a`` and ``b`` are ignored.
     """
 
@@ -116,6 +126,13 @@ class Pattern:
                 raise ValueError(f"block_mass samples b rows per query block, one of {SAMPLED_ROWS}; got b={self.b}")
             if bs != TILE:
                 raise ValueError(f"block_mass works on blocks of {TILE}, got block_size={bs}")
+        if kind == ANTIDIAGONAL_MASS:
+            if not 1 <= self.a <= 1000:
+                raise ValueError(f"antidiagonal_mass keeps a mass of a thousandths, 1..1000; got a={self.a}")
+            if self.b not in SAMPLED_ROWS:
+                raise ValueError(f"antidiagonal_mass scores squares of b x b cells, b one of {SAMPLED_ROWS}; got b={self.b}")
+            if bs != TILE:
+                raise ValueError(f"antidiagonal_mass works on blocks of {TILE}, got block_size={bs}")
         if kind == VERTICAL_SLASH_MASS and not 1 <= self.a <= 1000:
             raise ValueError(f"vertical_slash_mass keeps a mass of a thousandths, 1..1000; got a={self.a}")
 

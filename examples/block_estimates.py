@@ -10,9 +10,10 @@ recall is below 0.9 (mean over heads), with the per-layer means. Estimates (``--
 
 - ``oracle``: the exact block masses (the mean over a block's rows of each row's softmax per key block);
 - ``rows-B``: ``block_mass``'s own estimate, B sampled rows per query block (``block_mass_estimate``);
-- ``anti-S``: XAttention's antidiagonal scoring: the scores of the S antidiagonal cells of every SxS
-  square (one query row and one key each), their mean as the square's logit, a causal softmax over
-  squares, summed per 64x64 block;
+- ``anti-S``: ``antidiagonal_mass``'s estimate, XAttention's antidiagonal scoring: the scores of
+  the S antidiagonal cells of every SxS square (one query row and one key each), their mean as the
+  square's logit, a causal softmax over squares, summed per 64x64 block
+  (``antidiagonal_mass_estimate``);
 - ``pooled``: FlexPrefill's and MInference's block means of queries and keys, a causal softmax over
   key blocks;
 - ``pooled-q``: the block mean of the queries against every key, softmax, summed per key block.
@@ -30,7 +31,7 @@ import json
 import torch
 
 from block_masks import TILE
-from block_masks.estimate import block_mass_estimate, kept_mass_blocks
+from block_masks.estimate import antidiagonal_mass_estimate, block_mass_estimate, kept_mass_blocks
 
 DEFAULT_ESTIMATES = ["oracle", "rows-16", "rows-8", "rows-4", "rows-1", "anti-8", "anti-16", "pooled", "pooled-q"]
 DEFAULT_TARGETS = [0.95, 0.98, 0.99]
@@ -65,16 +66,7 @@ def estimate(name: str, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch
     if name.startswith("rows-"):
         return block_mass_estimate(q[None, None], k[None, None], scale, int(name[5:]))[0, 0]
     if name.startswith("anti-"):
-        size = int(name[5:])
-        m, b = n // size, TILE // size
-        qs = q.reshape(m, size * d)                                    # rows iS .. iS + S - 1
-        ks = k.reshape(m, size, d).flip(1).reshape(m, size * d)        # keys jS + S - 1 .. jS
-        out = torch.empty(nb, nb, device=q.device)
-        step = max(b, CHUNK_BYTES // (4 * m) // b * b)
-        for c in range(0, m, step):
-            p = causal_rows(qs[c:c + step], ks, scale / size, c)
-            out[c // b:(c + step) // b] = p.view(-1, b, nb, b).sum((1, 3)) / b
-        return out
+        return antidiagonal_mass_estimate(q[None, None], k[None, None], scale, int(name[5:]))[0, 0]
     if name == "pooled":
         pq, pk = q.view(nb, TILE, d).mean(1), k.view(nb, TILE, d).mean(1)
         return ((pq @ pk.T) * scale).masked_fill(later, float("-inf")).softmax(-1)

@@ -31,6 +31,7 @@ from block_masks.pattern import (
     BLOCK_SPARSE,
     DENSE,
     FORCED_OFFSETS,
+    MASS_KINDS,
     SCORED_KINDS,
     VERTICAL_SLASH,
     query_blocks,
@@ -72,7 +73,9 @@ class CostModel:
       * sdpa_dims(head_dim)`` (``sdpa_cell_ms`` per cell and dim at head dim 128);
     - planning (estimation and mask building): ``plan_fixed_ms + plan_token_ms * batch * query heads
       * keys``, plus ``mass_cell_ms`` per score of the sampled rows of ``block_mass`` heads (each
-      row times all keys);
+      row times all keys); an ``antidiagonal_mass`` head of side ``b`` is priced as a ``block_mass``
+      head of ``64 / b`` rows (as many dot products and ``b`` times fewer scores: an upper bound
+      until its kernel is timed);
     - the sparse kernel: ``strip_tile_ms`` per 64x64 strip and ``flex_tile_ms`` per 64x64 area of
       FlexAttention tiles at head dim 128, scaled by ``head_dim / 128`` but never below
       ``min_dim_factor`` (small head dims use the tiles less efficiently).
@@ -99,9 +102,9 @@ class CostModel:
         return self.plan_fixed_ms + self.plan_token_ms * (batch * q_heads * n_keys)
 
     def mass_ms(self, batch: int, n_queries: int, n_keys: int, patterns: Sequence[Pattern]) -> float:
-        """The sampled-row estimate of the ``block_mass`` heads (0 without such heads)."""
+        """The estimate of the ``block_mass`` and ``antidiagonal_mass`` heads (0 without such heads)."""
         n_blocks = query_blocks(n_queries, n_keys)[1]
-        rows = sum(p.b for p in patterns if p.kind == BLOCK_MASS)
+        rows = sum(p.b if p.kind == BLOCK_MASS else TILE // p.b for p in patterns if p.kind in MASS_KINDS)
         return self.mass_cell_ms * batch * rows * n_blocks * n_keys
 
     def dim_factor(self, head_dim: int) -> float:
@@ -242,7 +245,7 @@ def tile_bounds(batch: int, n_queries: int, n_keys: int, patterns: Sequence[Patt
             most = torch.sym_max(kept - (FORCED_OFFSETS - 3), 3)
             h_strips = (_sum_capped(n_blocks, 2, (q0 + 2 * STRIP - 2) // (STRIP // 2) + 1, most)
                         + _sum_capped(n_blocks, 1, (q0 + 2 * STRIP - 1) // STRIP, _ceil_div(columns, STRIP)))
-        elif kind == BLOCK_MASS:  # at least the diagonal cell of a row, at most every causal tile
+        elif kind in MASS_KINDS:  # at least the diagonal cell of a row, at most every causal tile
             cells = _row_cells(q0, nk, 1)
             h_flex = per_tile(_ceil_div(nk, TILE))
         else:  # BLOCK_SPARSE

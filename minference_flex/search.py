@@ -5,8 +5,9 @@ For every layer and head, each candidate pattern is scored on the calibration pr
   all query rows (``block_masks.attention_recall``: dense scores in query chunks, so 32K-token
   prompts fit in memory), and
 * its **cost**: the KV tiles the sparse kernel visits for it, counted from the real BlockMasks of the
-  GPU layout (main mask + gathered vertical columns, ``AttentionPlan.visited_tiles``), as a fraction
-  of the tiles of dense causal attention at the same length.
+  GPU layout (main mask + gathered vertical columns, ``AttentionPlan.visited_tiles``), plus, for the
+  mass kinds, their block-mass estimate in tiles of equal time (``cost.H100``'s ``mass_ms`` over
+  its ``flex_tile_ms``), as a fraction of the tiles of dense causal attention at the same length.
 The candidates are estimated exactly as at inference (``select``), so the dynamic patterns are scored
 with the columns, diagonals and blocks the prompt itself selects.
 
@@ -42,17 +43,19 @@ import torch
 from torch import Tensor
 
 from block_masks import Pattern, attention_recall, select
-from block_masks.pattern import A_SHAPE, BLOCK_MASS, BLOCK_SPARSE, VERTICAL_SLASH, VERTICAL_SLASH_MASS
+from block_masks.pattern import A_SHAPE, ANTIDIAGONAL_MASS, BLOCK_MASS, BLOCK_SPARSE, VERTICAL_SLASH, VERTICAL_SLASH_MASS
 
 from minference_flex.attention import plan_selection
+from minference_flex.cost import H100
 from minference_flex.hf import text_config
 from minference_flex.hooks import wrap_attention
 
 log = logging.getLogger(__name__)
 
 #: The three MInference types at several budgets (A-shape: 64 sink tokens and a local window;
-#: vertical-slash: columns and diagonals; block-sparse: key blocks of 64 per query block), and
-#: vertical-slash by mass (a share of the estimated mass, at most 8192 columns and diagonals).
+#: vertical-slash: columns and diagonals; block-sparse: key blocks of 64 per query block),
+#: vertical-slash by mass (a share of the estimated mass, at most 8192 columns and diagonals), and
+#: key blocks by antidiagonal mass (a share of the estimated mass of each query block, squares of 8).
 DEFAULT_CANDIDATES: tuple[Pattern, ...] = (
     Pattern(A_SHAPE, 64, 512), Pattern(A_SHAPE, 64, 1024), Pattern(A_SHAPE, 64, 2048), Pattern(A_SHAPE, 64, 4096),
     Pattern(VERTICAL_SLASH, 30, 300), Pattern(VERTICAL_SLASH, 100, 800), Pattern(VERTICAL_SLASH, 300, 1500),
@@ -60,6 +63,7 @@ DEFAULT_CANDIDATES: tuple[Pattern, ...] = (
     Pattern(BLOCK_SPARSE, 8), Pattern(BLOCK_SPARSE, 16), Pattern(BLOCK_SPARSE, 32), Pattern(BLOCK_SPARSE, 64),
     Pattern(VERTICAL_SLASH_MASS, 900, 8192), Pattern(VERTICAL_SLASH_MASS, 950, 8192),
     Pattern(VERTICAL_SLASH_MASS, 990, 8192),
+    Pattern(ANTIDIAGONAL_MASS, 950, 8), Pattern(ANTIDIAGONAL_MASS, 980, 8),
 )
 
 ALLOCATIONS = ("head", "model")
@@ -251,12 +255,13 @@ def score_layer(query: Tensor, key: Tensor, candidates: Sequence[Pattern], scale
     if query.shape[0] != 1:
         raise ValueError(f"score_layer takes one prompt (batch 1), got batch {query.shape[0]}")
     q, k = query.float(), key.float()
-    Hq = q.shape[1]
+    Hq, N, D = q.shape[1], k.shape[2], q.shape[3]
     selections, costs = [], []
     for pattern in candidates:
         selection = select(q, k, (pattern,) * Hq, scale)
         plan = plan_selection(selection, scale=scale, full_width=False, fold_columns=False)
-        costs.append(plan.visited_tiles()[0].double() / plan.causal_tiles())
+        estimate = H100.mass_ms(1, N, N, (pattern,)) / (H100.flex_tile_ms * H100.dim_factor(D))
+        costs.append((plan.visited_tiles()[0].double() + estimate) / plan.causal_tiles())
         selections.append(selection)
     recall = attention_recall(q, k, selections, scale, chunk=chunk)[:, 0]
     return recall.T.cpu(), torch.stack(costs).T.cpu()
@@ -335,7 +340,7 @@ def search_patterns(model, tokenizer, texts: Sequence, *, length: int, cost_budg
 # --------------------------------------------------------------------------- figure
 
 TYPE_COLOURS = {A_SHAPE: "tab:blue", VERTICAL_SLASH: "tab:orange", BLOCK_SPARSE: "tab:green", BLOCK_MASS: "tab:purple",
-                VERTICAL_SLASH_MASS: "tab:red", "dense": "tab:grey"}
+                VERTICAL_SLASH_MASS: "tab:red", ANTIDIAGONAL_MASS: "tab:brown", "dense": "tab:grey"}
 
 
 def plot(result: SearchResult, path) -> None:
@@ -357,9 +362,11 @@ def plot(result: SearchResult, path) -> None:
             p = result.candidates[int(result.choice[layer, h])]
             label = {A_SHAPE: f"{p.a}+{p.b}", VERTICAL_SLASH: f"{p.a}/{p.b}",
                      BLOCK_SPARSE: f"{p.a}x{p.block_size}", BLOCK_MASS: f"{p.a / 10:g}%/{p.b}",
-                     VERTICAL_SLASH_MASS: f"{p.a / 10:g}%<{p.b}"}.get(p.kind, "")
+                     VERTICAL_SLASH_MASS: f"{p.a / 10:g}%<{p.b}",
+                     ANTIDIAGONAL_MASS: f"{p.a / 10:g}%/{p.b}x{p.b}"}.get(p.kind, "")
             left.text(h, layer, label, ha="center", va="center", fontsize=6)
-    left.set_title("chosen pattern (A-shape sink+local, VS columns/diagonals, BS blocks, mass/rows, VS mass<cap)",
+    left.set_title("chosen pattern (A-shape sink+local, VS columns/diagonals, BS blocks, mass/rows, VS mass<cap, "
+                   "mass/square)",
                    fontsize=8)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in TYPE_COLOURS.values()]
     left.legend(handles, kinds, fontsize=6, loc="upper right", bbox_to_anchor=(1.0, -0.02 - 0.3 / L), ncol=4)

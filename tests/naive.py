@@ -15,6 +15,10 @@ Semantics (query i sits at position p_i = Nk - Nq + i, offset o = p_i - j):
   64/b - 1, 2*64/b - 1, .., 63, clamped to the rows present) of each row's causal softmax summed per
   key block of 64; blocks ranked by that mass, kept while mass > 0 and the mass ranked above is
   < a/1000 of the total; the diagonal block and key block 0 always kept;
+- antidiagonal_mass(a, b): block_mass's rule on another estimate: squares of b x b positions, the
+  square (g, h) scored by scale / b * sum_i q[g b + i] . k[h b + b - 1 - i] (zero vectors where the
+  call has no query or key), a softmax over h <= g for each square g holding a query, the mean over
+  a query block's such squares summed per key block of 64;
 - vertical_slash_mass(a, b): the vertical and slash scores of vertical_and_slash; columns 0..29 and
   offsets 0..99 forced and ranked first, then the others by score (best first); an entry is kept while
   its rank is below min(Nk, max(b, 30)) columns / max(b, 100) offsets, its score is above 0 and the
@@ -43,7 +47,7 @@ def parse(entry):
         kind, a, b, bs = entry.kind, entry.a, entry.b, entry.block_size
     kind = ALIASES.get(kind, kind)
     assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "block_mass", "vertical_slash_mass",
-                    "dense"), kind
+                    "antidiagonal_mass", "dense"), kind
     return kind, int(a), int(b), int(bs)
 
 
@@ -186,41 +190,86 @@ def _block_sparse_head(q: np.ndarray, k: np.ndarray, a: int, bs: int, rel_tol: f
     return kept, ambiguous
 
 
-def _block_mass_head(q: np.ndarray, k: np.ndarray, a: int, rows: int, scale: float, rel_tol: float):
+def _mass_blocks(mass: np.ndarray, qb: int, a: int, rel_tol: float):
+    """The mass kinds' keep rule for query block qb: (kept key blocks, ambiguous). Causal key blocks
+    ranked by mass, kept while mass > 0 and the mass ranked above is < a/1000 of the total; blocks 0
+    and qb always kept."""
+    total = mass.sum()
+    order = sorted(range(qb + 1), key=lambda kb: -mass[kb])
+    blocks, above, ambiguous = {0, qb}, 0.0, False
+    for t, kb in enumerate(order):
+        take = mass[kb] > 0 and above < a / 1000 * total
+        if take:
+            blocks.add(kb)
+        # near a tie, or near the threshold, or a mass near zero: float32 may decide otherwise
+        near = abs(above - a / 1000 * total) <= rel_tol or 0 < mass[kb] <= rel_tol
+        if t + 1 < len(order):
+            near |= abs(mass[kb] - mass[order[t + 1]]) <= rel_tol and take != (
+                mass[order[t + 1]] > 0 and above + mass[kb] < a / 1000 * total)
+        ambiguous |= near and kb not in (0, qb)
+        above += mass[kb]
+    return blocks, ambiguous
+
+
+def _mass_head(q: np.ndarray, k: np.ndarray, a: int, rel_tol: float, block_mass) -> tuple[np.ndarray, bool]:
+    """kept [Nq, Nk] and ambiguity of a mass-kind head whose estimate of query block qb's key-block
+    masses is ``block_mass(qb)``."""
     Nq, Nk = q.shape[0], k.shape[0]
     q0, T = Nk - Nq, 64
-    n_kb = -(-Nk // T)
     kept = np.zeros((Nq, Nk), dtype=bool)
     ambiguous = False
     for qb in range(q0 // T, (Nk - 1) // T + 1):
+        blocks, amb = _mass_blocks(block_mass(qb), qb, a, rel_tol)
+        ambiguous |= amb
+        key_in_kept_block = np.array([(j // T) in blocks for j in range(Nk)])
+        for p in range(max(qb * T, q0), min(qb * T + T - 1, Nk - 1) + 1):
+            kept[p - q0, : p + 1] = key_in_kept_block[: p + 1]
+    return kept, ambiguous
+
+
+def _block_mass_head(q: np.ndarray, k: np.ndarray, a: int, rows: int, scale: float, rel_tol: float):
+    Nq, Nk = q.shape[0], k.shape[0]
+    q0, T = Nk - Nq, 64
+
+    def block_mass(qb):
         lo, hi = max(qb * T, q0), min(qb * T + T - 1, Nk - 1)
         step = T // rows
-        sampled = [min(max(qb * T + t, lo), hi) for t in range(step - 1, T, step)]
-        mass = np.zeros(n_kb)
-        for p in sampled:
+        mass = np.zeros(-(-Nk // T))
+        for p in [min(max(qb * T + t, lo), hi) for t in range(step - 1, T, step)]:
             s = np.array([float(np.dot(q[p - q0], k[j])) * scale for j in range(p + 1)])
             e = np.exp(s - s.max())
             e /= e.sum()
             for j in range(p + 1):
                 mass[j // T] += e[j] / rows
-        total = mass.sum()
-        order = sorted(range(qb + 1), key=lambda kb: -mass[kb])
-        blocks, above = {0, qb}, 0.0
-        for t, kb in enumerate(order):
-            take = mass[kb] > 0 and above < a / 1000 * total
-            if take:
-                blocks.add(kb)
-            # near a tie, or near the threshold, or a mass near zero: float32 may decide otherwise
-            near = abs(above - a / 1000 * total) <= rel_tol or 0 < mass[kb] <= rel_tol
-            if t + 1 < len(order):
-                near |= abs(mass[kb] - mass[order[t + 1]]) <= rel_tol and take != (
-                    mass[order[t + 1]] > 0 and above + mass[kb] < a / 1000 * total)
-            ambiguous |= near and kb not in (0, qb)
-            above += mass[kb]
-        key_in_kept_block = np.array([(j // T) in blocks for j in range(Nk)])
-        for p in range(lo, hi + 1):
-            kept[p - q0, : p + 1] = key_in_kept_block[: p + 1]
-    return kept, ambiguous
+        return mass
+
+    return _mass_head(q, k, a, rel_tol, block_mass)
+
+
+def _antidiagonal_mass_head(q: np.ndarray, k: np.ndarray, a: int, side: int, scale: float, rel_tol: float):
+    Nq, Nk = q.shape[0], k.shape[0]
+    q0, T, D = Nk - Nq, 64, q.shape[1]
+
+    def qv(p):  # the query at position p, zeros where the call has none
+        return q[p - q0] if q0 <= p < Nk else np.zeros(D)
+
+    def kv(p):
+        return k[p] if p < Nk else np.zeros(D)
+
+    def block_mass(qb):
+        mass = np.zeros(-(-Nk // T))
+        squares = [g for g in range(qb * T // side, (qb + 1) * T // side)
+                   if any(q0 <= p < Nk for p in range(g * side, g * side + side))]
+        for g in squares:
+            s = np.array([sum(float(np.dot(qv(g * side + i), kv(h * side + side - 1 - i))) for i in range(side))
+                          * scale / side for h in range(g + 1)])
+            e = np.exp(s - s.max())
+            e /= e.sum()
+            for h in range(g + 1):
+                mass[h * side // T] += e[h] / len(squares)
+        return mass
+
+    return _mass_head(q, k, a, rel_tol, block_mass)
 
 
 def naive_mask(query: torch.Tensor, key: torch.Tensor, patterns, scale: float | None = None,
@@ -259,8 +308,9 @@ def naive_mask(query: torch.Tensor, key: torch.Tensor, patterns, scale: float | 
                 m, amb = _vertical_slash_mass_head(qh, kh, a, b, scale, rel_tol)
                 mask[bi, h] = m
                 ambiguous |= amb
-            elif kind == "block_mass":
-                m, amb = _block_mass_head(qh, kh, a, b, scale, rel_tol)
+            elif kind in ("block_mass", "antidiagonal_mass"):
+                head = _block_mass_head if kind == "block_mass" else _antidiagonal_mass_head
+                m, amb = head(qh, kh, a, b, scale, rel_tol)
                 mask[bi, h] = m
                 ambiguous |= amb
             else:

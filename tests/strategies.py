@@ -14,7 +14,7 @@ import minference_flex as mf
 LENGTHS = (1, 2, 17, 30, 63, 64, 65, 99, 100, 101, 127, 128, 129, 150, 191, 192, 200, 255, 256, 257, 300)
 HEAD_DIMS = (16, 32, 64, 128)
 KINDS = ("vertical_and_slash", "vertical_slash", "stream_llm", "a_shape", "block_sparse", "block_mass",
-         "vertical_slash_mass", "dense")
+         "vertical_slash_mass", "antidiagonal_mass", "dense")
 
 
 def examples(n: int) -> int:
@@ -62,7 +62,7 @@ def patterns(draw, Nk: int, kinds=KINDS):
     a, b = draw(budgets(Nk)), draw(budgets(Nk))
     block_size = 64
     form = draw(st.sampled_from(["pattern", "list3", "list4"]))
-    if kind == "block_mass":
+    if kind in ("block_mass", "antidiagonal_mass"):
         a = draw(st.one_of(st.sampled_from([1, 500, 900, 980, 999, 1000]), st.integers(1, 1000)))
         b = draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64]))
     if kind == "vertical_slash_mass":

@@ -1,5 +1,6 @@
-"""The ``block_mass`` pattern on inputs whose attention concentrates on a few key blocks (random
-inputs attend almost uniformly, so every block would be kept and nothing tested)."""
+"""The mass kinds (``block_mass``, ``antidiagonal_mass``) on inputs whose attention concentrates on a
+few key blocks (random inputs attend almost uniformly, so every block would be kept and nothing
+tested)."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import minference_flex as mf
-from block_masks.estimate import block_mass_estimate, sampled_rows
+from block_masks.antidiagonal_kernel import antidiagonal_mass_estimate_triton
+from block_masks.estimate import antidiagonal_mass_estimate, antidiagonal_squares, block_mass_estimate, sampled_rows
 from block_masks.mass_kernel import block_mass_estimate_triton
 from tests.naive import causal_mask, naive_mask, reference_attention
 from tests.strategies import LENGTHS, examples
@@ -26,7 +28,8 @@ def peaky_cases(draw):
     Nq = draw(st.one_of(st.just(Nk), st.integers(1, Nk)))
     D = draw(st.sampled_from([16, 32, 64]))
     seed = draw(st.integers(0, 2**31 - 1))
-    pats = [["block_mass", draw(st.one_of(st.sampled_from([300, 500, 800, 900, 980]), st.integers(1, 1000))),
+    pats = [[draw(st.sampled_from(["block_mass", "antidiagonal_mass"])),
+             draw(st.one_of(st.sampled_from([300, 500, 800, 900, 980]), st.integers(1, 1000))),
              draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64]))] for _ in range(Hq)]
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(Hkv, 1, D, generator=g)
@@ -39,7 +42,7 @@ def peaky_cases(draw):
 
 @settings(max_examples=examples(60), deadline=None)
 @given(case=peaky_cases())
-def test_block_mass_mask_matches_naive(case):
+def test_mass_kinds_mask_matches_naive(case):
     q, k, _, pats = case
     got = mf.token_mask(q, k, pats)
     want, ambiguous = naive_mask(q, k, pats)
@@ -49,7 +52,7 @@ def test_block_mass_mask_matches_naive(case):
 
 @settings(max_examples=examples(30), deadline=None)
 @given(case=peaky_cases())
-def test_block_mass_attention_matches_masked_reference(case):
+def test_mass_kinds_attention_matches_masked_reference(case):
     q, k, v, pats = case
     out = mf.sparse_attention(q, k, v, pats, compiled=False)
     mask = mf.token_mask(q, k, pats)
@@ -57,18 +60,43 @@ def test_block_mass_attention_matches_masked_reference(case):
     assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item() + 1e-6
 
 
-def test_block_mass_is_sparse_where_the_mass_is_concentrated():
+@pytest.mark.parametrize("kind,b", [("block_mass", 8), ("antidiagonal_mass", 8), ("antidiagonal_mass", 64)])
+def test_mass_kinds_are_sparse_where_the_mass_is_concentrated(kind, b):
     """On the peaky inputs a 90% target drops blocks (a check that the tests above test something),
-    a 100% target keeps every block holding mass, and the kept blocks hold at least the target."""
+    a 100% target keeps every block holding mass, and the kept blocks hold at least the target of
+    the estimate."""
     q, k, _ = _fixed_peaky()
     causal = causal_mask(q.shape[2], k.shape[2])
-    m90 = mf.token_mask(q, k, [["block_mass", 900, 8]] * q.shape[1])
-    m100 = mf.token_mask(q, k, [["block_mass", 1000, 64]] * q.shape[1])
+    m90 = mf.token_mask(q, k, [[kind, 900, b]] * q.shape[1])
+    m100 = mf.token_mask(q, k, [[kind, 1000, 1 if kind == "antidiagonal_mass" else 64]] * q.shape[1])
     assert m90.sum() < 0.7 * causal.sum() * q.shape[1]
     assert torch.equal(m100[0, 0], causal)
-    mass = block_mass_estimate(q, k.repeat_interleave(q.shape[1] // k.shape[1], 1), q.shape[-1] ** -0.5, 8)
+    estimate = block_mass_estimate if kind == "block_mass" else antidiagonal_mass_estimate
+    mass = estimate(q, k.repeat_interleave(q.shape[1] // k.shape[1], 1), q.shape[-1] ** -0.5, b)
     kept = m90[0, :, ::64, ::64] | m90[0, :, 63::64, ::64]  # any row of a query block tells its key blocks
     assert ((mass[0] * kept).sum(-1) >= 0.9 - 1e-6).all()
+
+
+def test_antidiagonal_estimate_of_side_one_is_the_exact_block_mass():
+    """Squares of one cell are single cells: the estimate is every row's exact softmax, summed per
+    key block and averaged over the block's rows (``block_mass`` with all 64 rows sampled; whole
+    blocks, where its clamping of absent rows does not weigh any row twice)."""
+    q, k, _ = _fixed_peaky()
+    k = k.expand(-1, 2, -1, -1)
+    for nq in (640, 128):
+        torch.testing.assert_close(antidiagonal_mass_estimate(q[:, :, -nq:], k, 0.2, 1),
+                                   block_mass_estimate(q[:, :, -nq:], k, 0.2, 64), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_offset,nq,side,want", [
+    (0, 128, 16, [[True] * 4, [True] * 4]),
+    (30, 50, 8, [[False, False, False, True, True, True, True, True], [True, True, False, False] + [False] * 4]),
+    (64, 1, 64, [[True]]),
+])
+def test_antidiagonal_squares(q_offset, nq, side, want):
+    """A square holds a query when one of its positions is among the call's (here 30..79: the
+    square 24..31 of block 0 holds 30 and 31, block 1's squares from position 80 hold none)."""
+    assert antidiagonal_squares(q_offset, nq, side).tolist() == want
 
 
 def _fixed_peaky():
@@ -91,22 +119,21 @@ def test_sampled_rows(q_offset, nq, rows, want):
     assert sampled_rows(q_offset, nq, rows).tolist() == want
 
 
-@pytest.mark.parametrize("entry,message", [
-    (["block_mass", 0, 8], "1..1000"), (["block_mass", 1001, 8], "1..1000"), (["block_mass", 900, 3], "one of"),
-])
-def test_block_mass_rejects_bad_parameters(entry, message):
+@pytest.mark.parametrize("kind", ["block_mass", "antidiagonal_mass"])
+@pytest.mark.parametrize("a,b,message", [(0, 8, "1..1000"), (1001, 8, "1..1000"), (900, 3, "one of")])
+def test_mass_kinds_reject_bad_parameters(kind, a, b, message):
     with pytest.raises(ValueError, match=message):
-        mf.Pattern.parse(entry)
+        mf.Pattern.parse([kind, a, b])
     with pytest.raises(ValueError, match="block_size"):
-        mf.Pattern("block_mass", 900, 8, block_size=128)
+        mf.Pattern(kind, 900, 8, block_size=128)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1 (tests/conftest.py)")
 @settings(max_examples=examples(25), deadline=None)
 @given(case=peaky_cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), data=st.data())
-def test_block_mass_kernel_matches_definition(case, dtype, data):
-    """The Triton estimate against the PyTorch definition, for any subset of the query heads."""
+def test_mass_kernels_match_definitions(case, dtype, data):
+    """Each Triton estimate against its PyTorch definition, for any subset of the query heads."""
     # Triton's CPU interpreter mis-converts bfloat16 operands of tl.dot (triton 3.9).
     assume(dtype == torch.float32 or torch.cuda.is_available())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,11 +141,13 @@ def test_block_mass_kernel_matches_definition(case, dtype, data):
     q, k = q.to(device, dtype), k.to(device, dtype)
     Hq, group = q.shape[1], q.shape[1] // k.shape[1]
     heads = data.draw(st.lists(st.integers(0, Hq - 1), min_size=1, max_size=Hq, unique=True))
-    rows = data.draw(st.sampled_from([1, 2, 8, 16, 32, 64]))
+    b = data.draw(st.sampled_from([1, 2, 4, 8, 16, 32, 64]))
+    kernel, definition = data.draw(st.sampled_from([(block_mass_estimate_triton, block_mass_estimate),
+                                                    (antidiagonal_mass_estimate_triton, antidiagonal_mass_estimate)]))
     index = torch.tensor(heads, device=device)
     scale = q.shape[-1] ** -0.5
-    got = block_mass_estimate_triton(q, k, scale, rows, index)
-    want = block_mass_estimate(q[:, index], k[:, index // group], scale, rows)
+    got = kernel(q, k, scale, b, index)
+    want = definition(q[:, index], k[:, index // group], scale, b)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
 

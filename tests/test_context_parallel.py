@@ -37,7 +37,7 @@ CASES = {
         ["vertical_and_slash", 60, 150],
     ], None),
     "blocks": (1, 4, 2, 256, 32, [
-        ["block_sparse", 2, 0], ["block_mass", 500, 8], ["dense"], ["stream_llm", 4, 32]], None),
+        ["block_sparse", 2, 0], ["block_mass", 500, 8], ["antidiagonal_mass", 600, 16], ["stream_llm", 4, 32]], None),
     "scored_mha": (1, 2, 2, 256, 16, [["vertical_slash_mass", 300, 120], ["vertical_and_slash", 35, 105]], 0.3),
 }
 

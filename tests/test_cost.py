@@ -151,6 +151,15 @@ def test_block_mass_estimate_is_priced(n):
     assert choose(unpriced, 1, n, n, 128, patterns) != "sdpa" or n <= 32768  # planning alone decides there
 
 
+def test_antidiagonal_estimate_is_priced_as_its_dot_products():
+    """An antidiagonal_mass head of side b computes as many dot products as 64 / b sampled rows."""
+    n = 32768
+    anti = (mf.Pattern("antidiagonal_mass", 980, 16),) * 32
+    assert H100.mass_ms(1, n, n, anti) == pytest.approx(H100.mass_ms(1, n, n, (mf.Pattern("block_mass", 980, 4),) * 32))
+    mixed = (mf.Pattern("antidiagonal_mass", 980, 8), mf.Pattern("block_mass", 980, 2), mf.Pattern(VS, 30, 100))
+    assert H100.mass_ms(1, n, n, mixed) == pytest.approx(H100.mass_cell_ms * 10 * (n // 64) * n)
+
+
 def test_long_prompts_with_large_budgets_check():
     """At 128K planning is under MAX_LOSS of SDPA, but the budgets allow a kernel slower than SDPA."""
     patterns = (mf.Pattern(VS, 1000, 6096),) * 32

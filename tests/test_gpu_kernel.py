@@ -18,6 +18,7 @@ MIXES = [
     [["stream_llm", 64, 256], ["vertical_and_slash", 40, 120], ["block_sparse", 3, 0], ["dense", 0, 0]] * 2,
     [mf.Pattern("block_sparse", 2, block_size=128), ["a_shape", 0, 1], ["vertical_slash", 1000, 6096], ["dense", 0, 0]] * 2,
     [["block_mass", 300, 8], ["vertical_and_slash", 100, 300], ["block_mass", 600, 64], ["stream_llm", 64, 256]] * 2,
+    [["antidiagonal_mass", 300, 8], ["antidiagonal_mass", 950, 16], ["block_mass", 900, 8], ["dense", 0, 0]] * 2,
     [["vertical_slash_mass", 900, 2048], ["vertical_and_slash", 100, 300], ["vertical_slash_mass", 500, 0],
      ["vertical_slash_mass", 990, 10**6]] * 2,
 ]

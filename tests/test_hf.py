@@ -32,6 +32,7 @@ PATTERN_TYPES = {
     "stream_llm": ["stream_llm", 4, 16],
     "block_sparse": ["block_sparse", 1, 0],
     "block_mass": ["block_mass", 500, 4],
+    "antidiagonal_mass": ["antidiagonal_mass", 500, 8],
     "vertical_slash_mass": ["vertical_slash_mass", 900, 64],
     "dense": ["dense", 0, 0],
 }

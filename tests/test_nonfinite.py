@@ -44,9 +44,9 @@ def _forced(case) -> torch.Tensor:
         cells = p == j
         if pat.kind in ("vertical_and_slash", "vertical_slash_mass"):
             cells = cells | (j < FORCED_COLUMNS) | ((p - j) < FORCED_OFFSETS)
-        elif pat.kind in ("block_sparse", "block_mass"):
+        elif pat.kind in ("block_sparse", "block_mass", "antidiagonal_mass"):
             cells = cells | ((j // pat.block_size) == (p // pat.block_size))
-            if pat.kind == "block_mass":
+            if pat.kind != "block_sparse":
                 cells = cells | (j < 64)
         elif pat.kind == "dense":
             cells = cells | causal

@@ -26,6 +26,7 @@ UNIFORM = {
     "stream_llm": [["stream_llm", 16, 64]] * 4,
     "block_sparse": [["block_sparse", 2, 0]] * 4,
     "block_mass": [["block_mass", 900, 8]] * 4,
+    "antidiagonal_mass": [["antidiagonal_mass", 900, 8]] * 4,
     "dense": [["dense", 0, 0]] * 4,
 }
 

@@ -74,7 +74,7 @@ PATTERN_SETS = (
     BLOCKS,
     [["vertical_and_slash", 30, 100]] * 4,
     [["vertical_and_slash", 40, 120], ["stream_llm", 4, 16], ["block_sparse", 1, 0], ["dense", 0, 0]],
-    [["block_mass", 900, 8], ["block_sparse", 2, 0, 0.0, 128], ["stream_llm", 8, 32], ["vertical_and_slash", 30, 100]],
+    [["block_mass", 900, 8], ["block_sparse", 2, 0, 0.0, 128], ["antidiagonal_mass", 800, 4], ["vertical_and_slash", 30, 100]],
     [["vertical_slash_mass", 900, 0], ["vertical_and_slash", 30, 100], ["vertical_slash_mass", 500, 200],
      ["stream_llm", 8, 32]],
 )

@@ -12,12 +12,13 @@ from transformers import AutoModelForCausalLM
 import minference_flex as mf
 import minference_flex.search as search
 from block_masks import Pattern, select, token_cells
+from minference_flex.cost import H100
 from minference_flex.hooks import wrap_attention
 
 N = 320
 CANDIDATES = [Pattern("stream_llm", 4, 32), Pattern("stream_llm", 16, 128), Pattern("vertical_and_slash", 30, 100),
               Pattern("vertical_and_slash", 64, 200), Pattern("block_sparse", 1), Pattern("block_sparse", 3),
-              Pattern("block_mass", 900, 8)]
+              Pattern("block_mass", 900, 8), Pattern("antidiagonal_mass", 900, 8)]
 
 
 def tiny_model():
@@ -61,7 +62,10 @@ def test_scores_equal_float64_recall_and_blockmask_tiles():
                 cells = token_cells(select(q, k, (pattern,) * 4, scale))
                 recall[layer, :, c] += (probs * cells)[0].sum(dim=(-1, -2)) / N / len(prompts)
                 plan = mf.plan_attention(q, k, [pattern] * 4, scale=scale, full_width=False, fold_columns=False)
-                cost[layer, :, c] += plan.visited_tiles()[0].double() / plan.causal_tiles() / len(prompts)
+                # the mass kinds' estimate, in tiles of the same time (8 rows, or squares of 8: 8 rows)
+                estimate = 8 * H100.mass_cell_ms * (N // 64) * N / (H100.flex_tile_ms * H100.min_dim_factor)
+                tiles = plan.visited_tiles()[0].double() + (estimate if "mass" in pattern.kind else 0)
+                cost[layer, :, c] += tiles / plan.causal_tiles() / len(prompts)
     assert torch.allclose(result.recall, recall, atol=1e-5)
     assert torch.allclose(result.cost, cost)
     assert ((result.recall > 0) & (result.recall <= 1 + 1e-6)).all()
@@ -129,7 +133,8 @@ def test_output_is_minference_format_and_round_trips(tmp_path):
     for layer in data:
         assert sorted(layer, key=int) == ["0", "1", "2", "3"]
         for kind, a, b, score in layer.values():
-            assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "block_mass", "vertical_slash_mass") and 0 < score <= 1
+            assert kind in ("vertical_and_slash", "stream_llm", "block_sparse", "block_mass", "vertical_slash_mass",
+                            "antidiagonal_mass") and 0 < score <= 1
     model.set_attn_implementation("minference_flex")
     mf.set_patterns(model, path)
     assert mf.get_patterns(model) == data == result.patterns()

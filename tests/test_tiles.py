@@ -49,7 +49,7 @@ def listed_cells(block_mask) -> torch.Tensor:
 def check_plan(case, dtype, full_width, tiles=Tiles(), fold_columns=False):
     q, k, v = case.tensors(dtype)
     block_sizes = {mf.Pattern.parse(p).block_size for p in case.patterns
-                   if mf.Pattern.parse(p).kind in ("block_sparse", "block_mass")}
+                   if mf.Pattern.parse(p).kind in ("block_sparse", "block_mass", "antidiagonal_mass")}
     if any(bs % tiles.q for bs in block_sizes):
         with pytest.raises(ValueError, match="multiple"):
             mf.plan_attention(q, k, case.patterns, scale=case.scale, full_width=full_width, tiles=tiles,

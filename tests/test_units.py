@@ -326,7 +326,7 @@ def test_vertical_and_slash_short_chunk_estimates_from_its_own_queries():
 
 def _scaled(p, da, db):
     p = mf.Pattern.parse(p)
-    if p.kind == "block_mass":  # a larger target keeps a longer prefix; b is which rows estimate
+    if p.kind in ("block_mass", "antidiagonal_mass"):  # a larger target keeps a longer prefix; b is the estimate
         return mf.Pattern(p.kind, min(p.a + da, 1000), p.b)
     if p.kind == "vertical_slash_mass":  # a larger target or cap keeps a longer prefix
         return mf.Pattern(p.kind, min(p.a + da, 1000), p.b + db)
